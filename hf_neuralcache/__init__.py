@@ -1,0 +1,21 @@
+"""hf_neuralcache: cache backends for Hugging Face transformers' `generate()`.
+
+`import hf_neuralcache` registers the cache names (`cache_implementation=`) and the `"neuralcache"` attention
+implementation with transformers; that registration is the import's one side effect.
+"""
+
+from .caches import NeuralCache, SlidingWindowKVCache
+from .registry import IncompatibleTransformersError, available_caches, create_cache, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IncompatibleTransformersError",
+    "NeuralCache",
+    "SlidingWindowKVCache",
+    "__version__",
+    "available_caches",
+    "create_cache",
+]
+
+register()

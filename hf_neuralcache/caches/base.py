@@ -1,0 +1,241 @@
+"""What every hf_neuralcache cache shares: option checking, the per-forward step, the attention mask and memory.
+
+transformers builds one attention mask per forward from `Cache.get_mask_sizes`, which can only describe a
+contiguous range of positions. Our caches return keys in their own order (sinks, a ring, new tokens), so
+`hf_neuralcache.registry` routes mask creation for our caches to [`NeuralCache.attention_mask`], which builds the
+exact mask from the positions the cache will return. The same information is attached to the key tensor that
+`update` returns, which is how the `"neuralcache"` attention function reaches the layer's state (see
+[`AttentionState`]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from transformers.cache_utils import Cache
+
+__all__ = ["AttentionState", "NeuralCache", "Option", "check_options"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `cache_config` key of a backend: its type, default, the check on its value and what it means."""
+
+    type: type
+    default: Any
+    check: Callable[[Any], bool]
+    allowed: str
+    doc: str
+
+
+def check_options(cache_name: str, spec: dict[str, Option], given: dict[str, Any]) -> dict[str, Any]:
+    """Validate `cache_config` for `cache_name` and fill in defaults.
+
+    Raises:
+        `ValueError`: naming the bad key or value and what is allowed.
+    """
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        raise ValueError(
+            f"Unknown cache_config key(s) {unknown} for cache_implementation={cache_name!r}; "
+            f"allowed keys: {sorted(spec)}."
+        )
+    values = {}
+    for key, option in spec.items():
+        value = given.get(key, option.default)
+        # bool is an int subclass: `window=True` is a mistake, not 1
+        wrong_type = not isinstance(value, option.type) or (option.type is int and isinstance(value, bool))
+        if wrong_type or not option.check(value):
+            raise ValueError(
+                f"Invalid cache_config[{key!r}] = {value!r} for cache_implementation={cache_name!r}: "
+                f"expected {option.allowed}."
+            )
+        values[key] = value
+    return values
+
+
+@dataclass
+class Layout:
+    """Where each key a layer returns in this forward comes from.
+
+    `slots`, `valid` and `sink` are `[B, K]`; `visible` (`[B, q, K]`) is filled in once per forward.
+    """
+
+    slots: torch.Tensor
+    valid: torch.Tensor
+    sink: torch.Tensor
+    visible: torch.Tensor | None = None
+
+
+@dataclass
+class Step:
+    """What one forward of the model needs to know, shared by all layers of a cache."""
+
+    seen: int  # tokens in the cache before this forward
+    q_length: int
+    version: int
+    padding: torch.Tensor | None  # [B, seen + q_length] bool, True = real token; None = no padding
+    layouts: dict = field(default_factory=dict)
+    _ranks: torch.Tensor | None = None
+
+    @property
+    def q_slots(self) -> torch.Tensor:
+        return torch.arange(self.seen, self.seen + self.q_length)
+
+    def real(self, slots: torch.Tensor) -> torch.Tensor:
+        """`[B, K]` bool: is the token at each slot a real token (not padding)? Empty slots (-1) count as real."""
+        if self.padding is None:
+            return torch.ones(slots.shape, dtype=torch.bool, device=slots.device)
+        return self.padding.gather(1, slots.clamp(min=0).to(self.padding.device)).to(slots.device)
+
+    def ranks(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """`[B, q]`: how many real tokens precede each new token in its sequence (a huge number for padding)."""
+        if self._ranks is None:
+            slots = torch.arange(self.seen, self.seen + self.q_length, device=device)
+            if self.padding is None:
+                self._ranks = slots.unsqueeze(0).expand(batch_size, -1)
+            else:
+                pad = self.padding[:, : self.seen + self.q_length].to(device)
+                counts = pad.long().cumsum(-1)[:, self.seen :] - 1
+                self._ranks = torch.where(pad[:, self.seen :], counts, torch.iinfo(torch.long).max)
+        return self._ranks
+
+
+@dataclass
+class AttentionState:
+    """Attached to the key tensor a layer's `update` returns, as `key._neuralcache_state`.
+
+    transformers does not pass the cache to attention functions; the key tensor is the one object that travels
+    from `Cache.update` to the attention function of the same layer in the same forward. Tagging it keeps the
+    hand-over local to that tensor: no global registry, so several models, caches and threads in one process
+    never see each other's state, and assisted decoding (two models, two caches) works unchanged.
+    """
+
+    layer: Any
+    layout: Layout
+    step: Step
+
+
+class NeuralCache(Cache):
+    """Base class of the hf_neuralcache caches: a transformers [`~transformers.Cache`] of our own layers.
+
+    Subclasses set `cache_name` and `options` and build their layers in `__init__`.
+    """
+
+    cache_name: ClassVar[str]
+    options: ClassVar[dict[str, Option]]
+
+    def __init__(self, layers: list):
+        super().__init__(layers=layers)
+        self._version = 0
+        self._step: Step | None = None
+        self._observed: tuple[int, int, torch.Tensor | None] | None = None
+
+    # ---- the per-forward step -------------------------------------------------------------------------------------
+    def observe_forward(self, attention_mask: torch.Tensor | None, q_length: int) -> None:
+        """Record the 2D padding mask of the coming forward (called by the mask hook before the layers run)."""
+        seen = self.get_seq_length()
+        padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"{self.cache_name} builds its own attention mask and needs a 2D padding mask "
+                    f"[batch, tokens]; got a {attention_mask.dim()}D attention_mask."
+                )
+            if attention_mask.shape[-1] < seen + q_length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {seen} and the "
+                    f"input adds {q_length}: expected at least {seen + q_length} columns."
+                )
+            attention_mask = attention_mask.bool()
+            if not bool(attention_mask[:, : seen + q_length].all()):
+                padding = attention_mask
+        self._observed = (seen, q_length, padding)
+
+    def step(self, seen: int, q_length: int) -> Step:
+        """The shared [`Step`] for a forward that starts at `seen` with `q_length` new tokens."""
+        step = self._step
+        if step is None or (step.seen, step.q_length, step.version) != (seen, q_length, self._version):
+            padding = None
+            if self._observed is not None and self._observed[:2] == (seen, q_length):
+                padding = self._observed[2]
+            step = self._step = Step(seen, q_length, self._version, padding)
+        return step
+
+    def invalidate(self) -> None:
+        """Forget per-forward state; called after anything that changes the cache outside a forward."""
+        self._version += 1
+        self._step = None
+        self._observed = None
+
+    # ---- transformers' Cache API ----------------------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        step = self.step(layer.get_seq_length(), key_states.shape[-2])
+        return layer.update(key_states, value_states, step=step)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self.invalidate()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.invalidate()
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.invalidate()
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.invalidate()
+
+    def reset(self):
+        super().reset()
+        self.invalidate()
+
+    # ---- the attention mask ---------------------------------------------------------------------------------------
+    def attention_mask(
+        self,
+        config,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layer_idx: int,
+        mask_interface: Callable,
+    ):
+        """The attention mask for the layers that share `layer_idx`'s policy, in `mask_interface`'s format.
+
+        Returns `None` when every returned key is visible to the (single) query, so SDPA can skip the mask.
+        """
+        q_length = inputs_embeds.shape[1]
+        self.observe_forward(attention_mask, q_length)
+        layer = self.layers[layer_idx]
+        step = self.step(layer.get_seq_length(), q_length)
+        layout = layer.layout(step, inputs_embeds.shape[0], inputs_embeds.device)
+        visible = layout.visible
+        if q_length == 1 and bool(visible.all()):
+            return None
+        return mask_interface(
+            batch_size=visible.shape[0],
+            q_length=q_length,
+            kv_length=visible.shape[-1],
+            q_offset=0,
+            kv_offset=0,
+            mask_function=lambda b, h, q, k: visible[b, q, k],
+            attention_mask=None,
+            allow_is_causal_skip=False,
+            dtype=inputs_embeds.dtype,
+            config=config,
+            use_vmap=False,
+            device=inputs_embeds.device,
+        )
+
+    # ---- reporting ------------------------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of device memory the cache holds now (keys, values and bookkeeping of every layer)."""
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layers={len(self.layers)}, seen={self.get_seq_length()})"

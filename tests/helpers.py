@@ -1,0 +1,57 @@
+"""Shared test helpers: an independent band-plus-sinks reference and strict comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
+    """Fail with max-abs and relative error when `actual` and `expected` differ by more than `atol`."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    diff = (actual.double() - expected.double()).abs()
+    rel = diff.norm() / expected.double().norm().clamp_min(1e-30)
+    assert diff.max() <= atol, f"{what}: max abs error {diff.max():.3e} > {atol:.1e} (relative {rel:.3e})"
+
+
+def band_sink_mask(padding: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """`[B, 1, T, T]` bool: query i sees key j iff j <= i, j is real, and (i - j < window or j is a sink).
+
+    The sinks of a row are its first `sinks` real tokens. Written without the package's code on purpose.
+    """
+    batch, length = padding.shape
+    rank = padding.long().cumsum(-1) - 1  # index of each real token among its row's real tokens
+    i = torch.arange(length).view(1, length, 1)
+    j = torch.arange(length).view(1, 1, length)
+    is_sink = (padding & (rank < sinks)).view(batch, 1, length)
+    seen = (j <= i) & padding.view(batch, 1, length) & (((i - j) < window) | is_sink)
+    return seen.unsqueeze(1)
+
+
+def reference_logits(model, input_ids, padding, window, sinks):
+    """Logits of a full-attention forward (no cache) under the band-plus-sinks mask."""
+    mask = band_sink_mask(padding, window, sinks)
+    if model.config._attn_implementation == "eager":
+        mask = torch.where(mask, 0.0, torch.finfo(model.dtype).min).to(model.dtype)
+    position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids, attention_mask=mask, position_ids=position_ids).logits
+
+
+def cached_logits(model, cache, input_ids, padding, chunks):
+    """Logits of feeding `input_ids` through `cache` in chunks of the given sizes."""
+    out, start = [], 0
+    position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for size in chunks:
+            stop = start + size
+            logits = model(
+                input_ids[:, start:stop],
+                attention_mask=padding[:, :stop].long(),
+                position_ids=position_ids[:, start:stop],
+                past_key_values=cache,
+            ).logits
+            out.append(logits)
+            start = stop
+    assert start == input_ids.shape[1]
+    return torch.cat(out, 1)
