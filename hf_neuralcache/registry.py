@@ -194,11 +194,11 @@ def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         name = generation_config.cache_implementation
-        if (
-            name not in _CACHES
-            or model_kwargs.get("past_key_values") is not None  # transformers raises its own error for this
-            or generation_config.use_cache is False
-        ):
+        given = model_kwargs.get("past_key_values")
+        if given is not None and generation_config.is_assistant and getattr(given, "cache_name", None) == name:
+            return  # an assistant model's next round of candidates reuses the cache this hook built for it
+        if name not in _CACHES or given is not None or generation_config.use_cache is False:
+            # transformers raises its own error for a cache passed together with a cache_implementation
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         if not self._supports_default_dynamic_cache():
             raise ValueError(

@@ -1,0 +1,233 @@
+"""sliding_window_kv on tiny random models: exactness, the band-plus-sinks reference, rollback, batches, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, cached_logits, reference_logits
+from transformers import DynamicCache
+
+import hf_neuralcache
+from hf_neuralcache.models import TINY_ARCHITECTURES, tiny_model
+
+ARCHS = sorted(TINY_ARCHITECTURES)
+
+
+def _ids(batch, length, seed=0, vocab=256):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_large_window_generate_equals_dynamic_cache(arch):
+    model = tiny_model(arch)
+    ids = _ids(2, 12)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(ids, **kwargs)
+    out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 64}, **kwargs)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        assert_close(b[torch.isfinite(a)], a[torch.isfinite(a)], 1e-4, f"{arch} step {step}")
+    assert isinstance(out.past_key_values, hf_neuralcache.SlidingWindowKVCache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "chunks", [[40], [12] + [1] * 28, [7, 5, 1, 1, 9, 3, 1, 13], [3] * 13 + [1]], ids=["prefill", "decode", "mixed", "chunk3"]
+)
+@pytest.mark.parametrize("pad", [0, 5], ids=["nopad", "leftpad5"])
+def test_small_window_matches_band_sink_reference(arch, chunks, pad):
+    """Eviction, sinks per row under left padding and multi-token steps against a full-attention reference."""
+    model = tiny_model(arch)
+    ids = _ids(2, 40, seed=1)
+    padding = torch.ones(2, 40, dtype=torch.bool)
+    padding[1, :pad] = False
+    # window 8 narrows the gemma2/gemma3 native sliding layers (window 16) too, so every layer has one mask
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, sink_tokens=2)
+    got = cached_logits(model, cache, ids, padding, chunks)
+    ref = reference_logits(model, ids, padding, window=8, sinks=2)
+    assert_close(got[padding], ref[padding], 1e-5, f"{arch} {chunks}")
+
+
+def test_native_sliding_layers_keep_their_window():
+    model = tiny_model("gemma2")  # layers: sliding(16), full, sliding(16), full
+    wide = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=32, sink_tokens=4)
+    assert [(layer.window, layer.sink_tokens, layer.is_sliding) for layer in wide.layers] == [
+        (16, 0, True), (32, 4, False), (16, 0, True), (32, 4, False)
+    ]
+    narrow = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, sink_tokens=4)
+    assert {(layer.window, layer.sink_tokens) for layer in narrow.layers} == {(8, 4)}
+    # the model's own sliding layers behave as transformers' DynamicCache makes them, on long inputs too
+    ids = _ids(1, 48)
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, **kwargs)
+    out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 80}, **kwargs)
+    assert torch.equal(ref, out)
+
+
+def _greedy_reference(model, ids, steps, window, sinks):
+    seq = ids
+    for _ in range(steps):
+        logits = reference_logits(model, seq, torch.ones_like(seq, dtype=torch.bool), window, sinks)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def test_greedy_generate_small_window_equals_reference():
+    model = tiny_model("llama")
+    ids = _ids(2, 20)
+    out = model.generate(
+        ids, max_new_tokens=30, min_new_tokens=30, do_sample=False,
+        cache_implementation="sliding_window_kv", cache_config={"window": 8, "sink_tokens": 2},
+    )
+    assert torch.equal(out, _greedy_reference(model, ids, 30, 8, 2))
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_assisted_decoding_equals_greedy(sinks):
+    """The main and the assistant cache are both rolled back by `crop` after tokens were evicted."""
+    model, assistant = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = _ids(1, 20)
+    kwargs = dict(
+        max_new_tokens=40, min_new_tokens=40, do_sample=False,
+        cache_implementation="sliding_window_kv", cache_config={"window": 8, "sink_tokens": sinks},
+    )
+    greedy = model.generate(ids, **kwargs)
+    assisted = model.generate(ids, assistant_model=assistant, **kwargs)
+    lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kwargs)
+    assert torch.equal(assisted, greedy)
+    assert torch.equal(lookup, greedy)
+
+
+def test_crop_restores_the_window_exactly():
+    model = tiny_model("llama")
+    ids = _ids(2, 30)
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=cache)
+        snapshot = [(layer.keys.clone(), layer.values.clone(), layer.sink_slots.clone()) for layer in cache.layers]
+        cache.activate_past_recording()
+        model(ids[:, 12:22], past_key_values=cache)  # evicts everything the window held
+        model(ids[:, 22:25], past_key_values=cache)
+        cache.crop(-13)
+    assert cache.get_seq_length() == 12
+    for layer, (keys, values, sinks) in zip(cache.layers, snapshot):
+        window = slice(layer.sink_tokens, layer.sink_tokens + layer.capacity)
+        assert torch.equal(layer.keys[:, :, window], keys[:, :, window])
+        assert torch.equal(layer.values[:, :, window], values[:, :, window])
+        assert torch.equal(layer.sink_slots, sinks)
+    # and the continuation equals a cache that never saw the removed tokens
+    fresh = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=fresh)
+        a = model(ids[:, 25:27], past_key_values=cache).logits
+        b = model(ids[:, 25:27], past_key_values=fresh).logits
+    assert_close(a, b, 1e-6, "after crop")
+
+
+def test_crop_without_recording_raises_after_eviction():
+    model = tiny_model("llama")
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4, sink_tokens=1)
+    with torch.no_grad():
+        model(_ids(1, 3), past_key_values=cache)
+        cache.crop(-1)  # nothing evicted yet: fine
+        assert cache.get_seq_length() == 2
+        model(_ids(1, 10), past_key_values=cache)
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-2)
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(3)
+
+
+def test_reorder_equals_recomputing_the_reordered_sequences():
+    model = tiny_model("qwen2")
+    ids = _ids(3, 20)
+    beam_idx = torch.tensor([2, 0, 0])
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
+    with torch.no_grad():
+        model(ids[:, :15], past_key_values=cache)
+        cache.reorder_cache(beam_idx)
+        got = model(ids[beam_idx, 15:], past_key_values=cache).logits
+    ref = reference_logits(model, ids[beam_idx], torch.ones(3, 20, dtype=torch.bool), 6, 2)[:, 15:]
+    assert_close(got, ref, 1e-5, "reordered")
+
+
+def test_beam_search_and_sampling():
+    model = tiny_model("llama")
+    ids = _ids(2, 10)
+    beam = dict(num_beams=3, num_return_sequences=2, max_new_tokens=12, do_sample=False, early_stopping=True)
+    ref = model.generate(ids, **beam)
+    out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 64}, **beam)
+    assert torch.equal(ref, out)
+    small = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 4}, **beam)
+    assert small.shape[0] == 4
+    sample = dict(do_sample=True, num_return_sequences=3, max_new_tokens=12, top_k=20)
+    torch.manual_seed(7)
+    ref = model.generate(ids, **sample)
+    torch.manual_seed(7)
+    out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 64}, **sample)
+    assert torch.equal(ref, out)
+
+
+def test_left_padded_batch_rows_equal_rows_alone():
+    model = tiny_model("llama")
+    long, short = _ids(1, 16, seed=3), _ids(1, 9, seed=4)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 7, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    kwargs = dict(
+        max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+        cache_implementation="sliding_window_kv", cache_config={"window": 6, "sink_tokens": 3},
+    )
+    out = model.generate(batch, attention_mask=mask, **kwargs)
+    alone_long = model.generate(long, **kwargs)
+    alone_short = model.generate(short, **kwargs)
+    assert torch.equal(out[0], alone_long[0])
+    assert torch.equal(out[1, 7:], alone_short[0])
+
+
+def test_memory_stops_growing_once_the_window_is_full():
+    model = tiny_model("llama")
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=16, sink_tokens=4)
+    dynamic = DynamicCache(config=model.config)
+    sizes, dynamic_sizes = [], []
+    with torch.no_grad():
+        for chunk in _ids(1, 120).split(10, dim=1):
+            model(chunk, past_key_values=cache)
+            model(chunk, past_key_values=dynamic)
+            sizes.append(cache.memory_bytes())
+            dynamic_sizes.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic.layers))
+    # per layer: (4 sinks + 16 window) x 2 kv heads x 16 dims x (keys + values) x 4 bytes, plus sink positions
+    per_layer = (4 + 16) * 2 * 16 * 2 * 4 + 4 * 8
+    assert sizes[2:] == [per_layer * 2] * (len(sizes) - 2)
+    assert dynamic_sizes[-1] == 120 * 2 * 16 * 2 * 4 * 2 > sizes[-1]
+
+
+def test_neuralcache_attention_reads_the_layer_state():
+    sdpa = tiny_model("llama")
+    ours = tiny_model("llama", attn_implementation="neuralcache")
+    ids = _ids(2, 30)
+    padding = torch.ones(2, 30, dtype=torch.bool)
+    padding[0, :4] = False
+    calls = []
+    original = hf_neuralcache.attention.window_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    hf_neuralcache.attention.window_attention = spy
+    try:
+        outs = []
+        for model in (sdpa, ours):
+            cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=5, sink_tokens=2)
+            outs.append(cached_logits(model, cache, ids, padding, [10, 1, 1, 8, 10]))
+    finally:
+        hf_neuralcache.attention.window_attention = original
+    assert len(calls) == 5 * 2  # every forward of every layer took the cache-aware path
+    assert_close(outs[1][padding], outs[0][padding], 1e-5, "neuralcache vs sdpa")
+    # with no cache of ours in play it is exactly sdpa
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, sdpa(ids).logits)
+        dyn = ours.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(dyn, sdpa.generate(ids, max_new_tokens=5, do_sample=False))
