@@ -49,6 +49,26 @@ def test_small_window_matches_band_sink_reference(arch, chunks, pad):
     assert_close(got[padding], ref[padding], 1e-5, f"{arch} {chunks}")
 
 
+@pytest.mark.parametrize("window", [8, 64])
+def test_mistral_with_native_sliding_window(window):
+    """Every layer of this Mistral is sliding (16): kept as-is under a wider window, narrowed with sinks otherwise."""
+    model = tiny_model("mistral", sliding_window=16)
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=window, sink_tokens=2)
+    expected = (16, 0) if window >= 16 else (window, 2)
+    assert {(layer.window, layer.sink_tokens) for layer in cache.layers} == {expected}
+    ids = _ids(2, 40, seed=2)
+    padding = torch.ones_like(ids, dtype=torch.bool)
+    got = cached_logits(model, cache, ids, padding, [20, 1, 1, 18])
+    assert_close(got, reference_logits(model, ids, padding, *expected), 1e-5, f"mistral window {window}")
+
+
+def test_half_precision_allocates_in_the_model_dtype():
+    model = tiny_model("llama").to(torch.bfloat16)
+    out = model.generate(_ids(1, 12), max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+                         cache_implementation="sliding_window_kv", cache_config={"window": 6})
+    assert out.past_key_values.layers[0].keys.dtype == torch.bfloat16
+
+
 def test_native_sliding_layers_keep_their_window():
     model = tiny_model("gemma2")  # layers: sliding(16), full, sliding(16), full
     wide = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=32, sink_tokens=4)
@@ -83,10 +103,12 @@ def test_greedy_generate_small_window_equals_reference():
     assert torch.equal(out, _greedy_reference(model, ids, 30, 8, 2))
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "neuralcache"])
 @pytest.mark.parametrize("sinks", [0, 3])
-def test_assisted_decoding_equals_greedy(sinks):
+def test_assisted_decoding_equals_greedy(sinks, attn):
     """The main and the assistant cache are both rolled back by `crop` after tokens were evicted."""
-    model, assistant = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    model = tiny_model("llama", seed=0, attn_implementation=attn)
+    assistant = tiny_model("llama", seed=1, attn_implementation=attn)
     ids = _ids(1, 20)
     kwargs = dict(
         max_new_tokens=40, min_new_tokens=40, do_sample=False,
