@@ -213,3 +213,15 @@ def test_manual_loop_with_create_cache_equals_generate():
     assert torch.equal(out.sequences, seq)
     for step, (a, b) in enumerate(zip(out.logits, steps)):
         assert_close(a, b, 1e-5, f"step {step}")
+
+
+def test_from_pretrained_and_set_attn_implementation_accept_neuralcache(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="neuralcache")
+    assert loaded.config._attn_implementation == "neuralcache"
+    model.set_attn_implementation("neuralcache")
+    assert model.config._attn_implementation == "neuralcache"
+    kwargs = dict(max_new_tokens=10, do_sample=False, cache_implementation="sliding_window_kv",
+                  cache_config={"window": 4})
+    assert torch.equal(loaded.generate(IDS, **kwargs), tiny_model("llama").generate(IDS, **kwargs))
