@@ -83,8 +83,14 @@ class Recorder(BaseStreamer):
 def run_generation(model, prompt, new_tokens, cache, measure):
     recorder = Recorder(measure)
     start = time.perf_counter()
-    model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, streamer=recorder)
+    model.generate(
+        prompt,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=recorder,
+    )
     decode_seconds = recorder.times[-1] - recorder.times[0]
     return recorder.bytes, (len(recorder.times) - 1) / decode_seconds, time.perf_counter() - start
 
@@ -110,14 +116,19 @@ def main(argv=None) -> None:
     ours_bytes, ours_tps, _ = run_generation(model, prompt, args.new_tokens, ours, ours.memory_bytes)
     dyn_bytes, dyn_tps, _ = run_generation(model, prompt, args.new_tokens, dynamic, lambda: dynamic_bytes(dynamic))
 
-    print(f"\n== bytes held while generating {args.new_tokens} tokens after a {prompt.shape[1]}-token prompt "
-          f"(window {args.window}, {args.sinks} sinks)")
+    print(
+        f"\n== bytes held while generating {args.new_tokens} tokens after a {prompt.shape[1]}-token prompt "
+        f"(window {args.window}, {args.sinks} sinks)"
+    )
     print(f"  {'generated':>9} | {'sliding_window_kv':>17} | {'DynamicCache':>12} | ratio")
     marks = [n for n in range(250, args.new_tokens + 1, 250)] or [args.new_tokens]
     for n in marks:
-        print(f"  {n:>9} | {ours_bytes[n - 1]:>17,} | {dyn_bytes[n - 1]:>12,} | {ours_bytes[n - 1] / dyn_bytes[n - 1]:.3f}")
-    print(f"\n== decode speed: sliding_window_kv {ours_tps:.1f} tok/s, DynamicCache {dyn_tps:.1f} tok/s, "
-          f"ratio {ours_tps / dyn_tps:.2f}")
+        ours_n, dyn_n = ours_bytes[n - 1], dyn_bytes[n - 1]
+        print(f"  {n:>9} | {ours_n:>17,} | {dyn_n:>12,} | {ours_n / dyn_n:.3f}")
+    print(
+        f"\n== decode speed: sliding_window_kv {ours_tps:.1f} tok/s, DynamicCache {dyn_tps:.1f} tok/s, "
+        f"ratio {ours_tps / dyn_tps:.2f}"
+    )
 
     if args.plot:
         import matplotlib

@@ -52,7 +52,9 @@ def neuralcache_attention_forward(
     """
     state = attention_state(key)
     if state is None or (dropout > 0.0 and module.training):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     out = window_attention(query, key, value, state.layout.visible, scaling, softcap=kwargs.get("softcap"))

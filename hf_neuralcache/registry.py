@@ -183,10 +183,16 @@ def _internals():
     ):
         if not hasattr(owner, attr):
             raise _incompatible(f"`{owner.__name__}.{attr}`")
-    return configuration_utils, GenerationMixin, masking_utils, ALL_MASK_ATTENTION_FUNCTIONS, (
-        AttentionInterface,
-        AttentionMaskInterface,
-        sdpa_mask,
+    return (
+        configuration_utils,
+        GenerationMixin,
+        masking_utils,
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        (
+            AttentionInterface,
+            AttentionMaskInterface,
+            sdpa_mask,
+        ),
     )
 
 

@@ -33,7 +33,7 @@ def test_second_load_reuses_the_converted_folder(smollm, embedded_model_dir, mon
     assert model.config.model_type == "llama" and tokenizer("hi").input_ids
     # the same weights as the first load
     first, _ = smollm
-    assert all((a == b).all() for a, b in zip(first.state_dict().values(), model.state_dict().values()))
+    assert all((a == b).all() for a, b in zip(first.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_tiny_model_rejects_unknown_architecture():

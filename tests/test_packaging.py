@@ -32,8 +32,22 @@ def test_no_top_level_kernels_module_from_us(tmp_path):
 
 def test_wheel_ships_kernels_inside_the_package(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("hf_neuralcache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

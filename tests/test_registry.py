@@ -7,8 +7,14 @@ import threading
 import pytest
 import torch
 from helpers import assert_close
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, DynamicCache, GenerationConfig
-from transformers import masking_utils
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DynamicCache,
+    GenerationConfig,
+    masking_utils,
+)
 from transformers.generation import configuration_utils
 from transformers.generation.utils import GenerationMixin
 
@@ -91,8 +97,9 @@ def test_bad_cache_config_gets_one_value_error(config, message):
 
 def test_unsupported_architectures_are_refused():
     t5 = AutoModelForSeq2SeqLM.from_config(
-        AutoConfig.for_model("t5", vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                             decoder_start_token_id=0)
+        AutoConfig.for_model(
+            "t5", vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+        )
     )
     with pytest.raises(ValueError, match="decoder-only models; 't5' is an encoder-decoder"):
         t5.generate(torch.randint(0, 64, (1, 5)), cache_implementation="sliding_window_kv", max_new_tokens=2)
@@ -134,8 +141,13 @@ def test_transformers_own_caches_are_untouched():
 
 def test_create_cache_is_what_generate_builds():
     model = tiny_model("llama")
-    out = model.generate(IDS, cache_implementation="sliding_window_kv", cache_config={"window": 5, "sink_tokens": 1},
-                         max_new_tokens=3, return_dict_in_generate=True)
+    out = model.generate(
+        IDS,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 5, "sink_tokens": 1},
+        max_new_tokens=3,
+        return_dict_in_generate=True,
+    )
     built = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=5, sink_tokens=1)
     assert type(out.past_key_values) is type(built)
     assert [repr(layer) for layer in built.layers] == [
@@ -153,29 +165,51 @@ def test_generation_config_survives_save_and_load(tmp_path):
     out = loaded.generate(IDS, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
     assert isinstance(cache, hf_neuralcache.SlidingWindowKVCache) and cache.layers[0].window == 6
-    explicit = model.generate(IDS, max_new_tokens=12, do_sample=False, cache_implementation="sliding_window_kv",
-                              cache_config={"window": 6, "sink_tokens": 2})
+    explicit = model.generate(
+        IDS,
+        max_new_tokens=12,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6, "sink_tokens": 2},
+    )
     assert torch.equal(out.sequences, explicit)
 
 
 def test_accelerate_device_map_with_disk_offload(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3)
     model.save_pretrained(tmp_path / "model")
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     dispatched = AutoModelForCausalLM.from_pretrained(
         tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
     assert getattr(dispatched.model.layers[1], "_hf_hook", None) is not None  # accelerate really dispatched it
-    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, cache_implementation="sliding_window_kv",
-                  cache_config={"window": 6})
+    kwargs = dict(
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6},
+    )
     assert torch.equal(dispatched.generate(IDS, **kwargs), model.generate(IDS, **kwargs))
 
 
 def test_threads_and_models_do_not_share_state():
     models = [tiny_model("llama", seed=s, attn_implementation="neuralcache") for s in range(2)]
-    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, cache_implementation="sliding_window_kv",
-                  cache_config={"window": 5, "sink_tokens": 2})
+    kwargs = dict(
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 5, "sink_tokens": 2},
+    )
     expected = [m.generate(IDS, **kwargs) for m in models]
     results, errors = {}, []
 
@@ -208,10 +242,17 @@ def test_manual_loop_with_create_cache_equals_generate():
             token = logits.argmax(-1, keepdim=True)
             seq = torch.cat([seq, token], 1)
             logits = model(token, past_key_values=cache).logits[:, -1]
-    out = model.generate(IDS[:1], max_new_tokens=15, do_sample=False, cache_implementation="sliding_window_kv",
-                         cache_config={"window": 6, "sink_tokens": 2}, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        IDS[:1],
+        max_new_tokens=15,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6, "sink_tokens": 2},
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, seq)
-    for step, (a, b) in enumerate(zip(out.logits, steps)):
+    for step, (a, b) in enumerate(zip(out.logits, steps, strict=True)):
         assert_close(a, b, 1e-5, f"step {step}")
 
 
@@ -222,6 +263,7 @@ def test_from_pretrained_and_set_attn_implementation_accept_neuralcache(tmp_path
     assert loaded.config._attn_implementation == "neuralcache"
     model.set_attn_implementation("neuralcache")
     assert model.config._attn_implementation == "neuralcache"
-    kwargs = dict(max_new_tokens=10, do_sample=False, cache_implementation="sliding_window_kv",
-                  cache_config={"window": 4})
+    kwargs = dict(
+        max_new_tokens=10, do_sample=False, cache_implementation="sliding_window_kv", cache_config={"window": 4}
+    )
     assert torch.equal(loaded.generate(IDS, **kwargs), tiny_model("llama").generate(IDS, **kwargs))

@@ -22,18 +22,22 @@ def _ids(batch, length, seed=0, vocab=256):
 def test_large_window_generate_equals_dynamic_cache(arch):
     model = tiny_model(arch)
     ids = _ids(2, 12)
-    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     ref = model.generate(ids, **kwargs)
     out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 64}, **kwargs)
     assert torch.equal(ref.sequences, out.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
         assert_close(b[torch.isfinite(a)], a[torch.isfinite(a)], 1e-4, f"{arch} step {step}")
     assert isinstance(out.past_key_values, hf_neuralcache.SlidingWindowKVCache)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
-    "chunks", [[40], [12] + [1] * 28, [7, 5, 1, 1, 9, 3, 1, 13], [3] * 13 + [1]], ids=["prefill", "decode", "mixed", "chunk3"]
+    "chunks",
+    [[40], [12] + [1] * 28, [7, 5, 1, 1, 9, 3, 1, 13], [3] * 13 + [1]],
+    ids=["prefill", "decode", "mixed", "chunk3"],
 )
 @pytest.mark.parametrize("pad", [0, 5], ids=["nopad", "leftpad5"])
 def test_small_window_matches_band_sink_reference(arch, chunks, pad):
@@ -64,8 +68,14 @@ def test_mistral_with_native_sliding_window(window):
 
 def test_half_precision_allocates_in_the_model_dtype():
     model = tiny_model("llama").to(torch.bfloat16)
-    out = model.generate(_ids(1, 12), max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
-                         cache_implementation="sliding_window_kv", cache_config={"window": 6})
+    out = model.generate(
+        _ids(1, 12),
+        max_new_tokens=10,
+        do_sample=False,
+        return_dict_in_generate=True,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6},
+    )
     assert out.past_key_values.layers[0].keys.dtype == torch.bfloat16
 
 
@@ -73,7 +83,10 @@ def test_native_sliding_layers_keep_their_window():
     model = tiny_model("gemma2")  # layers: sliding(16), full, sliding(16), full
     wide = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=32, sink_tokens=4)
     assert [(layer.window, layer.sink_tokens, layer.is_sliding) for layer in wide.layers] == [
-        (16, 0, True), (32, 4, False), (16, 0, True), (32, 4, False)
+        (16, 0, True),
+        (32, 4, False),
+        (16, 0, True),
+        (32, 4, False),
     ]
     narrow = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, sink_tokens=4)
     assert {(layer.window, layer.sink_tokens) for layer in narrow.layers} == {(8, 4)}
@@ -97,8 +110,12 @@ def test_greedy_generate_small_window_equals_reference():
     model = tiny_model("llama")
     ids = _ids(2, 20)
     out = model.generate(
-        ids, max_new_tokens=30, min_new_tokens=30, do_sample=False,
-        cache_implementation="sliding_window_kv", cache_config={"window": 8, "sink_tokens": 2},
+        ids,
+        max_new_tokens=30,
+        min_new_tokens=30,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 8, "sink_tokens": 2},
     )
     assert torch.equal(out, _greedy_reference(model, ids, 30, 8, 2))
 
@@ -111,8 +128,11 @@ def test_assisted_decoding_equals_greedy(sinks, attn):
     assistant = tiny_model("llama", seed=1, attn_implementation=attn)
     ids = _ids(1, 20)
     kwargs = dict(
-        max_new_tokens=40, min_new_tokens=40, do_sample=False,
-        cache_implementation="sliding_window_kv", cache_config={"window": 8, "sink_tokens": sinks},
+        max_new_tokens=40,
+        min_new_tokens=40,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 8, "sink_tokens": sinks},
     )
     greedy = model.generate(ids, **kwargs)
     assisted = model.generate(ids, assistant_model=assistant, **kwargs)
@@ -133,7 +153,7 @@ def test_crop_restores_the_window_exactly():
         model(ids[:, 22:25], past_key_values=cache)
         cache.crop(-13)
     assert cache.get_seq_length() == 12
-    for layer, (keys, values, sinks) in zip(cache.layers, snapshot):
+    for layer, (keys, values, sinks) in zip(cache.layers, snapshot, strict=True):
         window = slice(layer.sink_tokens, layer.sink_tokens + layer.capacity)
         assert torch.equal(layer.keys[:, :, window], keys[:, :, window])
         assert torch.equal(layer.values[:, :, window], values[:, :, window])
@@ -198,8 +218,12 @@ def test_left_padded_batch_rows_equal_rows_alone():
     mask = torch.ones_like(batch)
     mask[1, :7] = 0
     kwargs = dict(
-        max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
-        cache_implementation="sliding_window_kv", cache_config={"window": 6, "sink_tokens": 3},
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6, "sink_tokens": 3},
     )
     out = model.generate(batch, attention_mask=mask, **kwargs)
     alone_long = model.generate(long, **kwargs)

@@ -29,11 +29,13 @@ def text_ids(smollm):
 def test_window_at_least_length_is_exact(smollm, text_ids):
     model, _ = smollm
     prompt = text_ids[:, :120]
-    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=32, min_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     ref = model.generate(prompt, **kwargs)
     out = model.generate(prompt, cache_implementation="sliding_window_kv", cache_config={"window": 256}, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
         finite = torch.isfinite(a)
         assert_close(b[finite], a[finite], 1e-4, f"step {step}")
 
@@ -51,8 +53,11 @@ def test_assisted_decoding_with_eviction_equals_greedy(smollm, text_ids):
     model, _ = smollm
     assistant = tiny_model("llama", vocab_size=model.config.vocab_size)
     kwargs = dict(
-        max_new_tokens=48, min_new_tokens=48, do_sample=False,
-        cache_implementation="sliding_window_kv", cache_config={"window": 32, "sink_tokens": 4},
+        max_new_tokens=48,
+        min_new_tokens=48,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 32, "sink_tokens": 4},
     )
     prompt = text_ids[:, :40]
     greedy = model.generate(prompt, **kwargs)
@@ -83,8 +88,13 @@ def test_stock_pipeline_with_call_argument_and_saved_config(smollm, tmp_path, mo
     messages = [{"role": "user", "content": "Name a primary colour."}]
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     plain = pipe(messages, max_new_tokens=12, do_sample=False)
-    ours = pipe(messages, max_new_tokens=12, do_sample=False, cache_implementation="sliding_window_kv",
-                cache_config={"window": 512})
+    ours = pipe(
+        messages,
+        max_new_tokens=12,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 512},
+    )
     assert built == ["sliding_window_kv"]
     assert ours[0]["generated_text"] == plain[0]["generated_text"]
 

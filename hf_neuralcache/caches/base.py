@@ -10,8 +10,9 @@ exact mask from the positions the cache will return. The same information is att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache

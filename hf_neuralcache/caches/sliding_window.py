@@ -60,7 +60,9 @@ class SinkWindowLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_zeros((batch, heads, self.sink_tokens, head_dim))  # finite: masked entries still enter QK^T
+        self.keys = key_states.new_zeros(
+            (batch, heads, self.sink_tokens, head_dim)
+        )  # finite: masked entries still enter QK^T
         self.values = value_states.new_zeros((batch, value_states.shape[1], self.sink_tokens, value_states.shape[-1]))
         self.sink_slots = torch.full((batch, self.sink_tokens), -1, dtype=torch.long, device=self.device)
         self.is_initialized = True

