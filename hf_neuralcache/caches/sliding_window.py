@@ -292,6 +292,7 @@ class SlidingWindowKVCache(NeuralCache):
     Example:
 
     ```python
+    >>> import torch
     >>> import hf_neuralcache
     >>> from hf_neuralcache.models import tiny_model
     >>> model = tiny_model("llama")
