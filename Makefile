@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q  # not `python -m pytest`: that puts the repo root, and its kernels/ folder, on sys.path
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
