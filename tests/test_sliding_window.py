@@ -277,3 +277,29 @@ def test_neuralcache_attention_reads_the_layer_state():
         assert torch.equal(ours(ids).logits, sdpa(ids).logits)
         dyn = ours.generate(ids, max_new_tokens=5, do_sample=False)
         assert torch.equal(dyn, sdpa.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+def test_chunked_prefill_in_generate():
+    model = tiny_model("llama")
+    ids = _ids(2, 30)
+    kwargs = dict(
+        max_new_tokens=10,
+        min_new_tokens=10,
+        do_sample=False,
+        cache_implementation="sliding_window_kv",
+        cache_config={"window": 6, "sink_tokens": 2},
+    )
+    assert torch.equal(model.generate(ids, prefill_chunk_size=7, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_mask_sizes_match_what_update_returns():
+    model = tiny_model("llama")
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
+    with torch.no_grad():
+        for size in (4, 1, 1, 5, 1, 9, 1):
+            expected = cache.get_mask_sizes(size, 0)
+            layer = cache.layers[0]
+            keys, _ = layer.update(*(torch.zeros(1, 2, size, 16),) * 2, step=cache.step(layer.seen, size))
+            assert (keys.shape[-2], 0) == expected, size
+            for other in cache.layers[1:]:
+                other.update(*(torch.zeros(1, 2, size, 16),) * 2, step=cache.step(other.seen, size))
