@@ -114,7 +114,7 @@ def test_flash_attention_is_refused_with_a_clear_error():
     model = tiny_model("llama")
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4)
     model.config._attn_implementation = "flash_attention_2"  # only the mask hook runs before the error
-    with pytest.raises(ValueError, match="cannot take; use 'sdpa', 'eager' or 'neuralcache'"):
+    with pytest.raises(ValueError, match="cannot take; use 'sdpa', 'eager', 'flex_attention' or 'neuralcache'"):
         masking_utils.create_causal_mask(model.config, torch.zeros(1, 3, 8), None, cache)
 
 

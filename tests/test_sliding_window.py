@@ -303,3 +303,15 @@ def test_mask_sizes_match_what_update_returns():
             assert (keys.shape[-2], 0) == expected, size
             for other in cache.layers[1:]:
                 other.update(*(torch.zeros(1, 2, size, 16),) * 2, step=cache.step(other.seen, size))
+
+
+@pytest.mark.parametrize("attn", ["eager", "flex_attention"])
+def test_other_attention_implementations_get_the_exact_mask(attn):
+    """The mask hook builds the mask in the format each implementation's mask function gives."""
+    model = tiny_model("llama", attn_implementation=attn)
+    ids = _ids(2, 24, seed=5)
+    padding = torch.ones_like(ids, dtype=torch.bool)
+    padding[0, :3] = False
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=5, sink_tokens=2)
+    got = cached_logits(model, cache, ids, padding, [10, 1, 1, 12])
+    assert_close(got[padding], reference_logits(tiny_model("llama"), ids, padding, 5, 2)[padding], 1e-5, attn)
