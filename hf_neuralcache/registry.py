@@ -238,7 +238,8 @@ def _wrap_preprocess_mask(original, mask_functions):
         if interface is None or "flash" in impl:
             raise ValueError(
                 f"cache_implementation={past_key_values.cache_name!r} builds its own attention mask, which "
-                f"attn_implementation={impl!r} cannot take; use 'sdpa', 'eager', 'flex_attention' or '{ATTENTION_NAME}'."
+                f"attn_implementation={impl!r} cannot take; "
+                f"use 'sdpa', 'eager', 'flex_attention' or '{ATTENTION_NAME}'."
             )
         mask = past_key_values.attention_mask(config, inputs_embeds, attention_mask, layer_idx, interface)
         return (True, mask, *early_exit[2:])
