@@ -13,7 +13,6 @@ Prints three tables and saves `sliding_window_memory.png` (bytes held against to
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -23,9 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import hf_neuralcache
 from hf_neuralcache.models import load_embedded_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import cached_logits, reference_logits  # noqa: E402
+from hf_neuralcache.testing import cached_logits, reference_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "adventures_of_sherlock_holmes.txt"
 

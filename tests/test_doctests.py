@@ -16,6 +16,7 @@ MODULES = [
     "hf_neuralcache.models",
     "hf_neuralcache.env",
     "hf_neuralcache.cli",
+    "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
 ]
 FENCE = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)

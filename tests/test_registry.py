@@ -6,7 +6,6 @@ import threading
 
 import pytest
 import torch
-from helpers import assert_close
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,6 +20,7 @@ from transformers.generation.utils import GenerationMixin
 import hf_neuralcache
 from hf_neuralcache import registry
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.testing import assert_close
 
 IDS = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0))
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, cached_logits, reference_logits
 from transformers import DynamicCache
 
 import hf_neuralcache
 from hf_neuralcache.models import TINY_ARCHITECTURES, tiny_model
+from hf_neuralcache.testing import assert_close, cached_logits, reference_logits
 
 ARCHS = sorted(TINY_ARCHITECTURES)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from helpers import assert_close, cached_logits, reference_logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.testing import assert_close, cached_logits, reference_logits
 
 MODEL = tiny_model("llama", num_hidden_layers=1)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

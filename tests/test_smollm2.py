@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, cached_logits, reference_logits
 from transformers import pipeline
 
 import hf_neuralcache
 from hf_neuralcache import registry
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.testing import assert_close, cached_logits, reference_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "adventures_of_sherlock_holmes.txt"
 

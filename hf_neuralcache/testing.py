@@ -1,8 +1,14 @@
-"""Shared test helpers: an independent band-plus-sinks reference and strict comparisons."""
+"""Helpers for checking caches: an independent band-plus-sinks reference and a strict comparison.
+
+Used by the test suite and the benchmarks; also handy to check a cache on your own model. The reference does not
+use any cache code: it runs the model once over the whole sequence with an explicit 4D mask.
+"""
 
 from __future__ import annotations
 
 import torch
+
+__all__ = ["assert_close", "band_sink_mask", "cached_logits", "reference_logits"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
