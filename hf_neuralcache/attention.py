@@ -57,5 +57,6 @@ def neuralcache_attention_forward(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = window_attention(query, key, value, state.layout.visible, scaling, softcap=kwargs.get("softcap"))
+    visible = state.layout.visible.to(query.device)  # layers of a split model may sit on other devices
+    out = window_attention(query, key, value, visible, scaling, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None

@@ -133,6 +133,13 @@ def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]
             "encoder-decoder model. Use transformers' own caches for it."
         )
     text = config.get_text_config(decoder=True)
+    if text is not config:
+        # e.g. Gemma 3 with images: its masks add overlays (bidirectional image blocks) that our mask does not apply
+        raise ValueError(
+            f"cache_implementation={cache_name!r} supports text-only decoder models; {config.model_type!r} is a "
+            f"composite (multimodal) model. Load its text model alone (for example with AutoModelForCausalLM on a "
+            f"{text.model_type!r} checkpoint) or use transformers' own caches."
+        )
     n_layers = getattr(text, "num_hidden_layers", None)
     if not isinstance(n_layers, int):
         raise ValueError(
@@ -155,6 +162,11 @@ def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]
             f"{config.model_type!r} has {found}."
         )
     window = getattr(text, "sliding_window", None)
+    if "sliding_attention" in layer_types and not (isinstance(window, int) and window >= 1):
+        raise ValueError(
+            f"{config.model_type!r} declares sliding_attention layers but its config has sliding_window={window!r}; "
+            "expected an int >= 1."
+        )
     return [(t, window if t == "sliding_attention" else None) for t in layer_types]
 
 

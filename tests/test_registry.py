@@ -78,7 +78,10 @@ def test_unknown_and_unimplemented_names():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"windw": 8}, r"Unknown cache_config key\(s\) \['windw'\].*allowed keys: \['sink_tokens', 'window'\]"),
+        (
+            {"windw": 8},
+            r"Unknown cache_config key\(s\) \['windw'\].*allowed keys: \['max_rollback', 'sink_tokens', 'window'\]",
+        ),
         ({"window": 0}, r"cache_config\['window'\] = 0.*expected an int >= 1"),
         ({"window": -3}, r"expected an int >= 1"),
         ({"window": 8.0}, r"expected an int >= 1"),
@@ -267,3 +270,34 @@ def test_from_pretrained_and_set_attn_implementation_accept_neuralcache(tmp_path
         max_new_tokens=10, do_sample=False, cache_implementation="sliding_window_kv", cache_config={"window": 4}
     )
     assert torch.equal(loaded.generate(IDS, **kwargs), tiny_model("llama").generate(IDS, **kwargs))
+
+
+def test_multimodal_and_inconsistent_configs_are_refused():
+    gemma3 = AutoConfig.for_model(
+        "gemma3",
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=300,
+            sliding_window=8,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+    )
+    with pytest.raises(ValueError, match="text-only decoder models; 'gemma3' is a composite"):
+        hf_neuralcache.create_cache("sliding_window_kv", gemma3)
+    qwen2 = AutoConfig.for_model(
+        "qwen2", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=None
+    )
+    with pytest.raises(ValueError, match="sliding_window=None; expected an int >= 1"):
+        hf_neuralcache.create_cache("sliding_window_kv", qwen2)

@@ -315,3 +315,77 @@ def test_other_attention_implementations_get_the_exact_mask(attn):
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=5, sink_tokens=2)
     got = cached_logits(model, cache, ids, padding, [10, 1, 1, 12])
     assert_close(got[padding], reference_logits(tiny_model("llama"), ids, padding, 5, 2)[padding], 1e-5, attn)
+
+
+def test_causal_prefill_builds_no_mask_and_keeps_no_per_forward_state():
+    model = tiny_model("llama")
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=64)
+    masks = []
+    build = cache.attention_mask
+    cache.attention_mask = lambda *a, **k: masks.append(build(*a, **k)) or masks[-1]
+    with torch.no_grad():
+        model(_ids(2, 40), past_key_values=cache)  # no padding, shorter than the window: SDPA's is_causal
+        model(_ids(2, 1), past_key_values=cache)  # the buffer has empty entries: a [B, 1, 1, K] boolean mask
+    assert masks[0] is None
+    assert masks[1].dtype == torch.bool and masks[1].shape == (2, 1, 1, 4 + 64)
+    assert cache._step is None  # the forward's masks are not kept alive by the cache
+
+
+def test_recording_left_on_stays_bounded():
+    """generate leaves past recording on after assisted decoding; the journal must not grow without bound."""
+    model = tiny_model("llama")
+    config = {"window": 6, "sink_tokens": 2, "max_rollback": 10}
+    out = model.generate(
+        _ids(1, 12),
+        prompt_lookup_num_tokens=3,
+        max_new_tokens=20,
+        do_sample=False,
+        return_dict_in_generate=True,
+        cache_implementation="sliding_window_kv",
+        cache_config=config,
+    )
+    cache = out.past_key_values
+    assert all(layer.record_past for layer in cache.layers)
+    entry = 2 * 16 * 2 * 4  # kv heads x head dim x (keys + values) x fp32
+    bound = len(cache.layers) * ((2 + 6 + 10) * entry + 2 * 8)
+    with torch.no_grad():
+        for token in _ids(1, 200, seed=9).split(1, dim=1):
+            model(token, past_key_values=cache)
+            assert cache.memory_bytes() <= bound
+    with pytest.raises(RuntimeError, match="max_rollback=10"):
+        cache.crop(-11)
+    cache.crop(-10)  # within the bound: restored exactly
+    kept = torch.cat([out.sequences[:, :-1], _ids(1, 200, seed=9)], 1)[:, :-10]
+    probe = _ids(1, 3, seed=11)
+    with torch.no_grad():
+        got = model(probe, past_key_values=cache).logits
+    full = torch.cat([kept, probe], 1)
+    ref = reference_logits(model, full, torch.ones_like(full, dtype=torch.bool), 6, 2)[:, -3:]
+    assert_close(got, ref, 1e-5, "after a crop with recording left on")
+
+
+def test_long_prompt_under_recording_journals_at_most_max_rollback():
+    model = tiny_model("llama")
+    cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, max_rollback=5)
+    cache.activate_past_recording()
+    with torch.no_grad():
+        model(_ids(1, 300), past_key_values=cache)
+    assert all(layer.journal[1].shape[2] == 5 for layer in cache.layers)
+
+
+def test_a_finished_cache_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    gc.disable()
+    try:
+        cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4)
+        with torch.no_grad():
+            model(_ids(1, 6), past_key_values=cache)
+            model(_ids(1, 1), past_key_values=cache)  # decode: the tag sits on the layer's own buffer
+        buffer = weakref.ref(cache.layers[0].keys)
+        del cache
+        assert buffer() is None
+    finally:
+        gc.enable()

@@ -10,12 +10,16 @@ exact mask from the positions the cache will return. The same information is att
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.masking_utils import sdpa_mask
+
+from ..kernels.window_attention import window_visibility
 
 __all__ = ["AttentionState", "NeuralCache", "Option", "check_options"]
 
@@ -59,15 +63,21 @@ def check_options(cache_name: str, spec: dict[str, Option], given: dict[str, Any
 
 @dataclass
 class Layout:
-    """Where each key a layer returns in this forward comes from.
+    """Where each key a layer returns in this forward comes from, and which keys each query sees.
 
-    `slots`, `valid` and `sink` are `[B, K]`; `visible` (`[B, q, K]`) is filled in once per forward.
+    `slots`, `valid` and `sink` are `[B, K]`; `q_slots` is `[q]`. `visible` (`[B, q, K]`) is built on first use:
+    a causal prefill that SDPA masks by itself never needs it.
     """
 
     slots: torch.Tensor
     valid: torch.Tensor
     sink: torch.Tensor
-    visible: torch.Tensor | None = None
+    q_slots: torch.Tensor
+    window: int
+
+    @functools.cached_property
+    def visible(self) -> torch.Tensor:
+        return window_visibility(self.q_slots, self.slots, self.valid, self.sink, self.window)
 
 
 @dataclass
@@ -114,7 +124,7 @@ class AttentionState:
     never see each other's state, and assisted decoding (two models, two caches) works unchanged.
     """
 
-    layer: Any
+    layer: Any  # weakref.ref to the layer: the tag may sit on the layer's own buffer
     layout: Layout
     step: Step
 
@@ -175,7 +185,10 @@ class NeuralCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         step = self.step(layer.get_seq_length(), key_states.shape[-2])
-        return layer.update(key_states, value_states, step=step)
+        out = layer.update(key_states, value_states, step=step)
+        if layer_idx == len(self.layers) - 1:  # the forward is done with the step: do not keep its masks alive
+            self._step = self._observed = None
+        return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -216,8 +229,12 @@ class NeuralCache(Cache):
         step = self.step(layer.get_seq_length(), q_length)
         layout = layer.layout(step, inputs_embeds.shape[0], inputs_embeds.device)
         visible = layout.visible
-        if q_length == 1 and bool(visible.all()):
-            return None
+        if mask_interface is sdpa_mask:  # boolean format: hand over the mask itself, or nothing when SDPA can skip it
+            if q_length == 1 and bool(visible.all()):
+                return None
+            if step.seen == 0 and 1 < q_length <= layer.window and step.padding is None:
+                return None  # a plain causal prefill: SDPA's is_causal, no [q, q] mask
+            return visible.unsqueeze(1)
         return mask_interface(
             batch_size=visible.shape[0],
             q_length=q_length,

@@ -15,10 +15,11 @@ evicts goes to a journal until the next `crop`, so `crop(-n)` restores the windo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ..kernels.window_attention import window_visibility
 from .base import AttentionState, Layout, NeuralCache, Option, Step
 
 __all__ = ["SinkWindowLayer", "SlidingWindowKVCache"]
@@ -35,15 +36,18 @@ class SinkWindowLayer(CacheLayerMixin):
         is_sliding (`bool`, *optional*, defaults to `False`):
             `True` for a layer that the model itself defines as sliding-window; transformers builds a separate mask
             for those.
+        max_rollback (`int`, *optional*, defaults to 256):
+            While past recording is on, how many evicted entries are kept so that `crop` can restore them.
     """
 
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, window: int, sink_tokens: int, is_sliding: bool = False):
+    def __init__(self, window: int, sink_tokens: int, is_sliding: bool = False, max_rollback: int = 256):
         super().__init__()
         self.window = window
         self.sink_tokens = sink_tokens
+        self.max_rollback = max_rollback
         self.is_sliding = is_sliding
         self.seen = 0  # tokens written so far: the absolute slots 0 .. seen - 1
         self.capacity = 0  # ring entries allocated, grows up to `window`
@@ -115,6 +119,11 @@ class SinkWindowLayer(CacheLayerMixin):
             recent_sink = (ring.unsqueeze(-1) == sink_slots.unsqueeze(1)).any(-1)
             slots = torch.cat([sink_slots, ring], 1)
             sink = torch.cat([torch.ones_like(sink_slots, dtype=torch.bool), recent_sink], 1)
+        elif seen == 0:  # nothing held yet: the new keys alone
+            new_sink = ranks < self.sink_tokens if ranks is not None else torch.zeros_like(new_slots, dtype=torch.bool)
+            layout = Layout(new_slots, step.real(new_slots), new_sink, step.q_slots.to(device), self.window)
+            step.layouts[self.policy] = layout
+            return layout
         else:
             ring = self._slots_for(capacity, seen, device).expand(batch_size, -1)
             lowest_recent = max(0, seen - self.window)
@@ -126,8 +135,7 @@ class SinkWindowLayer(CacheLayerMixin):
         # a sink still inside the recent range is also in the ring: count it once, there
         duplicate = is_sink_part & (slots >= lowest_recent)
         valid = (slots >= 0) & ~duplicate & step.real(slots)
-        layout = Layout(slots=slots, valid=valid, sink=sink)
-        layout.visible = window_visibility(step.q_slots.to(device), slots, valid, sink, self.window)
+        layout = Layout(slots, valid, sink, step.q_slots.to(device), self.window)
         step.layouts[self.policy] = layout
         return layout
 
@@ -148,17 +156,20 @@ class SinkWindowLayer(CacheLayerMixin):
         if q == 1:
             self._write(key_states, value_states, step)
             keys, values = self.keys, self.values
+        elif self.seen == 0:
+            keys, values = key_states, value_states
+            self._write(key_states, value_states, step)
         else:
             keys = torch.cat([self.keys, key_states], dim=-2)
             values = torch.cat([self.values, value_states], dim=-2)
             self._write(key_states, value_states, step)
-        keys._neuralcache_state = AttentionState(self, layout, step)
+        keys._neuralcache_state = AttentionState(weakref.ref(self), layout, step)
         return keys, values
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step) -> None:
         seen, q, sinks = self.seen, key_states.shape[-2], self.sink_tokens
         if not self.sinks_full:
-            ranks = step.ranks(key_states.shape[0], key_states.device)
+            ranks = step.ranks(key_states.shape[0], key_states.device).to(key_states.device)
             rows, cols = (ranks < sinks).nonzero(as_tuple=True)
             if rows.numel():
                 pos = ranks[rows, cols]
@@ -169,7 +180,7 @@ class SinkWindowLayer(CacheLayerMixin):
         after = seen + q
         self._grow(after)
         evict_from, evict_to = max(0, seen - self.window), max(0, after - self.window)
-        if self.record_past and evict_to > evict_from:
+        if self.record_past and self.max_rollback and evict_to > evict_from:
             self._journal_evicted(evict_from, evict_to, key_states, value_states)
         kept = min(q, self.window)
         ring_index = sinks + torch.arange(after - kept, after, device=self.keys.device) % self.window
@@ -186,10 +197,14 @@ class SinkWindowLayer(CacheLayerMixin):
             parts_k.append(key_states[:, :, : stop - self.seen])
             parts_v.append(value_states[:, :, : stop - self.seen])
         if self.journal is None:
-            self.journal = (start, torch.cat(parts_k, 2), torch.cat(parts_v, 2))
+            first, keys, values = start, torch.cat(parts_k, 2), torch.cat(parts_v, 2)
         else:
             first, keys, values = self.journal
-            self.journal = (first, torch.cat([keys, *parts_k], 2), torch.cat([values, *parts_v], 2))
+            keys, values = torch.cat([keys, *parts_k], 2), torch.cat([values, *parts_v], 2)
+        drop = keys.shape[2] - self.max_rollback  # a crop of n tokens restores at most the n latest evictions
+        if drop > 0:
+            first, keys, values = first + drop, keys[:, :, drop:], values[:, :, drop:]
+        self.journal = (first, keys, values)
 
     # ---- rollback and batch operations ----------------------------------------------------------------------------
     def activate_past_recording(self) -> None:
@@ -214,7 +229,8 @@ class SinkWindowLayer(CacheLayerMixin):
                 raise RuntimeError(
                     f"Cannot remove {-tokens_to_remove} tokens: the window of {self.window} tokens has moved past "
                     "positions that are no longer held. Call `cache.activate_past_recording()` before the forward "
-                    "passes you may want to roll back (generate does this for assisted decoding)."
+                    "passes you may want to roll back (generate does this for assisted decoding); it keeps the "
+                    f"last max_rollback={self.max_rollback} evicted tokens (a cache_config option)."
                 )
             _, keys, values = self.journal
             slots = torch.arange(restore_from, restore_to, device=self.keys.device)
@@ -257,6 +273,8 @@ class SinkWindowLayer(CacheLayerMixin):
         return -1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.seen == 0 and query_length > 1:
+            return query_length, 0
         ring = self._capacity_for(self.seen + 1) if query_length == 1 else self.capacity
         return self.sink_tokens + ring + (query_length if query_length > 1 else 0), 0
 
@@ -288,6 +306,9 @@ class SlidingWindowKVCache(NeuralCache):
             Number of most recent positions each query attends to, its own included.
         sink_tokens (`int`, *optional*, defaults to 4):
             Number of first tokens of each sequence that stay visible to every query.
+        max_rollback (`int`, *optional*, defaults to 256):
+            While past recording is on (assisted decoding), the most tokens one `crop` can remove once they have
+            pushed others out of the window. Bounds the extra memory that recording costs.
 
     Example:
 
@@ -309,16 +330,20 @@ class SlidingWindowKVCache(NeuralCache):
         "sink_tokens": Option(
             int, 4, lambda v: v >= 0, "an int >= 0", "First tokens of each sequence that stay visible."
         ),
+        "max_rollback": Option(
+            int, 256, lambda v: v >= 0, "an int >= 0", "Evicted tokens kept for `crop` while recording the past."
+        ),
     }
 
-    def __init__(self, config, window: int = 1024, sink_tokens: int = 4):
+    def __init__(self, config, window: int = 1024, sink_tokens: int = 4, max_rollback: int = 256):
         from ..registry import decoder_layer_types
 
         self.window, self.sink_tokens = window, sink_tokens
         layers = []
         for layer_type, native_window in decoder_layer_types(config, self.cache_name):
-            if layer_type == "sliding_attention" and native_window <= window:
-                layers.append(SinkWindowLayer(native_window, 0, is_sliding=True))
+            sliding = layer_type == "sliding_attention"
+            if sliding and native_window <= window:
+                layers.append(SinkWindowLayer(native_window, 0, is_sliding=True, max_rollback=max_rollback))
             else:
-                layers.append(SinkWindowLayer(window, sink_tokens, is_sliding=layer_type == "sliding_attention"))
+                layers.append(SinkWindowLayer(window, sink_tokens, is_sliding=sliding, max_rollback=max_rollback))
         super().__init__(layers)

@@ -40,8 +40,9 @@ def window_visibility(
     """
     i = q_slots.view(1, -1, 1)  # [1, q, 1]
     j = kv_slots.unsqueeze(1)  # [B, 1, K]
-    in_band = (i - j) < window
-    return kv_valid.unsqueeze(1) & (j <= i) & (in_band | kv_sink.unsqueeze(1))
+    # comparisons only: no [B, q, K] integer temporaries on long prompts
+    in_band = j > (i - window)
+    return (j <= i) & (in_band | kv_sink.unsqueeze(1)) & kv_valid.unsqueeze(1)
 
 
 def window_attention(
