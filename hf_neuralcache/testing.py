@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close", "band_sink_mask", "cached_logits", "reference_logits"]
+__all__ = ["assert_close", "assert_same_generation", "band_sink_mask", "cached_logits", "reference_logits"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
@@ -61,3 +61,24 @@ def cached_logits(model, cache, input_ids, padding, chunks):
             start = stop
     assert start == input_ids.shape[1]
     return torch.cat(out, 1)
+
+
+def assert_same_generation(model, input_ids, new_tokens: int, atol: float, **cache_kwargs):
+    """Greedy `generate` with `cache_kwargs` gives the tokens of transformers' default cache, logits within `atol`.
+
+    Returns the `GenerateDecoderOnlyOutput` of the run with `cache_kwargs`.
+    """
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    ref = model.generate(input_ids, **kwargs)
+    out = model.generate(input_ids, **cache_kwargs, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences), "generated tokens differ"
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
+        finite = torch.isfinite(a)  # min_new_tokens puts -inf on the end-of-sequence token
+        assert_close(b[finite], a[finite], atol, f"logits of step {step}")
+    return out

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import hf_neuralcache
 from hf_neuralcache.models import TINY_ARCHITECTURES, tiny_model
-from hf_neuralcache.testing import assert_close, cached_logits, reference_logits
+from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits, reference_logits
 
 ARCHS = sorted(TINY_ARCHITECTURES)
 
@@ -21,15 +21,8 @@ def _ids(batch, length, seed=0, vocab=256):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_large_window_generate_equals_dynamic_cache(arch):
     model = tiny_model(arch)
-    ids = _ids(2, 12)
-    kwargs = dict(
-        max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    ref = model.generate(ids, **kwargs)
-    out = model.generate(ids, cache_implementation="sliding_window_kv", cache_config={"window": 64}, **kwargs)
-    assert torch.equal(ref.sequences, out.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
-        assert_close(b[torch.isfinite(a)], a[torch.isfinite(a)], 1e-4, f"{arch} step {step}")
+    kwargs = dict(cache_implementation="sliding_window_kv", cache_config={"window": 64})
+    out = assert_same_generation(model, _ids(2, 12), 24, 1e-4, **kwargs)
     assert isinstance(out.past_key_values, hf_neuralcache.SlidingWindowKVCache)
 
 

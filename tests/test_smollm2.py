@@ -11,7 +11,7 @@ from transformers import pipeline
 import hf_neuralcache
 from hf_neuralcache import registry
 from hf_neuralcache.models import tiny_model
-from hf_neuralcache.testing import assert_close, cached_logits, reference_logits
+from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits, reference_logits
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "adventures_of_sherlock_holmes.txt"
 
@@ -28,16 +28,8 @@ def text_ids(smollm):
 
 def test_window_at_least_length_is_exact(smollm, text_ids):
     model, _ = smollm
-    prompt = text_ids[:, :120]
-    kwargs = dict(
-        max_new_tokens=32, min_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    ref = model.generate(prompt, **kwargs)
-    out = model.generate(prompt, cache_implementation="sliding_window_kv", cache_config={"window": 256}, **kwargs)
-    assert torch.equal(out.sequences, ref.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits, strict=True)):
-        finite = torch.isfinite(a)
-        assert_close(b[finite], a[finite], 1e-4, f"step {step}")
+    kwargs = dict(cache_implementation="sliding_window_kv", cache_config={"window": 256})
+    assert_same_generation(model, text_ids[:, :120], 32, 1e-4, **kwargs)
 
 
 def test_small_window_equals_band_sink_reference(smollm, text_ids):
