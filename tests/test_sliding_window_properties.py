@@ -53,15 +53,18 @@ def test_any_chunking_matches_reference(chunks, window, sinks, pads, seed):
 
 @SETTINGS
 @given(
-    rounds=st.lists(st.tuples(st.integers(1, 8), st.integers(0, 8)), min_size=1, max_size=8),
+    rounds=st.lists(st.tuples(st.integers(1, 24), st.integers(0, 8)), min_size=1, max_size=6),
     window=st.integers(1, 8),
     sinks=st.integers(0, 3),
+    max_rollback=st.integers(8, 20),
     seed=st.integers(0, 2**16),
 )
-def test_any_rollback_sequence_matches_reference(rounds, window, sinks, seed):
+def test_any_rollback_sequence_matches_reference(rounds, window, sinks, max_rollback, seed):
     """Rounds of (feed n tokens, crop k <= n of them), as assisted decoding does, then a check forward."""
     pool = _ids(1, 100, seed)
-    cache = hf_neuralcache.create_cache("sliding_window_kv", MODEL.config, window=window, sink_tokens=sinks)
+    cache = hf_neuralcache.create_cache(
+        "sliding_window_kv", MODEL.config, window=window, sink_tokens=sinks, max_rollback=max_rollback
+    )
     cache.activate_past_recording()
     kept, cursor = pool[:, :0], 0
     with torch.no_grad():

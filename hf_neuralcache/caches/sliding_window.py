@@ -189,19 +189,24 @@ class SinkWindowLayer(CacheLayerMixin):
         self.seen = after
 
     def _journal_evicted(self, start: int, stop: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Save the entries with slots `start .. stop - 1`, about to leave the window, for `crop`."""
-        old = torch.arange(start, min(stop, self.seen), device=self.keys.device)  # still in the ring
+        """Save the entries with slots `start .. stop - 1`, about to leave the window, for `crop`.
+
+        A crop of n tokens restores at most the n latest evictions, so only the last `max_rollback` are kept.
+        """
+        if stop - start >= self.max_rollback:  # everything journaled before is older still
+            start, self.journal = stop - self.max_rollback, None
+        old = torch.arange(start, max(start, min(stop, self.seen)), device=self.keys.device)  # still in the ring
         parts_k = [self.keys.index_select(2, self.sink_tokens + old % self.window)]
         parts_v = [self.values.index_select(2, self.sink_tokens + old % self.window)]
         if stop > self.seen:  # new tokens that never enter the ring
-            parts_k.append(key_states[:, :, : stop - self.seen])
-            parts_v.append(value_states[:, :, : stop - self.seen])
+            parts_k.append(key_states[:, :, max(0, start - self.seen) : stop - self.seen])
+            parts_v.append(value_states[:, :, max(0, start - self.seen) : stop - self.seen])
         if self.journal is None:
             first, keys, values = start, torch.cat(parts_k, 2), torch.cat(parts_v, 2)
         else:
             first, keys, values = self.journal
             keys, values = torch.cat([keys, *parts_k], 2), torch.cat([values, *parts_v], 2)
-        drop = keys.shape[2] - self.max_rollback  # a crop of n tokens restores at most the n latest evictions
+        drop = keys.shape[2] - self.max_rollback
         if drop > 0:
             first, keys, values = first + drop, keys[:, :, drop:], values[:, :, drop:]
         self.journal = (first, keys, values)
