@@ -44,6 +44,6 @@ def test_tiny_model_rejects_unknown_architecture():
 def test_each_source_gets_its_own_folder(embedded_home, monkeypatch):
     folder = models.embedded_model_folder()
     assert folder.parent == embedded_home / "models" / "smollm2-135m-instruct"
-    monkeypatch.setattr(models.transformers, "__version__", "5.17.0")
+    monkeypatch.setattr(models.transformers, "__version__", models.transformers.__version__ + ".other")
     other = models.embedded_model_folder()
     assert other.parent == folder.parent and other != folder  # no environment replaces another one's copy
