@@ -61,7 +61,7 @@ def test_any_chunking_matches_reference(chunks, window, sinks, pads, seed):
 )
 def test_any_rollback_sequence_matches_reference(rounds, window, sinks, max_rollback, seed):
     """Rounds of (feed n tokens, crop k <= n of them), as assisted decoding does, then a check forward."""
-    pool = _ids(1, 100, seed)
+    pool = _ids(1, 160, seed)  # up to 6 rounds x 24 tokens, then the probe
     cache = hf_neuralcache.create_cache(
         "sliding_window_kv", MODEL.config, window=window, sink_tokens=sinks, max_rollback=max_rollback
     )
@@ -76,7 +76,7 @@ def test_any_rollback_sequence_matches_reference(rounds, window, sinks, max_roll
             cache.crop(-crop)
             kept = torch.cat([kept, chunk[:, : fed - crop]], 1)
         assert cache.get_seq_length() == kept.shape[1]
-        probe = pool[:, 90:93]
+        probe = pool[:, 150:153]
         got = MODEL(probe, past_key_values=cache).logits
     full = torch.cat([kept, probe], 1)
     ref = reference_logits(MODEL, full, torch.ones_like(full, dtype=torch.bool), window, sinks)[:, -3:]
