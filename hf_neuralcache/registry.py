@@ -223,7 +223,13 @@ def _wrap_prepare_cache(original):
                 f"cache_implementation={name!r} needs a model that uses transformers' `Cache`; "
                 f"{type(self).__name__} manages its own state."
             )
-        cache = create_cache(name, self.config, **(generation_config.cache_config or {}))
+        cache_config = generation_config.cache_config or {}
+        if not isinstance(cache_config, dict):
+            raise ValueError(
+                f"cache_config for cache_implementation={name!r} must be a dict of options, "
+                f"got {type(cache_config).__name__}: {cache_config!r}."
+            )
+        cache = create_cache(name, self.config, **cache_config)
         if generation_config.is_assistant:  # its candidates get rolled back with `crop`
             cache.activate_past_recording()
         model_kwargs["past_key_values"] = cache

@@ -301,3 +301,9 @@ def test_multimodal_and_inconsistent_configs_are_refused():
     )
     with pytest.raises(ValueError, match="sliding_window=None; expected an int >= 1"):
         hf_neuralcache.create_cache("sliding_window_kv", qwen2)
+
+
+def test_cache_config_must_be_a_dict():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="must be a dict of options, got list"):
+        model.generate(IDS, cache_implementation="sliding_window_kv", cache_config=[8], max_new_tokens=2)
