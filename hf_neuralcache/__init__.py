@@ -5,17 +5,22 @@ implementation with transformers; that registration is the import's one side eff
 """
 
 from .caches import NeuralCache, SlidingWindowKVCache
+from .hooks import InferenceCache, PrefixCache, attach, detach
 from .registry import IncompatibleTransformersError, available_caches, create_cache, register
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IncompatibleTransformersError",
+    "InferenceCache",
     "NeuralCache",
+    "PrefixCache",
     "SlidingWindowKVCache",
     "__version__",
+    "attach",
     "available_caches",
     "create_cache",
+    "detach",
 ]
 
 register()

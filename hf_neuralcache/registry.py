@@ -23,6 +23,9 @@ import torch
 import transformers
 from packaging.version import Version
 
+from .hooks.generate import hooks_for_call, on_cache_prepared
+from .hooks.generate import run as run_hooks
+
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "IncompatibleTransformersError",
@@ -217,7 +220,9 @@ def _wrap_prepare_cache(original):
             return  # an assistant model's next round of candidates reuses the cache this hook built for it
         if name not in _CACHES or given is not None or generation_config.use_cache is False:
             # transformers raises its own error for a cache passed together with a cache_implementation
-            return original(self, generation_config, model_kwargs, *args, **kwargs)
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+            on_cache_prepared(self, generation_config, model_kwargs)
+            return result
         if not self._supports_default_dynamic_cache():
             raise ValueError(
                 f"cache_implementation={name!r} needs a model that uses transformers' `Cache`; "
@@ -233,9 +238,22 @@ def _wrap_prepare_cache(original):
         if generation_config.is_assistant:  # its candidates get rolled back with `crop`
             cache.activate_past_recording()
         model_kwargs["past_key_values"] = cache
+        on_cache_prepared(self, generation_config, model_kwargs)
 
     _prepare_cache_for_generation.__neuralcache_original__ = original
     return _prepare_cache_for_generation
+
+
+def _wrap_generate(original):
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        hooks = hooks_for_call(self, kwargs)
+        if hooks is None:
+            return original(self, *args, **kwargs)
+        return run_hooks(original, self, args, kwargs, hooks)
+
+    generate.__neuralcache_original__ = original
+    return generate
 
 
 def _wrap_preprocess_mask(original, mask_functions):
@@ -282,6 +300,8 @@ def register() -> None:
         GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(
             GenerationMixin._prepare_cache_for_generation
         )
+    if not hasattr(GenerationMixin.generate, "__neuralcache_original__"):
+        GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
     if not hasattr(masking_utils._preprocess_mask_arguments, "__neuralcache_original__"):
         masking_utils._preprocess_mask_arguments = _wrap_preprocess_mask(
             masking_utils._preprocess_mask_arguments, mask_functions

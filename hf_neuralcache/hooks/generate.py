@@ -1,0 +1,303 @@
+"""How the hooks join `generate()`: `prefix_cache=` / `inference_cache=` arguments and [`attach`] / [`detach`].
+
+`hf_neuralcache.registry` wraps `GenerationMixin.generate`; a call with no hook (none passed, none attached) goes
+straight to transformers. With hooks, [`run`] parses the call once into a [`Request`], asks the inference cache
+for a stored result, and otherwise plans the prefix cache's loads and runs transformers' generate. The prefix K/V is
+put into the generation cache right after transformers builds it (the registry's `_prepare_cache_for_generation`
+wrapper calls [`on_cache_prepared`]), so generate's own prefill only computes the tokens that were not loaded; the
+prompt's K/V is captured from that prefill to store its new chunks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache
+
+logger = logging.getLogger("hf_neuralcache.hooks")
+
+__all__ = ["attach", "detach", "Request", "run"]
+
+HOOK_ARGUMENTS = ("prefix_cache", "inference_cache", "semantic_cache")
+_ATTRIBUTE = "_neuralcache_hooks"
+_pending: contextvars.ContextVar = contextvars.ContextVar("hf_neuralcache_prefix_plan", default=None)
+# arguments of generate() whose effect on the output cannot be keyed
+_UNKEYABLE = (
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "assistant_model",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+)
+_CHAT_USER_MARKERS = (
+    "<|im_start|>user",
+    "<|start_header_id|>user<|end_header_id|>",
+    "[INST]",
+    "<start_of_turn>user",
+    "<|user|>",
+    "<|User|>",
+)
+
+
+@dataclass
+class Hooks:
+    prefix_cache: object = None
+    inference_cache: object = None
+    semantic_cache: object = None
+    tokenizer: object = None
+
+    def any(self) -> bool:
+        return any(getattr(self, name) is not None for name in HOOK_ARGUMENTS)
+
+
+def attach(model, prefix_cache=None, inference_cache=None, semantic_cache=None, tokenizer=None):
+    """Make every `model.generate(...)` call (stock pipelines included) use these caches until [`detach`].
+
+    Args:
+        model (`PreTrainedModel`): A generative transformers model.
+        prefix_cache ([`PrefixCache`], *optional*): Reuses the K/V of cached prompt prefixes.
+        inference_cache ([`InferenceCache`], *optional*): Returns stored results of identical requests.
+        semantic_cache (*optional*): Returns stored answers of requests that mean the same.
+        tokenizer (*optional*): Decodes prompts for the caches' predicates and the semantic match.
+
+    Returns:
+        The same `model`. A call can still override a cache with `prefix_cache=...` or switch it off for one call
+        with `prefix_cache=False` (the same for the others).
+
+    Example:
+
+    ```python
+    >>> import tempfile, hf_neuralcache
+    >>> from hf_neuralcache.models import tiny_model
+    >>> cache = hf_neuralcache.InferenceCache(tempfile.mkdtemp())
+    >>> model = hf_neuralcache.attach(tiny_model("llama"), inference_cache=cache)
+    >>> hf_neuralcache.detach(model) is model
+    True
+    ```
+    """
+    if not hasattr(model, "generate"):
+        raise ValueError(f"attach expects a generative transformers model, got {type(model).__name__}")
+    hooks = Hooks(prefix_cache, inference_cache, semantic_cache, tokenizer)
+    _check_types(hooks)
+    setattr(model, _ATTRIBUTE, hooks)
+    return model
+
+
+def detach(model):
+    """Undo [`attach`]: `model.generate` runs without hooks again. Returns `model`."""
+    model.__dict__.pop(_ATTRIBUTE, None)
+    return model
+
+
+def _check_types(hooks: Hooks) -> None:
+    from . import InferenceCache, PrefixCache
+
+    expected = {"prefix_cache": PrefixCache, "inference_cache": InferenceCache}
+    try:
+        from ..semantic import SemanticCache
+
+        expected["semantic_cache"] = SemanticCache
+    except ImportError:  # pragma: no cover - the semantic cache is optional here
+        pass
+    for name, cls in expected.items():
+        value = getattr(hooks, name)
+        if value is not None and not isinstance(value, cls):
+            raise ValueError(f"{name} must be an hf_neuralcache.{cls.__name__}, got {type(value).__name__}")
+
+
+def hooks_for_call(model, kwargs: dict) -> Hooks | None:
+    """The hooks of this call (attached ones, overridden by call arguments), popping our arguments from `kwargs`."""
+    attached = getattr(model, _ATTRIBUTE, None)
+    if attached is None and not any(name in kwargs for name in HOOK_ARGUMENTS):
+        return None
+    hooks = copy.copy(attached) if attached is not None else Hooks()
+    for name in HOOK_ARGUMENTS:
+        if name in kwargs:
+            value = kwargs.pop(name)
+            setattr(hooks, name, None if value is False else value)
+    _check_types(hooks)
+    return hooks if hooks.any() else None
+
+
+@dataclass
+class Request:
+    """One generate() call as the hooks see it."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    generation_config: GenerationConfig
+    streamer: object
+    tokenizer: object
+    extra: dict = field(default_factory=dict)  # plain extra arguments, part of the inference key
+    uncacheable: str | None = None  # why the output cannot be keyed
+    no_prefix: str | None = None  # why the prefix cache cannot take part
+
+    def text(self, fallback_tokenizer=None) -> str | None:
+        """The prompt(s) as text, one row per line, or `None` without a tokenizer."""
+        tokenizer = self.tokenizer or fallback_tokenizer
+        if tokenizer is None or self.input_ids is None:
+            return None
+        rows = [ids[mask.bool()] for ids, mask in zip(self.input_ids, self.attention_mask, strict=True)]
+        return "\n".join(tokenizer.decode(row) for row in rows)
+
+
+def last_user_turn(text: str | None) -> str | None:
+    """The text after the last user marker of a chat template (the whole text when there is none)."""
+    if text is None:
+        return None
+    cut = max((text.rfind(marker) + len(marker) for marker in _CHAT_USER_MARKERS if marker in text), default=0)
+    return text[cut:]
+
+
+def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> Request:
+    """Read the call's inputs and effective generation settings the way generate() would use them."""
+    bound = inspect.signature(original).bind(model, *args, **kwargs).arguments
+    extra_kwargs = dict(bound.pop("kwargs", {}))
+    base = bound.get("generation_config") or model.generation_config
+    config = copy.deepcopy(base)
+    unused = config.update(**extra_kwargs)
+    input_ids = bound.get("inputs")
+    if input_ids is None:
+        input_ids = unused.pop("input_ids", None)
+    mask = unused.pop("attention_mask", None)
+    tokenizer = unused.pop("tokenizer", None)
+    request = Request(input_ids, mask, config, bound.get("streamer"), tokenizer or hooks.tokenizer)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        request.uncacheable = request.no_prefix = "no 2D input_ids"
+        return request
+    if mask is None:
+        pad = config.pad_token_id
+        if pad is not None and bool((input_ids == pad).any()):
+            request.uncacheable = request.no_prefix = "padding without an attention_mask"
+            return request
+        mask = torch.ones_like(input_ids)
+    request.attention_mask = mask
+    for name in _UNKEYABLE:
+        if bound.get(name) is not None:
+            request.uncacheable = f"{name} given"
+    if bound.get("custom_generate") is not None:
+        request.no_prefix = "custom_generate given"
+    if tokenizer is not None and config.stop_strings:
+        request.extra["tokenizer"] = [getattr(tokenizer, "name_or_path", ""), len(tokenizer)]
+    for name, value in unused.items():
+        if value is None or isinstance(value, bool | int | float | str):
+            request.extra[name] = value
+        else:
+            request.uncacheable = request.uncacheable or f"argument {name!r} given"
+            if name in ("past_key_values", "inputs_embeds"):
+                request.no_prefix = f"{name} given"
+    if config.use_cache is False:
+        request.no_prefix = "use_cache=False"
+    if model.config.is_encoder_decoder:
+        request.no_prefix = "encoder-decoder model"
+    return request
+
+
+def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
+    """Run one generate() call through the hooks (see the module docstring)."""
+    request = parse_request(original, model, args, kwargs, hooks)
+    inference, prefix = hooks.inference_cache, hooks.prefix_cache
+    key = inference.key(model, request) if inference is not None else None
+    if inference is not None:
+        hit = inference.get(key, request)
+        if hit is not None:
+            return hit
+    plan = None
+    if prefix is not None and request.no_prefix is None:
+        config = request.generation_config
+        regime = {
+            "cache": config.cache_implementation or "dynamic",
+            "cache_config": config.cache_config or {},
+            "attn": model.config._attn_implementation,
+        }
+        plan = prefix.plan(model, regime, request.input_ids, request.attention_mask)
+    token = _pending.set((model, plan)) if plan is not None else None
+    start = time.perf_counter()
+    try:
+        output = original(model, *args, **kwargs)
+    finally:
+        if token is not None:
+            _pending.reset(token)
+        if plan is not None and plan.cache_object is not None:
+            plan.cache_object.__dict__.pop("update", None)
+    seconds = time.perf_counter() - start
+    if plan is not None:
+        prefix.finish(plan)
+    if inference is not None:
+        inference.put(key, request, output, seconds)
+    return output
+
+
+# ---- the prefix cache inside generate -------------------------------------------------------------------------------
+def on_cache_prepared(model, generation_config, model_kwargs: dict) -> None:
+    """Called by the registry right after generate() built its cache: load the planned prefix and start capturing."""
+    pending = _pending.get()
+    if pending is None or pending[0] is not model or generation_config.is_assistant:
+        return
+    plan = pending[1]
+    _pending.set(None)  # one generate() call, one plan
+    from ..caches.base import NeuralCache
+
+    cache = model_kwargs.get("past_key_values")
+    if not (type(cache) is DynamicCache or isinstance(cache, NeuralCache)) or cache.get_seq_length() != 0:
+        logger.info("hf_neuralcache: prefix cache skipped for a %s", type(cache).__name__)
+        for row in plan.rows:
+            row.load = 0
+        plan.common = 0
+        return
+    plan.expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+    width = len(plan.rows[0].tokens) + plan.rows[0].pad
+    plan.cache.load(plan, model.device, model.dtype)
+    if plan.loaded:
+        devices = _layer_devices(model, len(plan.loaded))
+        mask = model_kwargs.get("attention_mask")
+        if isinstance(cache, NeuralCache):
+            cache.observe_forward(None if mask is None else mask[:, : plan.common], plan.common)
+        for layer, (keys, values) in enumerate(plan.loaded):
+            device = devices[layer]
+            cache.update(
+                keys.repeat_interleave(plan.expand, 0).to(device),
+                values.repeat_interleave(plan.expand, 0).to(device),
+                layer,
+            )
+    plan.capture_tokens = width - plan.common
+    plan.cache_object = cache
+    _capture_prefill(cache, plan, model.config.get_text_config().num_hidden_layers)
+
+
+def _layer_devices(model, layers: int) -> list:
+    try:
+        decoder = model.get_decoder()
+        return [next(layer.parameters()).device for layer in decoder.layers][:layers]
+    except (AttributeError, StopIteration, TypeError):
+        return [model.device] * layers
+
+
+def _capture_prefill(cache, plan, layers: int) -> None:
+    """Wrap `cache.update` (on this instance only) to keep the K/V of the prompt tokens the prefill computes."""
+    update = cache.update
+
+    def capturing_update(key_states, value_states, layer_idx, *args, **kwargs):
+        got = plan.captured.setdefault(layer_idx, [])
+        have = sum(k.shape[-2] for k, _ in got)
+        if have < plan.capture_tokens:
+            if plan.prefill_started is None:
+                plan.prefill_started = time.perf_counter()
+            got.append((key_states, value_states))
+            if layer_idx == layers - 1 and have + key_states.shape[-2] >= plan.capture_tokens:
+                if key_states.device.type == "cuda":
+                    torch.cuda.synchronize(key_states.device)
+                plan.prefill_seconds = time.perf_counter() - plan.prefill_started
+                cache.__dict__.pop("update", None)
+        return update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache.update = capturing_update

@@ -1,0 +1,243 @@
+"""An inference cache: an identical request returns the stored result of `generate()` without running the model.
+
+The key is a BLAKE2b digest of the model fingerprint, the namespace, the input ids and attention mask as given (a
+batch is one request), and every generation setting (the whole effective `GenerationConfig`, including the cache
+implementation, plus any plain extra argument). A call whose output depends on something that cannot be keyed (a
+`logits_processor`, `stopping_criteria`, `prefix_allowed_tokens_fn`, an assistant model, `inputs_embeds`, a cache
+object passed in, hidden states or attentions requested) bypasses the cache.
+
+What is never cached:
+
+- sampled outputs (`do_sample=True`), unless `cache_sampled=True`: a hit then returns *a stored sample*, the same
+  one every time, not a new draw;
+- prompts the `cacheable` predicate refuses; the default, [`is_time_dependent`], refuses prompts that ask about the
+  present ("What day is today?", "latest news", "current price", ...). It needs the prompt text: pass `tokenizer=`
+  (or use [`attach`] with a tokenizer); without one every prompt is cacheable.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+import torch
+from transformers.generation import utils as generation_utils
+
+from .fingerprint import digest, model_fingerprint
+from .storage import Counters, TieredStore
+
+logger = logging.getLogger("hf_neuralcache.hooks")
+
+__all__ = ["InferenceCache", "is_time_dependent"]
+
+_GiB = 1 << 30
+
+_TIME_DEPENDENT = re.compile(
+    r"\b(?:today|tonight|tomorrow|yesterday|right\s+now|at\s+the\s+moment|these\s+days|nowadays|currently"
+    r"|current(?:ly)?\s+(?:date|time|year|month|day|weather|price|rate|events?|news|president|leader|status)"
+    r"|latest|most\s+recent|breaking|this\s+(?:week|month|year|morning|afternoon|evening|weekend)"
+    r"|(?:what|which)\s+(?:day|date|time|year|month)\s+is\s+it|what\s+time|weather|forecast"
+    r"|stock\s+price|exchange\s+rate|news|(?:how\s+(?:long|many\s+days)\s+(?:until|since|ago)))\b",
+    re.IGNORECASE,
+)
+
+# generate() outputs a hit can rebuild (transformers' own classes; nothing else is instantiated from an entry)
+_OUTPUT_CLASSES = (
+    "GenerateDecoderOnlyOutput",
+    "GenerateBeamDecoderOnlyOutput",
+    "GenerateEncoderDecoderOutput",
+    "GenerateBeamEncoderDecoderOutput",
+)
+_UNCACHEABLE_FIELDS = (
+    "hidden_states",
+    "attentions",
+    "decoder_hidden_states",
+    "decoder_attentions",
+    "cross_attentions",
+    "encoder_hidden_states",
+    "encoder_attentions",
+)
+
+
+def is_time_dependent(text: str | None) -> bool:
+    """The default predicate: `True` when the prompt asks about the present (its answer changes with time).
+
+    Example:
+
+    ```python
+    >>> from hf_neuralcache.hooks.inference import is_time_dependent
+    >>> is_time_dependent("What day is today?"), is_time_dependent("What is the capital of France?")
+    (True, False)
+    ```
+    """
+    return bool(text) and _TIME_DEPENDENT.search(text) is not None
+
+
+class InferenceCache:
+    """Whole-result cache for `generate()`, used through `inference_cache=` or [`attach`].
+
+    Args:
+        directory (`str` or `os.PathLike`): Folder of the disk tier (shared by processes).
+        namespace (`str`, *optional*): Separates tenants completely.
+        ttl (`float` or `Callable[[str | None], float | None]`, *optional*): Seconds an entry lives; a callable gets
+            the prompt text (or `None`) and returns the TTL of that entry. `None`: entries live until evicted.
+        cache_sampled (`bool`, *optional*, defaults to `False`): Also cache `do_sample=True` calls (a hit then
+            returns the stored sample).
+        cacheable (`Callable[[str | None], bool]`, *optional*): Whether a prompt may be cached; defaults to
+            `not is_time_dependent(text)`.
+        tokenizer (*optional*): Decodes prompts for `cacheable` and `ttl` when the call brings no tokenizer.
+        disk_bytes (`int`, *optional*, defaults to 1 GiB), ram_bytes (`int`, *optional*, defaults to 64 MiB),
+        eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Tier bounds and disk policy.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from hf_neuralcache import InferenceCache
+    >>> cache = InferenceCache(tempfile.mkdtemp(), ttl=3600)
+    >>> cache.stats()["entries"]
+    0
+    ```
+    """
+
+    def __init__(
+        self,
+        directory,
+        namespace: str | None = None,
+        ttl: float | Callable | None = None,
+        cache_sampled: bool = False,
+        cacheable: Callable[[str | None], bool] | None = None,
+        tokenizer=None,
+        disk_bytes: int = _GiB,
+        ram_bytes: int = 64 << 20,
+        eviction_policy: str = "least-recently-used",
+    ):
+        if ttl is not None and not callable(ttl) and (not isinstance(ttl, int | float) or ttl <= 0):
+            raise ValueError(f"ttl must be seconds > 0, a callable or None, got {ttl!r}")
+        if namespace is not None and not isinstance(namespace, str):
+            raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
+        self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy)
+        self.namespace = namespace
+        self.ttl = ttl
+        self.cache_sampled = cache_sampled
+        self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
+        self.tokenizer = tokenizer
+        self.counters = Counters(
+            self.store, ("hits", "misses", "bypassed", "not_cacheable", "bytes_stored", "seconds_saved")
+        )
+
+    # ---- keys ---------------------------------------------------------------------------------------------------
+    def key(self, model, request) -> str | None:
+        """The key of `request` (a parsed generate() call), or `None` when the call must bypass the cache."""
+        if request.uncacheable:
+            return None
+        config = request.generation_config
+        if config.do_sample and not self.cache_sampled:
+            return None
+        if any(getattr(config, f"output_{name}", False) for name in ("hidden_states", "attentions")):
+            return None
+        ids = request.input_ids.cpu()
+        mask = request.attention_mask.cpu()
+        return digest(
+            "inference",
+            model_fingerprint(model),
+            self.namespace or "",
+            config.to_dict(),
+            request.extra,
+            list(ids.shape),
+            ids.numpy().tobytes(),
+            mask.to(torch.int8).numpy().tobytes(),
+        )
+
+    # ---- lookups and stores -------------------------------------------------------------------------------------
+    def get(self, key: str | None, request):
+        """The stored output for `key` rebuilt as generate() returns it, streamed to `request.streamer`, or `None`."""
+        if key is None:
+            self.counters.add("bypassed", 1)
+            return None
+        entry = self.store.get(key)
+        if entry is None:
+            self.counters.add("misses", 1)
+            return None
+        meta, tensors = entry.meta, entry.tensors
+        device = request.input_ids.device
+        if meta["output"] == "tensor":
+            output = tensors["sequences"].to(device)
+        else:
+            cls = getattr(generation_utils, meta["output"]) if meta["output"] in _OUTPUT_CLASSES else None
+            if cls is None:
+                self.store.delete(key)
+                return None
+            fields = {}
+            for name, spec in meta["fields"].items():
+                if spec == "tensor":
+                    fields[name] = tensors[name].to(device)
+                else:
+                    fields[name] = tuple(tensors[f"{name}.{i}"].to(device) for i in range(spec))
+            output = cls(**fields)
+        self.counters.add("hits", 1)
+        self.counters.add("seconds_saved", meta.get("seconds", 0.0))
+        if request.streamer is not None:
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            request.streamer.put(request.input_ids.cpu())
+            for token in sequences[0, request.input_ids.shape[1] :].cpu():
+                request.streamer.put(token.reshape(1))
+            request.streamer.end()
+        return output
+
+    def put(self, key: str | None, request, output, seconds: float) -> None:
+        """Store `output` of the call `request` under `key` (no-op for a bypassed or non-cacheable call)."""
+        if key is None:
+            return
+        text = request.text(self.tokenizer)
+        if not self.cacheable(text):
+            self.counters.add("not_cacheable", 1)
+            return
+        tensors, meta = {}, {"seconds": seconds}
+        if isinstance(output, torch.Tensor):
+            tensors["sequences"] = output
+            meta["output"] = "tensor"
+        else:
+            meta["output"] = type(output).__name__
+            if meta["output"] not in _OUTPUT_CLASSES:
+                return
+            fields = {}
+            for name, value in output.items():
+                if name == "past_key_values" or value is None:
+                    continue
+                if name in _UNCACHEABLE_FIELDS:
+                    return
+                if isinstance(value, torch.Tensor):
+                    tensors[name], fields[name] = value, "tensor"
+                elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+                    tensors.update({f"{name}.{i}": v for i, v in enumerate(value)})
+                    fields[name] = len(value)
+                else:
+                    return
+            meta["fields"] = fields
+        ttl = self.ttl(text) if callable(self.ttl) else self.ttl
+        self.counters.add("bytes_stored", self.store.put(key, tensors, meta, expire=ttl))
+
+    # ---- operations ---------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters of this object (`hits`, `misses`, `bypassed`, `not_cacheable`, `bytes_stored`, `seconds_saved`:
+        the generate time the hits would have cost) plus the disk tier's `entries`, `bytes` and `corrupt`."""
+        return {
+            **self.counters.values,
+            "entries": len(self.store),
+            "bytes": self.store.volume(),
+            "corrupt": self.store.corrupt,
+        }
+
+    def clear(self) -> None:
+        """Remove every entry from both tiers."""
+        self.store.clear()
+
+    def close(self) -> None:
+        """Save the statistics and close the folder's database connections."""
+        self.counters.flush()
+        self.store.close()
+
+    def __repr__(self):
+        return f"InferenceCache({str(self.store.directory)!r})"

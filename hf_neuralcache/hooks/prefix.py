@@ -1,0 +1,327 @@
+"""A persistent prefix (prefill) KV cache: prompts that start alike share the K/V of their common start.
+
+A prompt's real tokens (padding excluded) are cut into chunks of `chunk_tokens`. Chunk `i` is stored under
+`chain_key(key of chunk i-1, tokens of chunk i)`, the chain starting from a root key made of the model fingerprint,
+the *regime* (cache implementation, its `cache_config` and the attention implementation: a sliding window computes
+other K/V than full attention, so their entries never mix) and the namespace. An entry holds that chunk's K/V for
+every layer, as safetensors. A new prompt walks the chain from the root while chunks exist: the longest cached
+chunk-aligned prefix wins, and at least the prompt's last token is always recomputed (generate needs its logits).
+
+Loading is only worth it when it beats recomputing: the cache measures, on the running machine, the prefill time per
+token of each model and the bytes per second each tier delivers, and loads the prefix length with the largest
+predicted saving, or nothing (see [`PrefixCache.plan`]).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .fingerprint import chain_key, digest, model_fingerprint
+from .storage import Counters, TieredStore
+
+logger = logging.getLogger("hf_neuralcache.hooks")
+
+__all__ = ["PrefixCache", "PrefixPlan"]
+
+_GiB = 1 << 30
+_EMA = 0.3  # weight of a new measurement in the running estimates
+
+
+@dataclass
+class RowPlan:
+    """What one prompt row reuses: its real tokens, the chunk keys along its chain and how many tokens to load."""
+
+    tokens: list[int]
+    pad: int  # leading padding slots of the row
+    keys: list[str]  # keys of every full chunk of the row's prompt (stored or not)
+    cached: int  # how many leading chunks are stored
+    load: int = 0  # tokens to load (a multiple of chunk_tokens, except when truncated to the batch's common length)
+
+
+@dataclass
+class PrefixPlan:
+    """The prefix cache's plan for one generate() call, filled in as the call runs."""
+
+    cache: PrefixCache
+    model: torch.nn.Module
+    root: str
+    rows: list[RowPlan]
+    common: int = 0  # slots of every row filled from the cache before the prefill (the cache's starting length)
+    expand: int = 1
+    loaded: list | None = None  # per layer (key, value) `[B, H, common, D]` to put into the generation cache
+    captured: dict[int, list] = field(default_factory=dict)  # layer -> [(key, value)] of the prefill forwards
+    capture_tokens: int = 0
+    load_seconds: float = 0.0
+    load_bytes: int = 0
+    prefill_started: float | None = None
+    prefill_seconds: float | None = None
+    cache_object: object = None  # the generation cache the prefill wrote into
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of K and V one token takes over all layers of `model` (what a chunk entry stores per token)."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+
+
+class PrefixCache:
+    """A persistent K/V cache of prompt prefixes, used by `generate()` through `prefix_cache=` or [`attach`].
+
+    Args:
+        directory (`str` or `os.PathLike`): Folder of the disk tier (shared by processes).
+        chunk_tokens (`int`, *optional*, defaults to 256): Tokens per chunk; only whole chunks are cached.
+        namespace (`str`, *optional*): Separates tenants completely: entries of one namespace are never seen from
+            another.
+        disk_bytes (`int`, *optional*, defaults to 8 GiB): Bound of the disk tier.
+        ram_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the RAM tier (least-recently-used); 0 disables it.
+        eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
+        cost_check (`bool`, *optional*, defaults to `True`): Load a hit only when predicted faster than recomputing.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from hf_neuralcache import PrefixCache
+    >>> cache = PrefixCache(tempfile.mkdtemp(), chunk_tokens=64)
+    >>> cache.stats()["hits"]
+    0
+    ```
+    """
+
+    def __init__(
+        self,
+        directory,
+        chunk_tokens: int = 256,
+        namespace: str | None = None,
+        disk_bytes: int = 8 * _GiB,
+        ram_bytes: int = _GiB,
+        eviction_policy: str = "least-recently-used",
+        cost_check: bool = True,
+    ):
+        if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+        if namespace is not None and not isinstance(namespace, str):
+            raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
+        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy)
+        self.chunk_tokens = chunk_tokens
+        self.namespace = namespace
+        self.cost_check = cost_check
+        self.counters = Counters(
+            self.store,
+            (
+                "hits",
+                "partial_hits",
+                "misses",
+                "skipped_by_cost",
+                "tokens_reused",
+                "bytes_loaded",
+                "bytes_stored",
+                "seconds_saved",
+            ),
+        )
+
+    # ---- measurements -------------------------------------------------------------------------------------------
+    def _measure(self, name: str, value: float) -> None:
+        def update(record):
+            old = record.get(name)
+            record[name] = value if old is None else (1 - _EMA) * old + _EMA * value
+            return record
+
+        self.store.update_record("measurements", update)
+
+    def estimates(self, model: torch.nn.Module) -> dict:
+        """Measured prefill seconds per token of `model` on its device and bytes/s of each tier (`None`: unknown)."""
+        record = self.store.read_record("measurements")
+        return {
+            "prefill_seconds_per_token": record.get(self._prefill_name(model)),
+            "ram_bytes_per_second": record.get("ram_bytes_per_second"),
+            "disk_bytes_per_second": record.get("disk_bytes_per_second"),
+        }
+
+    @staticmethod
+    def _prefill_name(model) -> str:
+        return f"prefill_seconds_per_token:{model_fingerprint(model)}:{model.device.type}"
+
+    # ---- planning -----------------------------------------------------------------------------------------------
+    def root(self, model: torch.nn.Module, regime: dict) -> str:
+        return digest("prefix-root", model_fingerprint(model), regime, self.namespace or "")
+
+    def plan(self, model: torch.nn.Module, regime: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Decide, for each row of `input_ids`, how many of its leading tokens to load instead of recomputing.
+
+        A row can load at most its whole cached chunks and never its last token. With a cost estimate, each row
+        loads the prefix length `n` maximizing `n * prefill_seconds_per_token - bytes(n) / tier_bytes_per_second`,
+        or nothing when no length saves time; without estimates yet, the first hit is loaded and measured. The
+        batch then starts from the shortest slot count every row can fill (rows are left-padded).
+        """
+        root = self.root(model, regime)
+        ct = self.chunk_tokens
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist(), strict=True):
+            pad = mask.index(True) if True in mask else len(mask)
+            if not all(mask[pad:]):
+                return None  # padding inside a row: not a left-padded prompt
+            tokens = ids[pad:]
+            keys, parent = [], root
+            for start in range(0, len(tokens) - len(tokens) % ct, ct):
+                parent = chain_key(parent, tokens[start : start + ct])
+                keys.append(parent)
+            cached = 0
+            while cached < len(keys) and self.store.contains(keys[cached]):
+                cached += 1
+            rows.append(RowPlan(tokens, pad, keys, cached))
+        plan = PrefixPlan(self, model, root, rows)
+        estimates = self.estimates(model) if self.cost_check else {}
+        per_token_bytes = kv_bytes_per_token(model)
+        for row in rows:
+            usable = min(row.cached * ct, len(row.tokens) - 1)
+            row.load = self._worth_loading(row, usable, estimates, per_token_bytes)
+        width = input_ids.shape[1]
+        plan.common = min(row.pad + row.load if row.load else 0 for row in rows) if rows else 0
+        plan.common = min(plan.common, width - 1)
+        if plan.common <= max(row.pad for row in rows):
+            plan.common = 0  # some row would load nothing: start every row from scratch
+        for row in rows:
+            row.load = max(plan.common - row.pad, 0)
+        return plan
+
+    def _worth_loading(self, row: RowPlan, usable: int, estimates: dict, per_token_bytes: int) -> int:
+        if usable <= 0:
+            return 0
+        per_token = estimates.get("prefill_seconds_per_token")
+        if per_token is None:
+            return usable
+        best, best_gain, seconds, ct = 0, 0.0, 0.0, self.chunk_tokens
+        for index in range(-(-usable // ct)):
+            tier = self.store.where(row.keys[index])
+            rate = estimates.get(f"{tier}_bytes_per_second")
+            tokens = min((index + 1) * ct, usable)
+            seconds += 0.0 if rate is None else per_token_bytes * ct / rate
+            gain = tokens * per_token - seconds
+            if gain > best_gain:
+                best, best_gain = tokens, gain
+        if best < usable and best_gain <= 0:
+            self.counters.add("skipped_by_cost", 1)
+        return best
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    def load(self, plan: PrefixPlan, device, dtype) -> None:
+        """Read the planned chunks and build `plan.loaded`: per layer `(key, value)` of shape `[B, H, common, D]`."""
+        if plan.common == 0:
+            return
+        ct, per_row, tiers = self.chunk_tokens, [], {}
+        start = time.perf_counter()
+        for row in plan.rows:
+            chunks = []
+            for index in range(-(-row.load // ct)):
+                entry = self.store.get(row.keys[index])
+                if entry is None:  # evicted or corrupt since planning: recompute everything
+                    plan.common = 0
+                    for r in plan.rows:
+                        r.load = 0
+                    return
+                plan.load_bytes += entry.nbytes
+                done = tiers.setdefault(entry.tier, [0, 0.0])
+                done[0] += entry.nbytes
+                done[1] += entry.seconds
+                chunks.append(entry)
+            per_row.append(chunks)
+        for tier, (nbytes, seconds) in tiers.items():
+            self._measure(f"{tier}_bytes_per_second", nbytes / max(seconds, 1e-6))
+        layers = len(per_row[0][0].tensors) // 2 if per_row and per_row[0] else 0
+        loaded = []
+        for layer in range(layers):
+            kv = []
+            for name in ("k", "v"):
+                first = per_row[0][0].tensors[f"{name}.{layer}"]
+                out = torch.zeros(
+                    (len(plan.rows), first.shape[0], plan.common, first.shape[-1]), dtype=dtype, device=device
+                )
+                for b, (row, chunks) in enumerate(zip(plan.rows, per_row, strict=True)):
+                    if row.load:
+                        parts = torch.cat([c.tensors[f"{name}.{layer}"] for c in chunks], dim=1)[:, : row.load]
+                        out[b, :, row.pad : row.pad + row.load] = parts.to(device=device, dtype=dtype)
+                kv.append(out)
+            loaded.append(tuple(kv))
+        plan.loaded = loaded
+        plan.load_seconds = time.perf_counter() - start
+
+    # ---- storing ------------------------------------------------------------------------------------------------
+    def finish(self, plan: PrefixPlan) -> None:
+        """After generate: store the prompt's new whole chunks and update statistics and measurements."""
+        ct = self.chunk_tokens
+        reused = sum(row.load for row in plan.rows)
+        full = all(len(row.tokens) - row.load <= ct for row in plan.rows)
+        if reused == 0:
+            self.counters.add("misses", 1)
+        elif full:
+            self.counters.add("hits", 1)
+        else:
+            self.counters.add("partial_hits", 1)
+        self.counters.add("tokens_reused", reused)
+        self.counters.add("bytes_loaded", plan.load_bytes)
+        computed = sum(len(row.tokens) - row.load for row in plan.rows)
+        if plan.prefill_seconds is not None and computed > 0:
+            per_token = plan.prefill_seconds / computed
+            self._measure(self._prefill_name(plan.model), per_token)
+            self.counters.add("seconds_saved", max(reused * per_token - plan.load_seconds, 0.0))
+        if plan.captured:
+            self._store_rows(plan)
+
+    def _store_rows(self, plan: PrefixPlan) -> None:
+        ct = self.chunk_tokens
+        layers = sorted(plan.captured)
+        if layers != list(range(len(layers))):
+            return
+        per_layer = []
+        for layer in layers:
+            keys = torch.cat([k for k, _ in plan.captured[layer]], dim=-2)[..., : plan.capture_tokens, :]
+            values = torch.cat([v for _, v in plan.captured[layer]], dim=-2)[..., : plan.capture_tokens, :]
+            per_layer.append((keys, values))
+        for b, row in enumerate(plan.rows):
+            todo = [i for i in range(len(row.keys)) if (i + 1) * ct > row.load and not self.store.contains(row.keys[i])]
+            if not todo:
+                continue
+            src = b * plan.expand  # the first copy of the row after beam / num_return_sequences expansion
+            skip = max(row.pad - plan.common, 0)  # captured slots of this row that are padding
+            for index in todo:
+                tensors = {}
+                for layer, (keys, values) in enumerate(per_layer):
+                    for name, full in (("k", keys), ("v", values)):
+                        loaded = plan.loaded[layer][0 if name == "k" else 1][b, :, row.pad :] if row.load else None
+                        real = full[src, :, skip:]
+                        if loaded is not None:
+                            real = torch.cat([loaded.to(real.device), real], dim=1)
+                        tensors[f"{name}.{layer}"] = real[:, index * ct : (index + 1) * ct].contiguous().cpu()
+                meta = {"chunk_tokens": ct, "index": index, "layers": len(per_layer), "root": plan.root}
+                self.counters.add("bytes_stored", self.store.put(row.keys[index], tensors, meta))
+
+    # ---- operations ---------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters of this object (`hits`, `partial_hits`, `misses`, `skipped_by_cost`, `tokens_reused`,
+        `bytes_loaded`, `bytes_stored`, `seconds_saved`, an estimate) plus the disk tier's `entries`, `bytes` and the
+        number of `corrupt` entries dropped."""
+        return {
+            **self.counters.values,
+            "entries": len(self.store),
+            "bytes": self.store.volume(),
+            "corrupt": self.store.corrupt,
+        }
+
+    def clear(self) -> None:
+        """Remove every entry (all namespaces and models) from both tiers."""
+        self.store.clear()
+
+    def close(self) -> None:
+        """Save the statistics and close the folder's database connections."""
+        self.counters.flush()
+        self.store.close()
+
+    def __repr__(self):
+        return f"PrefixCache({str(self.store.directory)!r}, chunk_tokens={self.chunk_tokens})"
