@@ -1,0 +1,1 @@
+"""Paged attention: K/V stored in fixed-size pages addressed through a page table per sequence."""
