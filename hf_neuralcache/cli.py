@@ -4,6 +4,7 @@ Subcommands:
 
 - `demo`: answer one prompt with the embedded SmolLM2-135M-Instruct and one cache, and print the answer, the
   cache's memory, the speed and the model load time.
+- `cache stats|ls|prune|clear DIR`: inspect and maintain a folder of a `PrefixCache` or `InferenceCache`.
 
 Example (`main(argv)` runs what `parse_args` parses):
 
@@ -92,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda:0 (default: %(default)s).")
     demo.add_argument("--dtype", default="float32", choices=DTYPES, help="Dtype of the weights (default: %(default)s).")
     demo.set_defaults(run=run_demo)
+
+    cache = commands.add_parser(
+        "cache",
+        help="Inspect or maintain a PrefixCache / InferenceCache folder.",
+        description="Inspect or maintain the folder of a PrefixCache or InferenceCache (the kind is read from it).",
+    )
+    actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in (
+        ("stats", "Entries, bytes on disk, bounds, and the hit/miss totals of every process that used the folder."),
+        ("ls", "One line per entry: key, bytes, expiry and what it holds."),
+        ("prune", "Remove expired entries and every entry that fails its checks (optionally shrink the bound)."),
+        ("clear", "Remove every entry and the statistics."),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("directory", metavar="DIR", help="The cache folder.")
+        if name == "ls":
+            action.add_argument(
+                "--limit", type=_int_at_least(1), default=50, help="Most entries to list (default: %(default)s)."
+            )
+        if name == "prune":
+            action.add_argument(
+                "--max-bytes", type=_int_at_least(0), help="New disk bound in bytes; evicts by the folder's policy."
+            )
+        action.set_defaults(run=run_cache)
     return parser
 
 
@@ -183,6 +208,47 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"cache: {args.cache}{options}, memory {memory / 2**20:.2f} MiB ({memory:,} bytes) after {held} tokens")
     print(f"generated {len(new_tokens)} tokens in {gen_s:.2f} s: {len(new_tokens) / gen_s:.1f} tokens/s")
     print(f"model load: {load_s:.1f} s ({args.attn_implementation}, {args.dtype}, {device})")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Run `hf-neuralcache cache ACTION DIR`; returns the exit code."""
+    import datetime
+
+    from .hooks.storage import TieredStore
+
+    store = TieredStore.open_existing(args.directory)
+    try:
+        if args.action == "stats":
+            totals = store.read_record("stats")
+            print(f"{store.kind} cache at {store.directory}")
+            print(f"entries: {len(store)}, bytes on disk: {store.volume():,} of {store.disk_bytes:,}")
+            print(f"eviction policy: {store.disk.eviction_policy}")
+            for name, value in sorted(totals.items()):
+                print(f"{name}: {value:,.3f}" if isinstance(value, float) else f"{name}: {value:,}")
+            for name, value in sorted(store.read_record("measurements").items()):
+                print(f"measured {name}: {value:.4g}")
+        elif args.action == "ls":
+            for count, key in enumerate(store.keys()):
+                if count == args.limit:
+                    print(f"... (first {args.limit} of {len(store)} entries)")
+                    break
+                meta, size, expire = store.peek(key)
+                expiry = datetime.datetime.fromtimestamp(expire).isoformat(timespec="seconds") if expire else "-"
+                details = {k: v for k, v in meta.items() if k in ("index", "chunk_tokens", "output", "seconds")}
+                print(f"{key[:16]}  {size:>12,} B  expires {expiry}  {details}")
+        elif args.action == "prune":
+            expired, corrupt = store.verify()
+            if args.max_bytes is not None:
+                store.disk.reset("size_limit", args.max_bytes)
+                store.disk.cull(retry=True)
+            print(f"removed {expired} expired and {corrupt} bad entries; {len(store)} left, {store.volume():,} bytes")
+        else:
+            removed = store.clear()
+            store.update_record("stats", lambda record: {})
+            print(f"removed {removed} entries from {store.directory}")
+    finally:
+        store.close()
     return 0
 
 

@@ -16,6 +16,10 @@ MODULES = [
     "hf_neuralcache.models",
     "hf_neuralcache.env",
     "hf_neuralcache.cli",
+    "hf_neuralcache.hooks.fingerprint",
+    "hf_neuralcache.hooks.generate",
+    "hf_neuralcache.hooks.inference",
+    "hf_neuralcache.hooks.prefix",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
 ]

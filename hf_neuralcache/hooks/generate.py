@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import inspect
 import logging
 import time
@@ -98,7 +99,8 @@ def detach(model):
     return model
 
 
-def _check_types(hooks: Hooks) -> None:
+@functools.cache
+def _hook_types() -> dict:
     from . import InferenceCache, PrefixCache
 
     expected = {"prefix_cache": PrefixCache, "inference_cache": InferenceCache}
@@ -108,10 +110,17 @@ def _check_types(hooks: Hooks) -> None:
         expected["semantic_cache"] = SemanticCache
     except ImportError:  # pragma: no cover - the semantic cache is optional here
         pass
-    for name, cls in expected.items():
+    return expected
+
+
+def _check_types(hooks: Hooks) -> None:
+    for name, cls in _hook_types().items():
         value = getattr(hooks, name)
         if value is not None and not isinstance(value, cls):
             raise ValueError(f"{name} must be an hf_neuralcache.{cls.__name__}, got {type(value).__name__}")
+
+
+_signature = functools.cache(inspect.signature)
 
 
 def hooks_for_call(model, kwargs: dict) -> Hooks | None:
@@ -160,10 +169,10 @@ def last_user_turn(text: str | None) -> str | None:
 
 def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> Request:
     """Read the call's inputs and effective generation settings the way generate() would use them."""
-    bound = inspect.signature(original).bind(model, *args, **kwargs).arguments
+    bound = _signature(original).bind(model, *args, **kwargs).arguments
     extra_kwargs = dict(bound.pop("kwargs", {}))
     base = bound.get("generation_config") or model.generation_config
-    config = copy.deepcopy(base)
+    config = copy.copy(base)  # shallow: update() replaces attributes, never mutates them
     unused = config.update(**extra_kwargs)
     input_ids = bound.get("inputs")
     if input_ids is None:
@@ -174,12 +183,13 @@ def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> R
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         request.uncacheable = request.no_prefix = "no 2D input_ids"
         return request
-    if mask is None:
-        pad = config.pad_token_id
-        if pad is not None and bool((input_ids == pad).any()):
-            request.uncacheable = request.no_prefix = "padding without an attention_mask"
-            return request
-        mask = torch.ones_like(input_ids)
+    if mask is None:  # the mask generate() infers: padding where pad_token_id occurs, unless it is also an eos
+        pad, eos = config.pad_token_id, config.eos_token_id
+        eos = set(eos) if isinstance(eos, list | tuple) else {eos}
+        if pad is not None and pad not in eos and bool((input_ids == pad).any()):
+            mask = (input_ids != pad).long()
+        else:
+            mask = torch.ones_like(input_ids)
     request.attention_mask = mask
     for name in _UNKEYABLE:
         if bound.get(name) is not None:
@@ -256,30 +266,30 @@ def on_cache_prepared(model, generation_config, model_kwargs: dict) -> None:
         return
     plan.expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     width = len(plan.rows[0].tokens) + plan.rows[0].pad
-    plan.cache.load(plan, model.device, model.dtype)
+    layers = model.config.get_text_config().num_hidden_layers
+    plan.cache.load(plan, _layer_devices(model, layers), model.dtype)
     if plan.loaded:
-        devices = _layer_devices(model, len(plan.loaded))
         mask = model_kwargs.get("attention_mask")
         if isinstance(cache, NeuralCache):
             cache.observe_forward(None if mask is None else mask[:, : plan.common], plan.common)
         for layer, (keys, values) in enumerate(plan.loaded):
-            device = devices[layer]
-            cache.update(
-                keys.repeat_interleave(plan.expand, 0).to(device),
-                values.repeat_interleave(plan.expand, 0).to(device),
-                layer,
-            )
+            if plan.expand > 1:  # beams / num_return_sequences: generate expanded the batch before this point
+                keys, values = keys.repeat_interleave(plan.expand, 0), values.repeat_interleave(plan.expand, 0)
+            cache.update(keys, values, layer)
     plan.capture_tokens = width - plan.common
     plan.cache_object = cache
-    _capture_prefill(cache, plan, model.config.get_text_config().num_hidden_layers)
+    _capture_prefill(cache, plan, layers)
 
 
 def _layer_devices(model, layers: int) -> list:
+    """The device of each decoder layer (layers of a model split with `device_map` sit on several)."""
     try:
-        decoder = model.get_decoder()
-        return [next(layer.parameters()).device for layer in decoder.layers][:layers]
+        devices = [next(layer.parameters()).device for layer in model.get_decoder().layers]
     except (AttributeError, StopIteration, TypeError):
+        devices = []
+    if len(devices) != layers or any(d.type == "meta" for d in devices):
         return [model.device] * layers
+    return devices
 
 
 def _capture_prefill(cache, plan, layers: int) -> None:

@@ -11,8 +11,9 @@ What is never cached:
 - sampled outputs (`do_sample=True`), unless `cache_sampled=True`: a hit then returns *a stored sample*, the same
   one every time, not a new draw;
 - prompts the `cacheable` predicate refuses; the default, [`is_time_dependent`], refuses prompts that ask about the
-  present ("What day is today?", "latest news", "current price", ...). It needs the prompt text: pass `tokenizer=`
-  (or use [`attach`] with a tokenizer); without one every prompt is cacheable.
+  present ("What day is today?", "latest news", "current price", ...). It sees the last user turn of a chat prompt
+  (the whole prompt otherwise) and needs the text: pass `tokenizer=` (or use `attach` with a tokenizer); without one
+  every prompt is cacheable.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers.generation import utils as generation_utils
 
 from .fingerprint import digest, model_fingerprint
+from .generate import last_user_turn
 from .storage import Counters, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.hooks")
@@ -87,8 +89,9 @@ class InferenceCache:
         cacheable (`Callable[[str | None], bool]`, *optional*): Whether a prompt may be cached; defaults to
             `not is_time_dependent(text)`.
         tokenizer (*optional*): Decodes prompts for `cacheable` and `ttl` when the call brings no tokenizer.
-        disk_bytes (`int`, *optional*, defaults to 1 GiB), ram_bytes (`int`, *optional*, defaults to 64 MiB),
-        eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Tier bounds and disk policy.
+        disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the disk tier.
+        ram_bytes (`int`, *optional*, defaults to 64 MiB): Bound of the RAM tier; 0 disables it.
+        eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
 
     Example:
 
@@ -163,7 +166,7 @@ class InferenceCache:
         meta, tensors = entry.meta, entry.tensors
         device = request.input_ids.device
         if meta["output"] == "tensor":
-            output = tensors["sequences"].to(device)
+            output = tensors["sequences"].to(device, copy=True)
         else:
             cls = getattr(generation_utils, meta["output"]) if meta["output"] in _OUTPUT_CLASSES else None
             if cls is None:
@@ -172,9 +175,9 @@ class InferenceCache:
             fields = {}
             for name, spec in meta["fields"].items():
                 if spec == "tensor":
-                    fields[name] = tensors[name].to(device)
+                    fields[name] = tensors[name].to(device, copy=True)
                 else:
-                    fields[name] = tuple(tensors[f"{name}.{i}"].to(device) for i in range(spec))
+                    fields[name] = tuple(tensors[f"{name}.{i}"].to(device, copy=True) for i in range(spec))
             output = cls(**fields)
         self.counters.add("hits", 1)
         self.counters.add("seconds_saved", meta.get("seconds", 0.0))
@@ -190,7 +193,7 @@ class InferenceCache:
         """Store `output` of the call `request` under `key` (no-op for a bypassed or non-cacheable call)."""
         if key is None:
             return
-        text = request.text(self.tokenizer)
+        text = last_user_turn(request.text(self.tokenizer))
         if not self.cacheable(text):
             self.counters.add("not_cacheable", 1)
             return

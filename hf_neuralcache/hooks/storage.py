@@ -2,11 +2,11 @@
 
 Every entry is one blob:
 
-    b"HFNC" | format version (1 byte) | xxh3-128 checksum of what follows (16 bytes) | safetensors bytes
+    b"HFNC" | format version (1 byte) | 3 zero bytes | xxh3-128 checksum of what follows (16 bytes) | safetensors
 
 The safetensors header carries the entry's JSON metadata (its own key among it) under `__metadata__`. A blob is
-checked before use: magic, version, checksum, that safetensors can parse it and that it names the key it was read
-under. A bad entry is a miss; it is deleted and logged.
+checked before use: magic, version, checksum, that its safetensors header is consistent and that it names the key
+it was read under. A bad entry is a miss; it is deleted and logged.
 
 diskcache serializes anything that is not `bytes`, `str`, `int` or `float` with pickle, and unpickles such rows when
 it reads them. [`SafeDisk`] refuses both directions: it stores only those plain types and raises
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ __all__ = [
 
 STORAGE_VERSION = 1
 MAGIC = b"HFNC"
-_HEADER = len(MAGIC) + 1 + 16
+_HEADER = 24  # keeps the safetensors data 8-byte aligned, as safetensors aligns it within its own bytes
 MANIFEST = "hf_neuralcache.json"
 EVICTION_POLICIES = ("least-recently-used", "least-frequently-used")
 
@@ -100,7 +102,7 @@ def encode_entry(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
         plain,
         metadata={"hf_neuralcache": json.dumps(meta, sort_keys=True)},
     )
-    return MAGIC + bytes([STORAGE_VERSION]) + xxhash.xxh3_128_digest(body) + body
+    return MAGIC + bytes([STORAGE_VERSION, 0, 0, 0]) + xxhash.xxh3_128_digest(body) + body
 
 
 def decode_entry(key: str, blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,18 +116,46 @@ def decode_entry(key: str, blob: bytes) -> tuple[dict[str, torch.Tensor], dict[s
     if blob[len(MAGIC)] != STORAGE_VERSION:
         raise CorruptEntryError(f"storage version {blob[len(MAGIC)]}, expected {STORAGE_VERSION}")
     body = memoryview(blob)[_HEADER:]
-    if xxhash.xxh3_128_digest(body) != blob[len(MAGIC) + 1 : _HEADER]:
+    if xxhash.xxh3_128_digest(body) != blob[_HEADER - 16 : _HEADER]:
         raise CorruptEntryError("checksum mismatch")
     try:
         (header_len,) = struct.unpack("<Q", body[:8])
         header = json.loads(bytes(body[8 : 8 + header_len]))
-        meta = json.loads(header["__metadata__"]["hf_neuralcache"])
-        tensors = safetensors.torch.load(bytes(body))
-    except (ValueError, KeyError, TypeError, struct.error, safetensors.SafetensorError) as err:
+        meta = json.loads(header.pop("__metadata__")["hf_neuralcache"])
+        tensors = _views(blob, _HEADER + 8 + header_len, header)
+    except (ValueError, KeyError, TypeError, struct.error) as err:
         raise CorruptEntryError(f"unreadable entry ({err})") from err
     if meta.get("key") != key:
         raise CorruptEntryError(f"entry names key {meta.get('key')!r}, read under {key!r}")
     return tensors, meta
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _views(blob: bytes, start: int, header: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors body as zero-copy, read-only views of `blob` (the checksum already matched).
+
+    safetensors' own `load` copies the bytes twice; an entry is read to be copied once more into the generation
+    cache, so the views save two copies of every loaded byte. The layout (little-endian, C order, `data_offsets`
+    relative to the end of the header) is safetensors' documented format.
+    """
+    tensors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # frombuffer warns that `bytes` are not writable: never written
+        for name, info in header.items():
+            dtype = _DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            count = math.prod(shape)
+            if not 0 <= begin <= end <= len(blob) - start or end - begin != count * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} does not fit the entry")
+            flat = torch.frombuffer(blob, dtype=dtype, count=count, offset=start + begin) if count else None
+            tensors[name] = flat.view(shape) if flat is not None else torch.empty(shape, dtype=dtype)
+    return tensors
 
 
 def _tensor_bytes(value: tuple[dict[str, torch.Tensor], dict]) -> int:
@@ -155,28 +185,67 @@ class TieredStore:
         eviction_policy (`str`): `"least-recently-used"` or `"least-frequently-used"` for the disk tier.
     """
 
-    def __init__(self, directory, kind: str, disk_bytes: int, ram_bytes: int, eviction_policy: str):
-        if eviction_policy not in EVICTION_POLICIES:
+    def __init__(self, directory, kind: str, disk_bytes: int | None, ram_bytes: int, eviction_policy: str | None):
+        if eviction_policy is not None and eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy must be one of {list(EVICTION_POLICIES)}, got {eviction_policy!r}")
         for name, value in (("disk_bytes", disk_bytes), ("ram_bytes", ram_bytes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0 (bytes), got {value!r}")
         self.directory = Path(directory).expanduser()
         self.kind = kind
         self._claim(self.directory, kind)
-        self.disk_bytes = disk_bytes
+        settings = {"size_limit": disk_bytes, "eviction_policy": eviction_policy}  # None: keep the folder's own
         self.disk = diskcache.Cache(
             str(self.directory / "entries"),
             disk=SafeDisk,
-            size_limit=disk_bytes,
-            eviction_policy=eviction_policy,
             cull_limit=0,  # we cull to the bound ourselves after each write
             statistics=0,
+            **{name: value for name, value in settings.items() if value is not None},
         )
+        self.disk_bytes = self.disk.size_limit
         self.meta = diskcache.Cache(str(self.directory / "meta"), disk=SafeDisk, eviction_policy="none")
         self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
         self._lock = threading.Lock()
         self.corrupt = 0
+
+    @classmethod
+    def open_existing(cls, directory) -> TieredStore:
+        """Open a folder an hf_neuralcache cache made, with its own bounds and policy (for the CLI).
+
+        Raises:
+            `ValueError`: when `directory` is not such a folder.
+        """
+        manifest = Path(directory).expanduser() / MANIFEST
+        try:
+            kind = json.loads(manifest.read_text())["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{directory} is not an hf_neuralcache cache folder (no valid {MANIFEST})") from None
+        return cls(directory, kind, None, 0, None)
+
+    def peek(self, key: str) -> tuple[dict, int, float | None]:
+        """`(metadata, bytes, expire_time)` of an entry from its header only (not checked: for listings)."""
+        handle, expire = self.disk.get(key, read=True, expire_time=True, retry=True)
+        if handle is None:
+            raise KeyError(key)
+        if isinstance(handle, bytes):
+            head, size = handle[: 64 << 10], len(handle)
+        else:
+            with handle:
+                head, size = handle.read(64 << 10), os.fstat(handle.fileno()).st_size
+        try:
+            (length,) = struct.unpack("<Q", head[_HEADER : _HEADER + 8])
+            header = json.loads(head[_HEADER + 8 : _HEADER + 8 + length])
+            return json.loads(header["__metadata__"]["hf_neuralcache"]), size, expire
+        except (ValueError, KeyError, TypeError, struct.error):
+            return {}, size, expire
+
+    def verify(self) -> tuple[int, int]:
+        """Remove expired entries and check every other one; returns `(expired, corrupt)` removed."""
+        expired = self.disk.expire(retry=True)
+        corrupt = self.corrupt
+        for key in list(self.keys()):
+            self.get(key)  # a bad entry is deleted and counted
+        return expired, self.corrupt - corrupt
 
     @staticmethod
     def _claim(directory: Path, kind: str) -> None:
@@ -252,6 +321,8 @@ class TieredStore:
     def _remember(self, key, tensors, meta) -> None:
         if self.ram is None or meta.get("expires_at") is not None:
             return
+        if torch.cuda.is_available():  # page-locked host memory copies to the GPU about 3x faster (DMA)
+            tensors = {name: t.pin_memory() for name, t in tensors.items()}
         value = (tensors, meta)
         if _tensor_bytes(value) <= self.ram.maxsize:
             with self._lock:

@@ -1,0 +1,91 @@
+"""`hf-neuralcache cache stats|ls|prune|clear DIR` on real cache folders."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import torch
+
+from hf_neuralcache import InferenceCache, PrefixCache
+from hf_neuralcache.cli import main
+from hf_neuralcache.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("llama")
+    prefix = PrefixCache(root / "prefix", chunk_tokens=8)
+    inference = InferenceCache(root / "inference", ttl=3600)
+    for seed in range(3):
+        x = torch.randint(5, 120, (1, 20), generator=torch.Generator().manual_seed(seed))
+        for _ in range(2):
+            model.generate(x, max_new_tokens=2, prefix_cache=prefix, inference_cache=inference)
+    prefix.close()
+    inference.close()
+    return root
+
+
+def test_stats_shows_entries_and_totals_of_all_processes(folders, capsys):
+    assert main(["cache", "stats", str(folders / "inference")]) == 0
+    out = capsys.readouterr().out
+    assert "inference cache at" in out and "entries: 3," in out and "hits: 3" in out and "misses: 3" in out
+    assert main(["cache", "stats", str(folders / "prefix")]) == 0
+    out = capsys.readouterr().out
+    assert "prefix cache at" in out and "entries: 6," in out and "measured prefill_seconds_per_token" in out
+
+
+def test_ls_lists_entries(folders, capsys):
+    assert main(["cache", "ls", str(folders / "prefix"), "--limit", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and "'chunk_tokens': 8" in lines[0] and lines[-1].startswith("... (first 4 of 6")
+    assert main(["cache", "ls", str(folders / "inference")]) == 0
+    assert "'output': 'tensor'" in capsys.readouterr().out
+
+
+def test_prune_removes_bad_entries_and_shrinks(tmp_path, folders, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "prefix", copy)
+    db = sqlite3.connect(copy / "entries" / "cache.db")
+    rowid, value = db.execute("SELECT rowid, value FROM Cache LIMIT 1").fetchone()
+    db.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bytes(value)[:-1] + b"!", rowid))
+    db.commit()
+    db.close()
+    assert main(["cache", "prune", str(copy)]) == 0
+    assert "removed 0 expired and 1 bad entries; 5 left" in capsys.readouterr().out
+    assert main(["cache", "prune", str(copy), "--max-bytes", "0"]) == 0
+    assert "0 left" in capsys.readouterr().out
+    assert main(["cache", "clear", str(copy)]) == 0
+    assert "removed 0 entries" in capsys.readouterr().out
+
+
+def test_clear_and_bad_folders(tmp_path, folders, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folders / "inference", copy)
+    assert main(["cache", "clear", str(copy)]) == 0
+    assert "removed 3 entries" in capsys.readouterr().out
+    assert main(["cache", "stats", str(copy)]) == 0
+    assert "entries: 0," in capsys.readouterr().out
+    assert main(["cache", "stats", str(tmp_path / "nothing")]) == 2
+    assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py"])
+def test_examples_run(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / script
+    result = subprocess.run([sys.executable, str(path), "--tiny"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if script == "prefix_cache.py":
+        assert result.stdout.count("identical to generating without the cache: True") == 3
+        assert "'hits': 2" in result.stdout
+    else:
+        assert "'hits': 2, 'misses': 2" in result.stdout
