@@ -147,9 +147,10 @@ def gpu_table(args) -> None:
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
     )  # fmt: skip
-    with torch.device("cuda"):
+    device = torch.device(args.gpu_device)
+    with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, config.vocab_size, (1, args.gpu_tokens + 1), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (1, args.gpu_tokens + 1), device=device)
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as folder:
         cache = PrefixCache(
             folder, chunk_tokens=args.chunk_tokens, ram_bytes=8 << 30, disk_bytes=32 << 30, cost_check=False
@@ -164,16 +165,21 @@ def gpu_table(args) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         disk = ttft(model, [ids], prefix_cache=disk_cache)
-        host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-        device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        device.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        h2d = nbytes / (time.perf_counter() - start)
+        cuda = device.type == "cuda"
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        host = host.pin_memory() if cuda else host
+        target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        for _ in range(2):  # the first copy pays for lazy initialization
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.copy_(host, non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize()
+            h2d = nbytes / (time.perf_counter() - start)
         disk_bw = disk_read_bandwidth(folder, min(nbytes, 1 << 30))
     one_token = ttft(model, [ids[:, :1]] * args.repeats)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
     print(f"\nLlama-3.2-1B-shaped bf16, {args.gpu_tokens}-token prefix ({nbytes / 1e6:.0f} MB of K/V), {name}")
     print(f"{'case':<40}{'TTFT ms':>10}{'load GB/s':>12}{'tier GB/s':>12}{'of tier':>9}")
     print(f"{'recompute (no cache)':<40}{recompute * 1e3:>10.1f}")
@@ -198,14 +204,15 @@ def main() -> None:
     )
     parser.add_argument("--gpu", action="store_true", help="also run the GPU table (needs CUDA)")
     parser.add_argument("--gpu-tokens", type=int, default=8192, help="GPU prefix tokens (default: %(default)s)")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU table (default: %(default)s)")
     parser.add_argument("--disk-dir", default=None, help="folder for the GPU disk tier (default: the temp folder)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU table")
     args = parser.parse_args()
     if not args.skip_cpu:
         cpu_tables(args)
     if args.gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--gpu needs a CUDA device")
+        if args.gpu_device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device (or --gpu-device cpu for a smoke run)")
         gpu_table(args)
 
 
