@@ -205,3 +205,16 @@ def test_store_arguments_are_checked(tmp_path):
     (tmp_path / "b" / "hf_neuralcache.json").write_text("{nope")
     with pytest.raises(ValueError, match="is not valid JSON"):
         TieredStore(tmp_path / "b", "prefix", 1 << 20, 0, "least-recently-used")
+
+
+def test_an_unreadable_database_is_moved_aside(model, tmp_path, caplog):
+    x = prompt(seed=3)
+    cache = InferenceCache(tmp_path / "i")
+    ref = model.generate(x, max_new_tokens=3, inference_cache=cache)
+    cache.close()
+    (tmp_path / "i" / "entries" / "cache.db").write_bytes(b"this is not a database" * 100)
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache.hooks"):
+        fresh = InferenceCache(tmp_path / "i")
+    assert "is unreadable" in caplog.text and fresh.stats()["entries"] == 0
+    assert list(tmp_path.joinpath("i").glob("entries.unreadable-*"))
+    assert torch.equal(model.generate(x, max_new_tokens=3, inference_cache=fresh), ref)

@@ -62,6 +62,60 @@ _UNCACHEABLE_FIELDS = (
 )
 
 
+def entry_from_output(output) -> tuple[dict, dict] | None:
+    """`(tensors, meta)` storing a generate() output, or `None` for an output that cannot be stored."""
+    if isinstance(output, torch.Tensor):
+        return {"sequences": output}, {"output": "tensor"}
+    name = type(output).__name__
+    if name not in _OUTPUT_CLASSES:
+        return None
+    tensors, fields = {}, {}
+    for field_name, value in output.items():
+        if field_name == "past_key_values" or value is None:
+            continue
+        if field_name in _UNCACHEABLE_FIELDS:
+            return None
+        if isinstance(value, torch.Tensor):
+            tensors[field_name], fields[field_name] = value, "tensor"
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            tensors.update({f"{field_name}.{i}": v for i, v in enumerate(value)})
+            fields[field_name] = len(value)
+        else:
+            return None
+    return tensors, {"output": name, "fields": fields}
+
+
+def output_from_entry(tensors: dict, meta: dict, device, sequences: torch.Tensor | None = None):
+    """Rebuild what generate() returned from a stored entry (fresh tensors on `device`), or `None` if unknown.
+
+    `sequences` replaces the stored `sequences` (the semantic cache puts the new request's prompt in front).
+    """
+    if meta.get("output") == "tensor":
+        return sequences if sequences is not None else tensors["sequences"].to(device, copy=True)
+    if meta.get("output") not in _OUTPUT_CLASSES:
+        return None
+    fields = {}
+    for name, spec in meta["fields"].items():
+        if spec == "tensor":
+            fields[name] = tensors[name].to(device, copy=True)
+        else:
+            fields[name] = tuple(tensors[f"{name}.{i}"].to(device, copy=True) for i in range(spec))
+    if sequences is not None:
+        fields["sequences"] = sequences
+    return getattr(generation_utils, meta["output"])(**fields)
+
+
+def stream(request, output) -> None:
+    """Hand a stored output to the call's streamer as generate() would: the prompt, each new token, `end()`."""
+    if request.streamer is None:
+        return
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    request.streamer.put(request.input_ids.cpu())
+    for token in sequences[0, request.input_ids.shape[1] :].cpu():
+        request.streamer.put(token.reshape(1))
+    request.streamer.end()
+
+
 def is_time_dependent(text: str | None) -> bool:
     """The default predicate: `True` when the prompt asks about the present (its answer changes with time).
 
@@ -163,30 +217,13 @@ class InferenceCache:
         if entry is None:
             self.counters.add("misses", 1)
             return None
-        meta, tensors = entry.meta, entry.tensors
-        device = request.input_ids.device
-        if meta["output"] == "tensor":
-            output = tensors["sequences"].to(device, copy=True)
-        else:
-            cls = getattr(generation_utils, meta["output"]) if meta["output"] in _OUTPUT_CLASSES else None
-            if cls is None:
-                self.store.delete(key)
-                return None
-            fields = {}
-            for name, spec in meta["fields"].items():
-                if spec == "tensor":
-                    fields[name] = tensors[name].to(device, copy=True)
-                else:
-                    fields[name] = tuple(tensors[f"{name}.{i}"].to(device, copy=True) for i in range(spec))
-            output = cls(**fields)
+        output = output_from_entry(entry.tensors, entry.meta, request.input_ids.device)
+        if output is None:
+            self.store.delete(key)
+            return None
         self.counters.add("hits", 1)
-        self.counters.add("seconds_saved", meta.get("seconds", 0.0))
-        if request.streamer is not None:
-            sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            request.streamer.put(request.input_ids.cpu())
-            for token in sequences[0, request.input_ids.shape[1] :].cpu():
-                request.streamer.put(token.reshape(1))
-            request.streamer.end()
+        self.counters.add("seconds_saved", entry.meta.get("seconds", 0.0))
+        stream(request, output)
         return output
 
     def put(self, key: str | None, request, output, seconds: float) -> None:
@@ -197,28 +234,11 @@ class InferenceCache:
         if not self.cacheable(text):
             self.counters.add("not_cacheable", 1)
             return
-        tensors, meta = {}, {"seconds": seconds}
-        if isinstance(output, torch.Tensor):
-            tensors["sequences"] = output
-            meta["output"] = "tensor"
-        else:
-            meta["output"] = type(output).__name__
-            if meta["output"] not in _OUTPUT_CLASSES:
-                return
-            fields = {}
-            for name, value in output.items():
-                if name == "past_key_values" or value is None:
-                    continue
-                if name in _UNCACHEABLE_FIELDS:
-                    return
-                if isinstance(value, torch.Tensor):
-                    tensors[name], fields[name] = value, "tensor"
-                elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
-                    tensors.update({f"{name}.{i}": v for i, v in enumerate(value)})
-                    fields[name] = len(value)
-                else:
-                    return
-            meta["fields"] = fields
+        stored = entry_from_output(output)
+        if stored is None:
+            return
+        tensors, meta = stored
+        meta["seconds"] = seconds
         ttl = self.ttl(text) if callable(self.ttl) else self.ttl
         self.counters.add("bytes_stored", self.store.put(key, tensors, meta, expire=ttl))
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import struct
 import threading
 import time
@@ -195,18 +196,27 @@ class TieredStore:
         self.kind = kind
         self._claim(self.directory, kind)
         settings = {"size_limit": disk_bytes, "eviction_policy": eviction_policy}  # None: keep the folder's own
-        self.disk = diskcache.Cache(
-            str(self.directory / "entries"),
-            disk=SafeDisk,
-            cull_limit=0,  # we cull to the bound ourselves after each write
-            statistics=0,
-            **{name: value for name, value in settings.items() if value is not None},
-        )
+        settings = {name: value for name, value in settings.items() if value is not None}
+        # cull_limit=0: we cull to the bound ourselves after each write
+        self.disk = self._open("entries", cull_limit=0, statistics=0, **settings)
         self.disk_bytes = self.disk.size_limit
-        self.meta = diskcache.Cache(str(self.directory / "meta"), disk=SafeDisk, eviction_policy="none")
+        self.meta = self._open("meta", eviction_policy="none")
         self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
         self._lock = threading.Lock()
         self.corrupt = 0
+
+    def _open(self, name: str, **settings) -> diskcache.Cache:
+        """Open one diskcache database; an unreadable one is moved aside (and logged) and a new one started."""
+        path = self.directory / name
+        try:
+            cache = diskcache.Cache(str(path), disk=SafeDisk, **settings)
+            cache.volume()  # reads the database: a corrupt file fails here, not on the first lookup
+            return cache
+        except sqlite3.DatabaseError as err:
+            aside = path.with_name(f"{name}.unreadable-{int(time.time())}-{os.getpid()}")
+            logger.warning("hf_neuralcache: %s is unreadable (%s); moved to %s, starting empty", path, err, aside)
+            os.replace(path, aside)
+            return diskcache.Cache(str(path), disk=SafeDisk, **settings)
 
     @classmethod
     def open_existing(cls, directory) -> TieredStore:
