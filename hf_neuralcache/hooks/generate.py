@@ -104,12 +104,9 @@ def _hook_types() -> dict:
     from . import InferenceCache, PrefixCache
 
     expected = {"prefix_cache": PrefixCache, "inference_cache": InferenceCache}
-    try:
-        from ..semantic import SemanticCache
+    from ..semantic.cache import SemanticCache
 
-        expected["semantic_cache"] = SemanticCache
-    except ImportError:  # pragma: no cover - the semantic cache is optional here
-        pass
+    expected["semantic_cache"] = SemanticCache
     return expected
 
 
@@ -215,10 +212,14 @@ def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> R
 def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
     """Run one generate() call through the hooks (see the module docstring)."""
     request = parse_request(original, model, args, kwargs, hooks)
-    inference, prefix = hooks.inference_cache, hooks.prefix_cache
+    inference, prefix, semantic = hooks.inference_cache, hooks.prefix_cache, hooks.semantic_cache
     key = inference.key(model, request) if inference is not None else None
     if inference is not None:
         hit = inference.get(key, request)
+        if hit is not None:
+            return hit
+    if semantic is not None:
+        hit = semantic.get(model, request)
         if hit is not None:
             return hit
     plan = None
@@ -244,6 +245,8 @@ def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
         prefix.finish(plan)
     if inference is not None:
         inference.put(key, request, output, seconds)
+    if semantic is not None:
+        semantic.put(model, request, output, seconds)
     return output
 
 

@@ -1,0 +1,216 @@
+"""SemanticCache mechanics with a deterministic test embedder: matching, context, guard, persistence, recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import hf_neuralcache
+from hf_neuralcache.models import tiny_model
+from hf_neuralcache.semantic.cache import SemanticCache
+
+SPECIAL = {1: "<|im_start|>user", 2: "<|im_end|>", 3: "<|im_start|>assistant", 4: "<|im_start|>system"}
+WORDS = ["what", "is", "the", "capital", "of", "france", "germany", "whats", "tell", "me", "today", "be", "brief",
+         "a", "pirate", "please", "cache", "explain", "how", "works"]  # fmt: skip
+VOCAB = {**SPECIAL, **{10 + i: w for i, w in enumerate(WORDS)}}
+IDS = {w: i for i, w in VOCAB.items()}
+
+
+class WordTokenizer:
+    """Just enough tokenizer: ids <-> words, with chat-template special tokens."""
+
+    all_special_tokens = list(SPECIAL.values())
+
+    def decode(self, ids, **kwargs):
+        return " ".join(VOCAB.get(int(i), f"x{int(i)}") for i in ids)
+
+
+class BagOfWords:
+    """A deterministic embedder: hashed bag of words, L2-normalized (so paraphrases sharing words are close)."""
+
+    dim = 64
+    fingerprint = "test-bag-of-words-64"
+
+    def encode(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.split():
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""
+
+
+class CountryGuard:
+    """A stand-in guard: the country named must agree."""
+
+    def check(self, query, candidate):
+        countries = lambda text: {w for w in text.split() if w in ("france", "germany")}  # noqa: E731
+        return Verdict(countries(query) == countries(candidate), "country differs")
+
+
+def chat(question: str, system: str | None = None) -> torch.Tensor:
+    ids = []
+    if system:
+        ids += [IDS["<|im_start|>system"], *[IDS[w] for w in system.split()], IDS["<|im_end|>"]]
+    ids += [IDS["<|im_start|>user"], *[IDS[w] for w in question.split()], IDS["<|im_end|>"]]
+    ids += [IDS["<|im_start|>assistant"]]
+    return torch.tensor([ids])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def make(path, **kwargs):
+    kwargs = {"embedder": BagOfWords(), "guard": CountryGuard(), "threshold": 0.6, "tokenizer": WordTokenizer(),
+              **kwargs}  # fmt: skip
+    return SemanticCache(path, **kwargs)
+
+
+class Forwards:
+    def __init__(self, model):
+        self.count, self.handle = 0, model.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def ask(model, cache, question, system=None, **kwargs):
+    kwargs = {"max_new_tokens": 5, "do_sample": False, **kwargs}
+    return model.generate(chat(question, system), semantic_cache=cache, **kwargs)
+
+
+def test_a_paraphrase_gets_the_stored_answer_after_its_own_prompt(model, tmp_path):
+    cache = make(tmp_path / "s")
+    first = ask(model, cache, "what is the capital of france")
+    prompt = chat("tell me the capital of france please")
+    with Forwards(model) as forwards:
+        hit = model.generate(prompt, max_new_tokens=5, do_sample=False, semantic_cache=cache)
+    assert forwards.count == 0 and cache.stats()["hits"] == 1
+    assert torch.equal(hit[:, : prompt.shape[1]], prompt)
+    assert torch.equal(hit[:, prompt.shape[1] :], first[:, chat("what is the capital of france").shape[1] :])
+
+
+def test_the_guard_rejects_look_alikes(model, tmp_path):
+    cache = make(tmp_path / "s")
+    ask(model, cache, "what is the capital of france")
+    with Forwards(model) as forwards:
+        ask(model, cache, "what is the capital of germany")
+    assert forwards.count > 0 and cache.stats()["near_misses"] == 1 and cache.stats()["hits"] == 0
+
+
+def test_context_settings_and_namespace_must_match_exactly(model, tmp_path):
+    cache = make(tmp_path / "s")
+    ask(model, cache, "what is the capital of france", system="be brief")
+    ask(model, cache, "what is the capital of france", system="be a pirate")  # other system prompt
+    ask(model, cache, "what is the capital of france", system="be brief", max_new_tokens=4)  # other settings
+    other = make(tmp_path / "s", namespace="tenant-b")
+    ask(model, other, "what is the capital of france", system="be brief")
+    assert cache.stats()["hits"] == 0 and other.stats()["hits"] == 0
+    ask(model, cache, "whats the capital of france", system="be brief")
+    assert cache.stats()["hits"] == 1
+
+
+def test_what_is_never_cached(model, tmp_path):
+    cache = make(tmp_path / "s")
+    for _ in range(2):
+        ask(model, cache, "what is the capital of france today")
+    assert cache.stats()["not_cacheable"] == 2 and cache.stats()["entries"] == 0
+    ask(model, cache, "explain how cache works", do_sample=True)
+    two = torch.cat([chat("what is the capital of france")] * 2)
+    model.generate(two, max_new_tokens=3, semantic_cache=cache)
+    assert cache.stats()["bypassed"] == 2 and cache.stats()["entries"] == 0
+    no_tokenizer = make(tmp_path / "t", tokenizer=None)
+    ask(model, no_tokenizer, "what is the capital of france")
+    assert no_tokenizer.stats()["bypassed"] == 1
+
+
+def test_persisted_index_reloads_and_a_corrupt_one_is_rebuilt(model, tmp_path, caplog):
+    cache = make(tmp_path / "s")
+    ask(model, cache, "what is the capital of france")
+    ask(model, cache, "explain how cache works")
+    cache.close()
+    reopened = make(tmp_path / "s")
+    assert reopened.stats()["entries"] == 2
+    ask(model, reopened, "whats the capital of france")
+    assert reopened.stats()["hits"] == 1
+    reopened.close()
+    index = tmp_path / "s" / "index.bin"
+    index.write_bytes(index.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache.semantic"):
+        rebuilt = make(tmp_path / "s")
+    assert "unusable (checksum mismatch); rebuilding" in caplog.text
+    ask(model, rebuilt, "whats the capital of france")
+    assert rebuilt.stats()["hits"] == 1 and rebuilt.stats()["entries"] == 2
+
+
+def test_a_crash_between_the_two_writes_never_serves_a_wrong_answer(model, tmp_path):
+    cache = make(tmp_path / "s")
+    ask(model, cache, "what is the capital of france")
+    (label,) = list(cache._labels)
+    cache.store.delete(cache._labels[label]["key"])  # the answer is gone, its index entry and record remain
+    with Forwards(model) as forwards:
+        ask(model, cache, "whats the capital of france")
+    assert forwards.count > 0 and cache.stats()["hits"] == 0
+    cache.store.update_record("next_label", lambda r: {"value": r["value"] + 1})  # a label reserved, never recorded
+    fresh = make(tmp_path / "s")
+    assert fresh.stats()["entries"] == 1  # the answer stored again by the last call; the orphan label skipped
+    ask(model, fresh, "whats the capital of france")
+    assert fresh.stats()["hits"] == 1
+
+
+def test_two_objects_on_one_folder_see_each_others_answers(model, tmp_path):
+    writer, reader = make(tmp_path / "s"), make(tmp_path / "s")
+    reader.refresh_seconds = 0.0
+    ask(model, writer, "what is the capital of france")
+    ask(model, reader, "whats the capital of france")
+    assert reader.stats()["hits"] == 1
+
+
+def test_bounds_evict_oldest_and_ttl_expires(model, tmp_path):
+    cache = make(tmp_path / "s", max_entries=2)
+    for question in ("what is the capital of france", "explain how cache works", "tell me a pirate"):
+        ask(model, cache, question)
+    assert cache.stats()["entries"] == 2 and len(cache.store) == 2
+    ask(model, cache, "whats the capital of france")  # evicted: a miss
+    assert cache.stats()["hits"] == 0
+    short = make(tmp_path / "t", ttl=0.3)
+    ask(model, short, "explain how cache works")
+    import time
+
+    time.sleep(0.5)
+    ask(model, short, "explain how cache works please")
+    assert short.stats()["hits"] == 0
+
+
+def test_attach_and_bad_arguments(model, tmp_path):
+    cache = make(tmp_path / "s")
+    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=WordTokenizer())
+    try:
+        model.generate(chat("what is the capital of france"), max_new_tokens=3)
+        model.generate(chat("whats the capital of france"), max_new_tokens=3)
+    finally:
+        hf_neuralcache.detach(model)
+    assert cache.stats()["hits"] == 1
+    with pytest.raises(ValueError, match="threshold must be a cosine similarity"):
+        make(tmp_path / "x", threshold=2)
+    with pytest.raises(ValueError, match="candidates must be an int >= 1"):
+        make(tmp_path / "y", candidates=0)
+    with pytest.raises(ValueError, match="guard must be"):
+        make(tmp_path / "z", guard=42)
+    with pytest.raises(ValueError, match="semantic_cache must be an hf_neuralcache.SemanticCache"):
+        model.generate(chat("what"), semantic_cache="yes")
