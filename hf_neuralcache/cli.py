@@ -4,7 +4,8 @@ Subcommands:
 
 - `demo`: answer one prompt with the embedded SmolLM2-135M-Instruct and one cache, and print the answer, the
   cache's memory, the speed and the model load time.
-- `cache stats|ls|prune|clear DIR`: inspect and maintain a folder of a `PrefixCache` or `InferenceCache`.
+- `cache stats|ls|prune|clear DIR`: inspect and maintain a folder of a `PrefixCache`, `InferenceCache` or
+  `SemanticCache`.
 
 Example (`main(argv)` runs what `parse_args` parses):
 
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser(
         "cache",
-        help="Inspect or maintain a PrefixCache / InferenceCache folder.",
-        description="Inspect or maintain the folder of a PrefixCache or InferenceCache (the kind is read from it).",
+        help="Inspect or maintain a PrefixCache / InferenceCache / SemanticCache folder.",
+        description="Inspect or maintain the folder of a PrefixCache, InferenceCache or SemanticCache "
+        "(the kind is read from it).",
     )
     actions = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, text in (
@@ -235,7 +237,7 @@ def run_cache(args: argparse.Namespace) -> int:
                     break
                 meta, size, expire = store.peek(key)
                 expiry = datetime.datetime.fromtimestamp(expire).isoformat(timespec="seconds") if expire else "-"
-                details = {k: v for k, v in meta.items() if k in ("index", "chunk_tokens", "output", "seconds")}
+                details = {k: v for k, v in meta.items() if k in ("index", "chunk_tokens", "output", "request")}
                 print(f"{key[:16]}  {size:>12,} B  expires {expiry}  {details}")
         elif args.action == "prune":
             expired, corrupt = store.verify()
@@ -245,7 +247,9 @@ def run_cache(args: argparse.Namespace) -> int:
             print(f"removed {expired} expired and {corrupt} bad entries; {len(store)} left, {store.volume():,} bytes")
         else:
             removed = store.clear()
-            store.update_record("stats", lambda record: {})
+            store.meta.clear(retry=True)  # statistics, measurements and the semantic cache's label records
+            for name in ("index.bin", "index.json"):  # the semantic cache's index
+                (store.directory / name).unlink(missing_ok=True)
             print(f"removed {removed} entries from {store.directory}")
     finally:
         store.close()

@@ -214,3 +214,19 @@ def test_attach_and_bad_arguments(model, tmp_path):
         make(tmp_path / "z", guard=42)
     with pytest.raises(ValueError, match="semantic_cache must be an hf_neuralcache.SemanticCache"):
         model.generate(chat("what"), semantic_cache="yes")
+
+
+def test_cli_lists_and_clears_a_semantic_folder(model, tmp_path, capsys):
+    from hf_neuralcache.cli import main
+
+    cache = make(tmp_path / "s")
+    ask(model, cache, "what is the capital of france")
+    cache.close()
+    assert main(["cache", "ls", str(tmp_path / "s")]) == 0
+    assert "'request': 'what is the capital of france'" in capsys.readouterr().out
+    assert main(["cache", "clear", str(tmp_path / "s")]) == 0
+    assert not (tmp_path / "s" / "index.bin").exists()
+    reopened = make(tmp_path / "s")
+    assert reopened.stats()["entries"] == 0
+    ask(model, reopened, "whats the capital of france")
+    assert reopened.stats()["hits"] == 0
