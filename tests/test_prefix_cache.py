@@ -241,3 +241,25 @@ def test_a_second_process_object_reuses_the_disk_tier(model, tmp_path):
     ref = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, prefix_cache=reader), ref)
     assert reader.stats()["hits"] == 1 and reader.stats()["bytes_loaded"] > 0
+
+
+@pytest.mark.parametrize(
+    "architecture, overrides",
+    [("mistral", {"sliding_window": 8}), ("gemma2", {}), ("qwen2", {})],
+    ids=["mistral-native-sliding", "gemma2-hybrid-softcap", "qwen2"],
+)
+def test_other_architectures(tmp_path, architecture, overrides):
+    model = tiny_model(architecture, **overrides)
+    cache = PrefixCache(tmp_path / "p", chunk_tokens=CT)
+    prompt = ids(3 * CT + 5, seed=13)
+    ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    for _ in range(2):
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, prefix_cache=cache), ref)
+    assert cache.stats()["hits"] == 1
+
+
+def test_least_frequently_used_policy_is_applied(tmp_path):
+    cache = PrefixCache(tmp_path / "lfu", eviction_policy="least-frequently-used")
+    assert cache.store.disk.eviction_policy == "least-frequently-used"
+    cache.close()
+    assert PrefixCache(tmp_path / "lfu").store.disk.eviction_policy == "least-recently-used"  # the argument wins
