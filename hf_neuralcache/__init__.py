@@ -7,6 +7,7 @@ implementation with transformers; that registration is the import's one side eff
 from .caches import NeuralCache, SlidingWindowKVCache
 from .hooks import InferenceCache, PrefixCache, attach, detach
 from .registry import IncompatibleTransformersError, available_caches, create_cache, register
+from .semantic.cache import SemanticCache
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "InferenceCache",
     "NeuralCache",
     "PrefixCache",
+    "SemanticCache",
     "SlidingWindowKVCache",
     "__version__",
     "attach",
