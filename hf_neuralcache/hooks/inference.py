@@ -27,7 +27,7 @@ from transformers.generation import utils as generation_utils
 
 from .fingerprint import digest, model_fingerprint
 from .generate import last_user_turn
-from .storage import Counters, TieredStore
+from .storage import Counters, StoreBackedCache, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.hooks")
 
@@ -130,7 +130,7 @@ def is_time_dependent(text: str | None) -> bool:
     return bool(text) and _TIME_DEPENDENT.search(text) is not None
 
 
-class InferenceCache:
+class InferenceCache(StoreBackedCache):
     """Whole-result cache for `generate()`, used through `inference_cache=` or [`attach`].
 
     Args:
@@ -146,6 +146,9 @@ class InferenceCache:
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the disk tier.
         ram_bytes (`int`, *optional*, defaults to 64 MiB): Bound of the RAM tier; 0 disables it.
         eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
+
+    `stats()` counts `hits`, `misses`, `bypassed` (calls that cannot be keyed), `not_cacheable`, `bytes_stored` and
+    `seconds_saved` (the generate time the hits would have cost).
 
     Example:
 
@@ -241,26 +244,6 @@ class InferenceCache:
         meta["seconds"] = seconds
         ttl = self.ttl(text) if callable(self.ttl) else self.ttl
         self.counters.add("bytes_stored", self.store.put(key, tensors, meta, expire=ttl))
-
-    # ---- operations ---------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Counters of this object (`hits`, `misses`, `bypassed`, `not_cacheable`, `bytes_stored`, `seconds_saved`:
-        the generate time the hits would have cost) plus the disk tier's `entries`, `bytes` and `corrupt`."""
-        return {
-            **self.counters.values,
-            "entries": len(self.store),
-            "bytes": self.store.volume(),
-            "corrupt": self.store.corrupt,
-        }
-
-    def clear(self) -> None:
-        """Remove every entry from both tiers."""
-        self.store.clear()
-
-    def close(self) -> None:
-        """Save the statistics and close the folder's database connections."""
-        self.counters.flush()
-        self.store.close()
 
     def __repr__(self):
         return f"InferenceCache({str(self.store.directory)!r})"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fingerprint import chain_key, digest, model_fingerprint
-from .storage import Counters, TieredStore
+from .storage import Counters, StoreBackedCache, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.hooks")
 
@@ -70,7 +70,7 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
 
 
-class PrefixCache:
+class PrefixCache(StoreBackedCache):
     """A persistent K/V cache of prompt prefixes, used by `generate()` through `prefix_cache=` or [`attach`].
 
     Args:
@@ -82,6 +82,10 @@ class PrefixCache:
         ram_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the RAM tier (least-recently-used); 0 disables it.
         eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
         cost_check (`bool`, *optional*, defaults to `True`): Load a hit only when predicted faster than recomputing.
+
+    `stats()` counts `hits` (at most the prompt's last partial chunk recomputed), `partial_hits`, `misses`,
+    `skipped_by_cost`, `tokens_reused`, `bytes_loaded`, `bytes_stored` and `seconds_saved` (estimated from the
+    measured prefill speed).
 
     Example:
 
@@ -313,27 +317,6 @@ class PrefixCache:
                         tensors[f"{name}.{layer}"] = real[:, index * ct : (index + 1) * ct].contiguous().cpu()
                 meta = {"chunk_tokens": ct, "index": index, "layers": len(per_layer), "root": plan.root}
                 self.counters.add("bytes_stored", self.store.put(row.keys[index], tensors, meta))
-
-    # ---- operations ---------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Counters of this object (`hits`, `partial_hits`, `misses`, `skipped_by_cost`, `tokens_reused`,
-        `bytes_loaded`, `bytes_stored`, `seconds_saved`, an estimate) plus the disk tier's `entries`, `bytes` and the
-        number of `corrupt` entries dropped."""
-        return {
-            **self.counters.values,
-            "entries": len(self.store),
-            "bytes": self.store.volume(),
-            "corrupt": self.store.corrupt,
-        }
-
-    def clear(self) -> None:
-        """Remove every entry (all namespaces and models) from both tiers."""
-        self.store.clear()
-
-    def close(self) -> None:
-        """Save the statistics and close the folder's database connections."""
-        self.counters.flush()
-        self.store.close()
 
     def __repr__(self):
         return f"PrefixCache({str(self.store.directory)!r}, chunk_tokens={self.chunk_tokens})"

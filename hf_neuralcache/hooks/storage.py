@@ -439,3 +439,29 @@ class Counters:
             store.update_record("stats", add)
         except (OSError, diskcache.Timeout) as err:  # statistics must never break generation
             logger.warning("hf_neuralcache: could not save statistics: %s", err)
+
+
+class StoreBackedCache:
+    """What the hooks' caches share: a [`TieredStore`] and its [`Counters`], and the operations on both."""
+
+    store: TieredStore
+    counters: Counters
+
+    def stats(self) -> dict:
+        """This object's counters (listed in the class docstring) plus the folder's `entries`, `bytes` on disk and
+        `corrupt` (bad entries dropped)."""
+        return {
+            **self.counters.values,
+            "entries": len(self.store),
+            "bytes": self.store.volume(),
+            "corrupt": self.store.corrupt,
+        }
+
+    def clear(self) -> None:
+        """Remove every entry (all namespaces and models) from both tiers."""
+        self.store.clear()
+
+    def close(self) -> None:
+        """Save the statistics and close the folder's database connections."""
+        self.counters.flush()
+        self.store.close()

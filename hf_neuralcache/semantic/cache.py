@@ -32,7 +32,7 @@ import xxhash
 from ..hooks.fingerprint import digest, model_fingerprint
 from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
-from ..hooks.storage import Counters, TieredStore
+from ..hooks.storage import Counters, StoreBackedCache, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.semantic")
 
@@ -41,7 +41,7 @@ __all__ = ["SemanticCache"]
 _GiB = 1 << 30
 
 
-class SemanticCache:
+class SemanticCache(StoreBackedCache):
     """Answers a request whose meaning matches a cached one, used through `semantic_cache=` or `attach`.
 
     A request is matched on its **last user turn** only; everything else that shapes the answer (the system prompt and
@@ -68,6 +68,9 @@ class SemanticCache:
             parameters.
         ef (`int`, *optional*, defaults to 64): hnswlib search breadth.
         candidates (`int`, *optional*, defaults to 8): Nearest neighbours examined per lookup.
+
+    `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
+    `bypassed`, `not_cacheable`, `bytes_stored` and `seconds_saved`; `entries` is the number of indexed answers.
     """
 
     save_every = 1000
@@ -343,26 +346,21 @@ class SemanticCache:
 
     # ---- operations ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Counters of this object (`hits`, `misses`, `near_misses`: candidates above the threshold that the guard
-        rejected, `bypassed`, `not_cacheable`, `bytes_stored`, `seconds_saved`) and the folder's `entries`, `bytes`,
-        `corrupt`."""
-        return {**self.counters.values, "entries": len(self._labels), "bytes": self.store.volume(),
-                "corrupt": self.store.corrupt}  # fmt: skip
+        return {**super().stats(), "entries": len(self._labels)}
 
     def clear(self) -> None:
         """Remove every answer, label record and the index."""
         with self._lock:
-            self.store.clear()
+            super().clear()
             self.store.meta.clear(retry=True)
             for path in (self._index_path, self.store.directory / "index.json"):
                 path.unlink(missing_ok=True)
             self.index, self._labels, self._seen = self._new_index(1024), {}, -1
 
     def close(self) -> None:
-        """Save the index and the statistics."""
+        """Save the index and the statistics, and close the folder's database connections."""
         self.save()
-        self.counters.flush()
-        self.store.close()
+        super().close()
 
     def __repr__(self):
         return f"SemanticCache({str(self.store.directory)!r}, threshold={self.threshold})"
