@@ -382,3 +382,13 @@ def test_a_finished_cache_is_freed_without_the_garbage_collector():
         assert buffer() is None
     finally:
         gc.enable()
+
+
+def test_direct_construction_checks_options_too():
+    from hf_neuralcache import SlidingWindowKVCache
+
+    config = tiny_model("llama").config
+    with pytest.raises(ValueError, match=r"Invalid cache_config\['window'\] = 0"):
+        SlidingWindowKVCache(config, window=0)
+    with pytest.raises(ValueError, match=r"Invalid cache_config\['sink_tokens'\] = -1"):
+        SlidingWindowKVCache(config, sink_tokens=-1)

@@ -20,7 +20,7 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .base import AttentionState, Layout, NeuralCache, Option, Step
+from .base import AttentionState, Layout, NeuralCache, Option, Step, check_options
 
 __all__ = ["SinkWindowLayer", "SlidingWindowKVCache"]
 
@@ -343,6 +343,8 @@ class SlidingWindowKVCache(NeuralCache):
     def __init__(self, config, window: int = 1024, sink_tokens: int = 4, max_rollback: int = 256):
         from ..registry import decoder_layer_types
 
+        given = {"window": window, "sink_tokens": sink_tokens, "max_rollback": max_rollback}
+        check_options(self.cache_name, self.options, given)  # also when constructed directly, not by name
         self.window, self.sink_tokens = window, sink_tokens
         layers = []
         for layer_type, native_window in decoder_layer_types(config, self.cache_name):
