@@ -27,6 +27,7 @@ from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
 
 __all__ = [
+    "CACHE_KWARG",
     "SUPPORTED_TRANSFORMERS",
     "IncompatibleTransformersError",
     "available_caches",
@@ -39,6 +40,19 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
 ATTENTION_NAME = "neuralcache"
+
+
+def _cache_kwarg() -> str:
+    """The `model_kwargs` key generate() keeps the cache under: `"cache"` from transformers 5.24, else
+    `"past_key_values"` (read from transformers' own list of cache names)."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+    except ImportError:  # pragma: no cover - depends on the installed version
+        return "past_key_values"
+    return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
 
 # name -> (dotted path of the class, or None while not implemented, one line for `available_caches`)
 _CACHES: dict[str, tuple[str | None, str]] = {
@@ -215,7 +229,7 @@ def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         name = generation_config.cache_implementation
-        given = model_kwargs.get("past_key_values")
+        given = model_kwargs.get(CACHE_KWARG)
         if given is not None and generation_config.is_assistant and getattr(given, "cache_name", None) == name:
             return  # an assistant model's next round of candidates reuses the cache this hook built for it
         if name not in _CACHES or given is not None or generation_config.use_cache is False:
@@ -237,7 +251,7 @@ def _wrap_prepare_cache(original):
         cache = create_cache(name, self.config, **cache_config)
         if generation_config.is_assistant:  # its candidates get rolled back with `crop`
             cache.activate_past_recording()
-        model_kwargs["past_key_values"] = cache
+        model_kwargs[CACHE_KWARG] = cache
         on_cache_prepared(self, generation_config, model_kwargs)
 
     _prepare_cache_for_generation.__neuralcache_original__ = original

@@ -200,7 +200,7 @@ def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> R
             request.extra[name] = value
         else:
             request.uncacheable = request.uncacheable or f"argument {name!r} given"
-            if name in ("past_key_values", "inputs_embeds"):
+            if name in ("past_key_values", "cache", "inputs_embeds"):
                 request.no_prefix = f"{name} given"
     if config.use_cache is False:
         request.no_prefix = "use_cache=False"
@@ -259,8 +259,9 @@ def on_cache_prepared(model, generation_config, model_kwargs: dict) -> None:
     plan = pending[1]
     _pending.set(None)  # one generate() call, one plan
     from ..caches.base import NeuralCache
+    from ..registry import CACHE_KWARG
 
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_KWARG)
     if not (type(cache) is DynamicCache or isinstance(cache, NeuralCache)) or cache.get_seq_length() != 0:
         logger.info("hf_neuralcache: prefix cache skipped for a %s", type(cache).__name__)
         for row in plan.rows:

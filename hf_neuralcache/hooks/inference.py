@@ -71,7 +71,7 @@ def entry_from_output(output) -> tuple[dict, dict] | None:
         return None
     tensors, fields = {}, {}
     for field_name, value in output.items():
-        if field_name == "past_key_values" or value is None:
+        if field_name in ("past_key_values", "cache") or value is None:
             continue
         if field_name in _UNCACHEABLE_FIELDS:
             return None
