@@ -57,6 +57,10 @@ def neuralcache_attention_forward(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    layer = state.layer()
+    if hasattr(layer, "attention"):  # a layer with more than a window (tensor_cache): window merged with its memory
+        out = layer.attention(query, key, value, state, scaling, softcap=kwargs.get("softcap"))
+        return out.transpose(1, 2).contiguous(), None
     visible = state.layout.visible.to(query.device)  # layers of a split model may sit on other devices
     out = window_attention(query, key, value, visible, scaling, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None

