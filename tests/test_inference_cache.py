@@ -80,8 +80,8 @@ def test_hit_returns_generate_output_of_the_same_type(model, cache, kwargs):
     second = model.generate(prompt, max_new_tokens=5, do_sample=False, inference_cache=cache, **kwargs)
     assert type(second) is type(first) and cache.stats()["hits"] == 1
     for name, value in first.items():
-        if name == "past_key_values":
-            assert second.past_key_values is None
+        if name in ("past_key_values", "cache"):  # the field is `cache` from transformers 5.24
+            assert second.get(name) is None
         elif isinstance(value, torch.Tensor):
             assert torch.equal(second[name], value), name
         else:
