@@ -263,3 +263,21 @@ def test_least_frequently_used_policy_is_applied(tmp_path):
     assert cache.store.disk.eviction_policy == "least-frequently-used"
     cache.close()
     assert PrefixCache(tmp_path / "lfu").store.disk.eviction_policy == "least-recently-used"  # the argument wins
+
+
+@pytest.mark.parametrize("mode", ["training_free", "paper"])
+def test_tensor_cache_is_rebuilt_from_the_stored_prefix(tmp_path, mode):
+    """The window and the memory of a tensor_cache rebuilt from loaded prefix K/V give the tokens of a cold run."""
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    prompt = ids(5 * CT + 1, seed=6)
+    config = {"window": 12, "sink_tokens": 2, "mode": mode}  # 41 tokens: 27 evicted into the memory
+    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="tensor_cache", cache_config=config)
+    ref = model.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
+    cache = PrefixCache(tmp_path / "prefix", chunk_tokens=CT)
+    for _ in range(2):
+        out = model.generate(prompt, prefix_cache=cache, output_logits=True, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.logits, ref.logits, strict=True):
+            assert_close(a, b, 1e-5, "logits with a prefix hit into a tensor_cache")
+    assert cache.stats()["hits"] == 1 and cache.stats()["tokens_reused"] == 5 * CT
+    cache.close()
