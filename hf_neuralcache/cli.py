@@ -203,7 +203,7 @@ def run_demo(args: argparse.Namespace) -> int:
     prompt_len = inputs["input_ids"].shape[-1]
     new_tokens = out.sequences[0, prompt_len:]
     answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    cache = out.get("cache", out.get("past_key_values"))  # renamed `cache` in transformers 5.24
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
     memory = cache_memory_bytes(cache)
     held = cache.get_seq_length()
     options = f" (window={args.window}, sink_tokens={args.sink_tokens})" if args.cache == "sliding_window_kv" else ""
