@@ -1,0 +1,141 @@
+"""Entry points of the training-free memory kernels: check the inputs once, then run Triton or the reference.
+
+Triton runs for CUDA tensors (or under `TRITON_INTERPRET=1`) and the `"mean"` and `"moment"` memories; the
+`"gaussian"` memory and CPU tensors take the PyTorch reference in `naive.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import use_triton
+from ..window_attention.dispatch import check_layout_inputs, layout_on
+from ..window_attention.naive import window_visibility
+from . import naive
+from .naive import MomentState
+
+__all__ = ["moment_decode", "moment_write"]
+
+
+def _check_pairs(state: MomentState, keys, values, weights, log_decay, max_pairs: int | None = None) -> None:
+    """Raise a `ValueError` ("expected ..., got ...") for pairs that do not fit `state`."""
+    batch, heads, d = state.key_sum.shape
+    dv = state.value_sum.shape[-1]
+    if keys.dim() != 4 or keys.shape[:2] != (batch, heads) or keys.shape[-1] != d:
+        raise ValueError(f"expected keys of shape [{batch}, {heads}, m, {d}], got {tuple(keys.shape)}")
+    m = keys.shape[2]
+    if values.shape != (batch, heads, m, dv):
+        raise ValueError(f"expected values of shape {(batch, heads, m, dv)}, got {tuple(values.shape)}")
+    if weights.shape != (batch, m):
+        raise ValueError(f"expected weights of shape {(batch, m)}, got {tuple(weights.shape)}")
+    if log_decay.shape != (heads,):
+        raise ValueError(f"expected log_decay of shape ({heads},), got {tuple(log_decay.shape)}")
+    if max_pairs is not None and m > max_pairs:
+        raise ValueError(f"expected at most {max_pairs} evicted pair per decode step, got {m}")
+    devices = {t.device for t in (state.count, keys, values, weights, log_decay)}
+    if len(devices) != 1:
+        raise ValueError(f"expected state, pairs and log_decay on one device, got {sorted(map(str, devices))}")
+
+
+def _fresh(state: MomentState) -> MomentState:
+    """Empty tensors shaped like `state` for a kernel to write into (the journal keeps `state` itself)."""
+    return MomentState(*(None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format) for t in state))
+
+
+def _contiguous(state: MomentState) -> MomentState:
+    return MomentState(*(None if t is None else t.contiguous() for t in state))
+
+
+def moment_write(
+    state: MomentState, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, log_decay: torch.Tensor
+) -> MomentState:
+    """Add `m` evicted pairs to the moments with the weighted-sum scan (equal to `m` token-by-token writes).
+
+    Same contract as [`naive.moment_write`]; runs the chunked Triton kernel (`chunk.py`) for CUDA tensors (or under
+    `TRITON_INTERPRET=1`) and the `"mean"`/`"moment"` memories, the reference otherwise.
+
+    Args:
+        state (`MomentState`): The moments before the pairs (not modified).
+        keys (`torch.Tensor` of shape `[B, H, m, D]`): Evicted keys, oldest first.
+        values (`torch.Tensor` of shape `[B, H, m, Dv]`): Evicted values.
+        weights (`torch.Tensor` of shape `[B, m]`): 1 for a real pair, 0 for a sink or padding (the decay ticks).
+        log_decay (`torch.Tensor` of shape `[H]`): `log(lam)` per head.
+
+    Returns:
+        `MomentState`: the moments after the pairs, in new tensors.
+    """
+    _check_pairs(state, keys, values, weights, log_decay)
+    if keys.shape[2] == 0 or state.key_key is not None or not use_triton(keys):
+        return naive.moment_write(state, keys, values, weights, log_decay)
+    from .chunk import moment_write_chunk  # imported on first use: see kernels/dispatch.py
+
+    state = _contiguous(state)
+    return moment_write_chunk(state, keys, values, weights.float(), log_decay.float(), _fresh(state))
+
+
+def moment_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    sink: torch.Tensor,
+    q_slots: torch.Tensor,
+    window: int,
+    scaling: float,
+    state: MomentState,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    log_decay: torch.Tensor,
+    softcap: float | None = None,
+    write: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, MomentState | None]:
+    """One decode step of the training-free Tensor Cache: window attention, memory read and merge in one kernel.
+
+    The memory is read after the pair this step evicts is written (the training-free mode's query sees every
+    position `<= t - window` through the memory). On CUDA tensors (or under `TRITON_INTERPRET=1`) with the
+    `"mean"` or `"moment"` memory this is one Triton kernel (`fused_recurrent.py`), which also stores the moments
+    after the write when `write=True`; otherwise the reference functions of `naive.py`.
+
+    Args:
+        query (`torch.Tensor` of shape `[B, Hq, 1, D]`): The step's query.
+        key, value, slots, valid, sink, q_slots, window: The window's keys/values and layout, as for
+            [`hf_neuralcache.kernels.window_attention.attend`].
+        scaling (`float`): Multiplier of the dot products.
+        state (`MomentState`): The moments before this step.
+        keys (`torch.Tensor` of shape `[B, Hkv, m, D]`), values (`[B, Hkv, m, Dv]`), weights (`[B, m]`): The pair
+            this step evicts, `m` 0 or 1.
+        log_decay (`torch.Tensor` of shape `[Hkv]`): `log(lam)` per KV head.
+        softcap (`float`, *optional*): Logit soft-capping of the window (the memory's estimate ignores it).
+        write (`bool`, *optional*, defaults to `False`): Also return the moments after the write.
+
+    Returns:
+        `(out, lse, state_after)`: `out` `[B, Hq, 1, Dv]` float32, `lse` `[B, Hq, 1]`, and the moments after the
+        write in new tensors (`None` unless `write`).
+    """
+    check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window)
+    if query.shape[2] != 1:
+        raise ValueError(f"expected one query per sequence ([B, Hq, 1, D]), got {tuple(query.shape)}")
+    _check_pairs(state, keys, values, weights, log_decay, max_pairs=1)
+    if state.key_sum.shape[:2] != key.shape[:2]:
+        raise ValueError(f"expected a state for {tuple(key.shape[:2])} sequences/heads, got {tuple(state.key_sum.shape[:2])}")
+    slots, valid, sink, q_slots = layout_on(query.device, query.shape[0], slots, valid, sink, q_slots)
+    m = keys.shape[2]
+    if state.key_key is not None or not use_triton(query):
+        visible = window_visibility(q_slots, slots, valid, sink, window)
+        out, lse = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
+        prefix = torch.tensor([m], device=query.device)
+        mem, mem_lse = naive.moment_read(state, query, keys, values, weights, prefix, log_decay, scaling)
+        out, lse = naive.merge_softmax(out, lse, mem, mem_lse)
+        after = (naive.moment_write(state, keys, values, weights, log_decay) if m else state) if write else None
+        return out, lse, after
+    from .fused_recurrent import moment_decode_step  # imported on first use: see kernels/dispatch.py
+
+    state = _contiguous(state)
+    after = _fresh(state) if write else None
+    out, lse = moment_decode_step(
+        query, key, value, slots, valid, sink, q_slots, window, scaling, softcap,
+        state, keys, values, weights.float(), log_decay.float(), out_state=after,
+    )  # fmt: skip
+    return out, lse, after
