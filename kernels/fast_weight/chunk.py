@@ -8,7 +8,6 @@ no chunk-mean cross terms. The value-key moment is one matmul per tile of pairs,
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

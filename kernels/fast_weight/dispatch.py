@@ -39,7 +39,8 @@ def _check_pairs(state: MomentState, keys, values, weights, log_decay, max_pairs
 
 def _fresh(state: MomentState) -> MomentState:
     """Empty tensors shaped like `state` for a kernel to write into (the journal keeps `state` itself)."""
-    return MomentState(*(None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format) for t in state))
+    empty = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return MomentState(*(None if t is None else empty(t) for t in state))
 
 
 def _contiguous(state: MomentState) -> MomentState:
@@ -119,7 +120,9 @@ def moment_decode(
         raise ValueError(f"expected one query per sequence ([B, Hq, 1, D]), got {tuple(query.shape)}")
     _check_pairs(state, keys, values, weights, log_decay, max_pairs=1)
     if state.key_sum.shape[:2] != key.shape[:2]:
-        raise ValueError(f"expected a state for {tuple(key.shape[:2])} sequences/heads, got {tuple(state.key_sum.shape[:2])}")
+        raise ValueError(
+            f"expected a state for {tuple(key.shape[:2])} sequences/heads, got {tuple(state.key_sum.shape[:2])}"
+        )
     slots, valid, sink, q_slots = layout_on(query.device, query.shape[0], slots, valid, sink, q_slots)
     m = keys.shape[2]
     if state.key_key is not None or not use_triton(query):

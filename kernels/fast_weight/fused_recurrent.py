@@ -130,7 +130,10 @@ def moment_decode_step(
     out = query.new_empty(batch, hq, 1, dv, dtype=torch.float32)
     lse = query.new_empty(batch, hq, 1, dtype=torch.float32)
     has_pair, has_vk = keys.shape[2] == 1, state.value_key is not None
-    ek, ev, w = (keys[:, :, 0], values[:, :, 0], weights[:, 0]) if has_pair else (state.key_sum, state.value_sum, state.count[:, 0])
+    if has_pair:
+        ek, ev, w = keys[:, :, 0], values[:, :, 0], weights[:, 0]
+    else:  # unused placeholders of the right rank
+        ek, ev, w = state.key_sum, state.value_sum, state.count[:, 0]
     target = out_state if out_state is not None else state
     vk_in = state.value_key if has_vk else state.key_sum
     vk_out = target.value_key if has_vk else target.key_sum

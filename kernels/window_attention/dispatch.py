@@ -27,8 +27,7 @@ def check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window) 
     _shape("value", value, f"{tuple(key.shape[:3])} + (Dv,)", value.shape[:3] == key.shape[:3])
     if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(
-            f"expected query, key and value of one dtype among {DTYPES}, "
-            f"got {query.dtype}, {key.dtype}, {value.dtype}"
+            f"expected query, key and value of one dtype among {DTYPES}, got {query.dtype}, {key.dtype}, {value.dtype}"
         )
     if key.device != query.device or value.device != query.device:
         raise ValueError(f"expected key and value on {query.device}, got {key.device} and {value.device}")
@@ -40,7 +39,8 @@ def check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window) 
         ("valid", valid, (torch.bool,)),
         ("sink", sink, (torch.bool,)),
     ):
-        _shape(name, t, f"[{batch}, {n_k}] or [1, {n_k}]", t.dim() == 2 and t.shape[0] in (1, batch) and t.shape[1] == n_k)
+        fits = t.dim() == 2 and t.shape[0] in (1, batch) and t.shape[1] == n_k
+        _shape(name, t, f"[{batch}, {n_k}] or [1, {n_k}]", fits)
         if t.dtype not in dtypes:
             raise ValueError(f"expected {name} of dtype {dtypes}, got {t.dtype}")
     _shape("q_slots", q_slots, f"[{n_q}]", q_slots.dim() == 1 and q_slots.shape[0] == n_q)
