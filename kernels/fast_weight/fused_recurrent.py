@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..window_attention.prefill import attention_rows, block_d, precision
+from ..window_attention.prefill import attention_rows, block_d, precision, upcast
 
 __all__ = ["moment_decode_step"]
 
@@ -37,7 +37,7 @@ def _moment_decode_kernel(
     n_kv_heads, n_keys, window, scaling, softcap,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, HAS_PAIR: tl.constexpr, HAS_VK: tl.constexpr, WRITE: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_PAIR: tl.constexpr, HAS_VK: tl.constexpr, WRITE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, hkv = pid // n_kv_heads, pid % n_kv_heads
@@ -60,7 +60,7 @@ def _moment_decode_kernel(
         slot_ptr + b * stride_sb, valid_ptr + b * stride_vlb, sink_ptr + b * stride_skb,
         stride_sn, stride_vln, stride_skn,
         0, n_keys, window, scaling, softcap,
-        D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, SOFTCAP, PRECISION,
+        D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, SOFTCAP, PRECISION, UPCAST,
     )  # fmt: skip
     # 2. the moments, with the evicted pair written (state tensors are contiguous, see moment_decode_step)
     bh = b * n_kv_heads + hkv
@@ -148,7 +148,7 @@ def moment_decode_step(
         hkv, n_k, window, scaling, 1.0 if softcap is None else float(softcap),
         G=hq // hkv, D=d, DV=dv, BLOCK_M=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=32 if max(d, dv) >= 128 else 64, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
-        SOFTCAP=softcap is not None, PRECISION=precision(query.dtype),
+        SOFTCAP=softcap is not None, PRECISION=precision(query.dtype), UPCAST=upcast(query),
         HAS_PAIR=has_pair, HAS_VK=has_vk, WRITE=out_state is not None,
     )  # fmt: skip
     return out, lse

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_rows", "launch", "prefill"]
+__all__ = ["attention_rows", "block_d", "launch", "precision", "prefill", "upcast"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -57,6 +57,7 @@ def attention_rows(
     BLOCK_DV: tl.constexpr,
     SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Online softmax of `q` over keys `[k_lo, k_hi)`: returns `(acc [M, DV], m [M], l [M])`, `m` in log2 units."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -65,6 +66,8 @@ def attention_rows(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lowest = q_pos - window  # keys above this are in the band
+    if UPCAST:  # Triton's interpreter computes tl.dot of bfloat16 wrongly: give it float32
+        q = q.to(tl.float32)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_k = offs_n < k_hi
@@ -79,9 +82,12 @@ def attention_rows(
                 mask=in_k[:, None] & (offs_d < D)[None, :],
                 other=0.0,
             )
+            if UPCAST:
+                k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [BLOCK_M, BLOCK_N] fp32
             if SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp (no libdevice: runs in the interpreter)
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+                e = tl.exp(-2.0 * tl.abs(s) / softcap)  # in (0, 1]: no overflow
+                s = tl.where(s < 0, -softcap, softcap) * (1.0 - e) / (1.0 + e)
             s = tl.where(vis, s * 1.4426950408889634, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -92,6 +98,8 @@ def attention_rows(
                 mask=in_k[:, None] & (offs_dv < DV)[None, :],
                 other=0.0,
             )
+            if UPCAST:
+                v = v.to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
@@ -110,7 +118,7 @@ def _window_kernel(
     n_kv_heads, n_queries, n_keys, split_size, window, scaling, softcap,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hkv = pid_bh // n_kv_heads, pid_bh % n_kv_heads
@@ -134,7 +142,7 @@ def _window_kernel(
         slot_ptr + b * stride_sb, valid_ptr + b * stride_vlb, sink_ptr + b * stride_skb,
         stride_sn, stride_vln, stride_skn,
         k_lo, k_hi, window, scaling, softcap,
-        D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, SOFTCAP, PRECISION,
+        D, DV, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, SOFTCAP, PRECISION, UPCAST,
     )  # fmt: skip
     seen_any = l_i > 0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
@@ -152,6 +160,11 @@ def _window_kernel(
 def precision(dtype: torch.dtype) -> str:
     """`tl.dot` precision: exact fp32 products for fp32 inputs (no TF32), the native tensor-core path otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(tensor: torch.Tensor) -> bool:
+    """Whether to feed `tl.dot` float32: bfloat16 under Triton's interpreter (its bfloat16 `tl.dot` is wrong)."""
+    return tensor.dtype == torch.bfloat16 and not tensor.is_cuda
 
 
 def block_d(dim: int) -> int:
@@ -173,7 +186,7 @@ def launch(query, key, value, slots, valid, sink, q_slots, window, scaling, soft
         *out.stride(), *lse.stride(),
         hkv, n_q, n_k, split_size, window, scaling, 1.0 if softcap is None else float(softcap),
         G=g, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
-        SOFTCAP=softcap is not None, PRECISION=precision(query.dtype),
+        SOFTCAP=softcap is not None, PRECISION=precision(query.dtype), UPCAST=upcast(query),
     )  # fmt: skip
 
 
