@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hf_neuralcache
 from hf_neuralcache.kernels.fast_weight.naive import window_attention_lse
 from hf_neuralcache.kernels.window_attention import attend, window_visibility
+
+import hf_neuralcache
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close, cached_logits, random_layout
 

@@ -37,7 +37,8 @@ def _moment_decode_kernel(
     n_kv_heads, n_keys, window, scaling, softcap,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_PAIR: tl.constexpr, HAS_VK: tl.constexpr, WRITE: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_PAIR: tl.constexpr, HAS_VK: tl.constexpr, WRITE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b, hkv = pid // n_kv_heads, pid % n_kv_heads
