@@ -176,10 +176,29 @@ class TensorCacheLayer(CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
+        from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
+        from ..kernels.fast_weight import moment_decode
+        from ..kernels.window_attention import attend
+
         before, ev_k, ev_v, weights, first = self._pending
         self._pending = None
-        visible = state.layout.visible.to(query.device)
-        out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
+        layout = state.layout
+        if use_triton(query):  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
+            if self.mode == "training_free" and self.memory != "gaussian" and query.shape[2] == 1:
+                # decode reads the memory after this step's pair (prefix = m): one fused kernel for window + memory
+                # read + merge; update() has written the pair already (moment_write, the chunked kernel)
+                out, _, _ = moment_decode(
+                    query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
+                    scaling, before, ev_k, ev_v, weights, self.log_decay, softcap,
+                )  # fmt: skip
+                return out.to(query.dtype)
+            out, lse = attend(
+                query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
+                scaling, softcap, return_lse=True,
+            )  # fmt: skip
+        else:
+            visible = layout.visible.to(query.device)
+            out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
         q_pos = state.step.q_slots.to(query.device)
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
         shift = 0 if self.mode == "training_free" else -1
