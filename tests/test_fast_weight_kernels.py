@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_neuralcache.kernels.fast_weight import moment_decode, moment_state, moment_write, naive
+from hf_neuralcache.kernels.fast_weight import moment_decode, moment_prefill, moment_state, moment_write, naive
 from hf_neuralcache.kernels.window_attention import window_visibility
 
 import hf_neuralcache
@@ -38,7 +38,7 @@ def _assert_states(actual, expected, atol, what):
 
 # (batch, pairs, heads, D, Dv, memory)
 WRITE_CASES = {
-    "B2-M21-H2-D16-Dv80-moment": (2, 21, 2, 16, 80, "moment"),
+    "B2-M13-H2-D16-Dv80-moment": (2, 13, 2, 16, 80, "moment"),
     "B1-M9-H3-D64-Dv64-mean": (1, 9, 3, 64, 64, "mean"),
 }
 
@@ -107,6 +107,44 @@ def test_fused_decode_step_equals_reference(name, triton_interpreter):
     _check_decode(case, 20, softcap, 1e-5 if dtype == torch.float32 else 3e-3)
 
 
+def _check_prefill(batch, q, k, hq, hkv, d, memory, m, dtype, softcap, device, window, atol):
+    """The fused prefill (window + memory read at per-query prefixes + merge) against the reference functions."""
+    rand = _rand(torch.Generator().manual_seed(3), device, dtype)
+    state = _state(batch, hkv, d, d, memory, device)
+    query, key, value = rand(batch, hq, q, d), rand(batch, hkv, k, d), rand(batch, hkv, k, d)
+    layout = random_layout(batch, k, q, 2, 3, device)
+    ev_k, ev_v = rand(batch, hkv, m, d), rand(batch, hkv, m, d)
+    weights = (torch.rand(batch, m, generator=torch.Generator().manual_seed(4)) > 0.2).float().to(device)
+    prefix = (torch.arange(q, device=device) * m // max(1, q - 2)).clamp(max=m)  # 0 .. m, non-decreasing
+    log_decay = torch.log(torch.linspace(0.9, 0.999, hkv, device=device))
+    scaling = d**-0.5
+    out, lse = moment_prefill(
+        query, key, value, *layout, window, scaling, state, ev_k, ev_v, weights, prefix, log_decay, softcap
+    )
+    visible = window_visibility(layout[3], *layout[:3], window)
+    ref, ref_lse = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
+    mem, mem_lse = naive.moment_read(state, query, ev_k, ev_v, weights, prefix, log_decay, scaling)
+    ref, ref_lse = naive.merge_softmax(ref, ref_lse, mem, mem_lse)
+    assert_close(out, ref, atol, "fused prefill output")
+    assert_close(lse, ref_lse, atol, "fused prefill log-sum-exp")
+
+
+# (batch, queries, keys, Hq, Hkv, D, memory, pairs, dtype, softcap)
+PREFILL_CASES = {
+    "B2-Q9-K30-H4-KV2-D16-M7-moment": (2, 9, 30, 4, 2, 16, "moment", 7, torch.float32, None),
+    "B1-Q20-K40-H2-KV1-D16-M40-mean-softcap": (1, 20, 40, 2, 1, 16, "mean", 40, torch.float32, 3.0),
+    "B1-Q5-K20-H2-KV2-D64-M3-moment-bf16": (1, 5, 20, 2, 2, 64, "moment", 3, torch.bfloat16, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFILL_CASES))
+def test_fused_prefill_equals_reference(name, triton_interpreter):
+    batch, q, k, hq, hkv, d, memory, m, dtype, softcap = PREFILL_CASES[name]
+    _check_prefill(
+        batch, q, k, hq, hkv, d, memory, m, dtype, softcap, "cpu", 8, 1e-5 if dtype == torch.float32 else 2e-2
+    )
+
+
 def test_bad_pairs_raise_one_clear_error():
     query, key, value, layout, state, (ev_k, ev_v), weights = _decode_case(1, 10, 2, 1, 16, "moment", 1, None, "cpu")
     log_decay = torch.zeros(1)
@@ -120,10 +158,9 @@ def test_bad_pairs_raise_one_clear_error():
                       ev_k, ev_v, weights, log_decay)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["moment", "mean-decay"])
-def test_tensor_cache_with_kernels_equals_the_reference_path(name, triton_interpreter, monkeypatch):
+def test_tensor_cache_with_kernels_equals_the_reference_path(triton_interpreter, monkeypatch):
     """A tiny model through tensor_cache: chunked prefill and decoding with the kernels vs the PyTorch path."""
-    config = {"moment": {}, "mean-decay": {"memory": "mean", "decay": 0.9}}[name]
+    config = {"decay": 0.95}
     model = tiny_model("qwen2", attn_implementation="neuralcache")
     ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     padding = torch.ones(2, 24, dtype=torch.bool)
@@ -155,6 +192,14 @@ def test_fused_decode_step_on_gpu(name):
     batch, k, hq, hkv, d, memory, pairs, dtype, softcap = GPU_DECODE_CASES[name]
     case = _decode_case(batch, k, hq, hkv, d, memory, pairs, dtype, "cuda")
     _check_decode(case, 256, softcap, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_prefill_on_gpu(dtype):
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    _check_prefill(2, 512, 1284, 32, 8, 128, "moment", 512, dtype, None, "cuda", 256, atol)
 
 
 @pytest.mark.gpu

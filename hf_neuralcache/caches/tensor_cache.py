@@ -177,32 +177,31 @@ class TensorCacheLayer(CacheLayerMixin):
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
         from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
-        from ..kernels.fast_weight import moment_decode
+        from ..kernels.fast_weight import moment_decode, moment_prefill
         from ..kernels.window_attention import attend
 
         before, ev_k, ev_v, weights, first = self._pending
         self._pending = None
         layout = state.layout
-        if use_triton(query):  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
-            if self.mode == "training_free" and self.memory != "gaussian" and query.shape[2] == 1:
-                # decode reads the memory after this step's pair (prefix = m): one fused kernel for window + memory
-                # read + merge; update() has written the pair already (moment_write, the chunked kernel)
-                out, _, _ = moment_decode(
-                    query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
-                    scaling, before, ev_k, ev_v, weights, self.log_decay, softcap,
-                )  # fmt: skip
-                return out.to(query.dtype)
-            out, lse = attend(
-                query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
-                scaling, softcap, return_lse=True,
-            )  # fmt: skip
-        else:
-            visible = layout.visible.to(query.device)
-            out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
         q_pos = state.step.q_slots.to(query.device)
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
         shift = 0 if self.mode == "training_free" else -1
         prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
+        kernel = use_triton(query)  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
+        window = (query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window, scaling)
+        if kernel and self.mode == "training_free" and self.memory != "gaussian":
+            # one kernel for window + memory read + merge; update() has written the pairs (moment_write's kernel)
+            pairs = (before, ev_k, ev_v, weights)
+            if query.shape[2] == 1:  # decode reads after this step's pair: prefix == m
+                out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
+            else:
+                out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
+            return out.to(query.dtype)
+        if kernel:
+            out, lse = attend(*window, softcap, return_lse=True)
+        else:
+            visible = layout.visible.to(query.device)
+            out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
         if self.mode == "training_free":
             mem, mem_lse = moment_read(before, query, ev_k, ev_v, weights, prefix, self.log_decay, scaling)
             out, _ = merge_softmax(out, lse, mem, mem_lse)

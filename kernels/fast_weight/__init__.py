@@ -1,12 +1,13 @@
 """Tensor Cache memory (fast weights and training-free moments).
 
 `naive.py` is the PyTorch reference. The Triton kernels of the training-free memory are `fused_recurrent.py` (the
-fused decode step) and `chunk.py` (the chunked write); [`moment_decode`] and [`moment_write`] are their checked
-entry points, which run Triton for CUDA tensors (or under `TRITON_INTERPRET=1`) and the reference otherwise.
+fused decode step) and `chunk.py` (the chunked write and the fused prefill read); [`moment_decode`],
+[`moment_prefill`] and [`moment_write`] are their checked entry points, which run Triton for CUDA tensors (or
+under `TRITON_INTERPRET=1`) and the reference otherwise.
 `moment_write` here is that dispatching entry point; `naive.moment_write` is the reference it is tested against.
 """
 
-from .dispatch import moment_decode, moment_write
+from .dispatch import moment_decode, moment_prefill, moment_write
 from .naive import (
     MomentState,
     decay_matrix,
@@ -25,6 +26,7 @@ __all__ = [
     "fast_weight_write",
     "merge_softmax",
     "moment_decode",
+    "moment_prefill",
     "moment_read",
     "moment_state",
     "moment_write",

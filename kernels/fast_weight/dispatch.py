@@ -14,7 +14,7 @@ from ..window_attention.naive import window_visibility
 from . import naive
 from .naive import MomentState
 
-__all__ = ["moment_decode", "moment_write"]
+__all__ = ["moment_decode", "moment_prefill", "moment_write"]
 
 
 def _check_pairs(state: MomentState, keys, values, weights, log_decay, max_pairs: int | None = None) -> None:
@@ -142,3 +142,69 @@ def moment_decode(
         state, keys, values, weights.float(), log_decay.float(), out_state=after,
     )  # fmt: skip
     return out, lse, after
+
+
+def moment_prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    sink: torch.Tensor,
+    q_slots: torch.Tensor,
+    window: int,
+    scaling: float,
+    state: MomentState,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    prefix: torch.Tensor,
+    log_decay: torch.Tensor,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk of queries of the training-free Tensor Cache: window attention, memory read and merge in one kernel.
+
+    Query `t` reads the memory after the first `prefix[t]` of the chunk's evicted pairs (on top of `state`, the
+    moments before the chunk), which makes a chunked prefill equal token-by-token decoding. On CUDA tensors (or
+    under `TRITON_INTERPRET=1`) with the `"mean"` or `"moment"` memory this is one Triton kernel (`chunk.py`) that
+    never materialises the `[B, Hq, q, m]` weights; otherwise the reference functions of `naive.py`. The write of
+    the chunk's pairs is [`moment_write`].
+
+    Args:
+        query (`torch.Tensor` of shape `[B, Hq, q, D]`): The chunk's queries.
+        key, value, slots, valid, sink, q_slots, window: The window's keys/values and layout, as for
+            [`hf_neuralcache.kernels.window_attention.attend`].
+        scaling (`float`): Multiplier of the dot products.
+        state (`MomentState`): The moments before the chunk.
+        keys (`torch.Tensor` of shape `[B, Hkv, m, D]`), values (`[B, Hkv, m, Dv]`), weights (`[B, m]`): The pairs
+            the chunk evicts, oldest first.
+        prefix (`torch.LongTensor` of shape `[q]`): Pairs of the chunk written when each query reads, `0 .. m`.
+        log_decay (`torch.Tensor` of shape `[Hkv]`): `log(lam)` per KV head.
+        softcap (`float`, *optional*): Logit soft-capping of the window (the memory's estimate ignores it).
+
+    Returns:
+        `(out, lse)`: `out` `[B, Hq, q, Dv]` float32 and `lse` `[B, Hq, q]`.
+    """
+    check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window)
+    _check_pairs(state, keys, values, weights, log_decay)
+    if state.key_sum.shape[:2] != key.shape[:2]:
+        raise ValueError(
+            f"expected a state for {tuple(key.shape[:2])} sequences/heads, got {tuple(state.key_sum.shape[:2])}"
+        )
+    if prefix.shape != (query.shape[2],) or prefix.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"expected integer prefix of shape ({query.shape[2]},), got {prefix.dtype} {tuple(prefix.shape)}"
+        )
+    slots, valid, sink, q_slots = layout_on(query.device, query.shape[0], slots, valid, sink, q_slots)
+    prefix = prefix.to(query.device)
+    if state.key_key is not None or not use_triton(query):
+        visible = window_visibility(q_slots, slots, valid, sink, window)
+        out, lse = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
+        mem, mem_lse = naive.moment_read(state, query, keys, values, weights, prefix, log_decay, scaling)
+        return naive.merge_softmax(out, lse, mem, mem_lse)
+    from .chunk import moment_prefill_chunk  # imported on first use: see kernels/dispatch.py
+
+    return moment_prefill_chunk(
+        query, key, value, slots, valid, sink, q_slots, window, scaling, softcap,
+        _contiguous(state), keys, values, weights.float(), prefix, log_decay.float(),
+    )  # fmt: skip

@@ -21,7 +21,34 @@ import triton.language as tl
 
 from ..window_attention.prefill import attention_rows, block_d, precision, upcast
 
-__all__ = ["moment_decode_step"]
+__all__ = ["moment_decode_step", "read_and_merge"]
+
+
+@triton.jit
+def read_and_merge(s, count, key_sum, value_sum, vk_s, acc, m_w, l_w, HAS_VK: tl.constexpr):
+    """Read the moments of each row and merge them with its window softmax. Returns `(out, lse)`, natural log.
+
+    `s` `[M, D]` the scaled queries; per row the moments it sees: `count` `[M]`, `key_sum` `[M, D]`,
+    `value_sum` `[M, Dv]`, `vk_s` `[M, Dv]` (`sum v k^T` applied to `s`); `acc`, `m_w` (log2), `l_w` the window's
+    online-softmax state. The read is the one of `naive.moment_read` (`"moment"`, or `"mean"` without `HAS_VK`).
+    """
+    safe = tl.maximum(count, 1e-30)
+    mu, mu_v = key_sum / safe[:, None], value_sum / safe[:, None]
+    s_mu = tl.sum(s * mu, 1)  # [M]
+    mem = mu_v
+    if HAS_VK:
+        mem = mem + vk_s / safe[:, None] - mu_v * s_mu[:, None]
+    lse_mem = tl.where(count > 0, (tl.log(safe) + s_mu) * 1.4426950408889634, float("-inf"))  # log2 units
+    # (Z_w out_w + Z_mem out_mem) / (Z_w + Z_mem), through the larger log-denominator
+    top = tl.maximum(m_w, lse_mem)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    z_w = tl.exp2(m_w - top)  # acc and l_w are relative to 2^m_w
+    z_mem = tl.where(count > 0, tl.exp2(lse_mem - top), 0.0)
+    denom = l_w * z_w + z_mem
+    nonzero = denom > 0
+    out = (acc * z_w[:, None] + mem * z_mem[:, None]) / tl.where(nonzero, denom, 1.0)[:, None]
+    lse = tl.where(nonzero, (top + tl.log2(tl.where(nonzero, denom, 1.0))) * 0.6931471805599453, float("-inf"))
+    return out, lse
 
 
 @triton.jit
@@ -89,25 +116,16 @@ def _moment_decode_kernel(
         tl.store(vs_out + bh * DV + offs_dv, value_sum, mask=dv_ok)
         if HAS_VK:
             tl.store(vk_out + vk_offs, value_key, mask=vk_mask)
-    # 3. the memory read
+    # 3. the memory read and 4. the merge
     s = q.to(tl.float32) * scaling  # [BLOCK_M, BLOCK_D]
-    safe = tl.maximum(count, 1e-30)
-    mu, mu_v = key_sum / safe, value_sum / safe
-    s_mu = tl.sum(s * mu[None, :], 1)  # [BLOCK_M]
-    mem = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32) + mu_v[None, :]
+    vk_s = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if HAS_VK:
         vk_s = tl.dot(s, tl.trans(value_key), input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
-        mem = mem + vk_s / safe - mu_v[None, :] * s_mu[:, None]
-    lse_mem = tl.where(count > 0, (tl.log(safe) + s_mu) * 1.4426950408889634, float("-inf"))  # log2 units
-    # 4. the merge: (Z_w out_w + Z_mem out_mem) / (Z_w + Z_mem), through the larger log-denominator
-    top = tl.maximum(m_w, lse_mem)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    z_w = tl.exp2(m_w - top)  # acc and l_w are relative to 2^m_w
-    z_mem = tl.exp2(lse_mem - top)
-    denom = l_w * z_w + z_mem
-    nonzero = denom > 0
-    out = (acc * z_w[:, None] + mem * z_mem[:, None]) / tl.where(nonzero, denom, 1.0)[:, None]
-    lse = tl.where(nonzero, (top + tl.log2(tl.where(nonzero, denom, 1.0))) * 0.6931471805599453, float("-inf"))
+    rows0 = tl.zeros([BLOCK_M], tl.float32)
+    out, lse = read_and_merge(
+        s, rows0 + count, rows0[:, None] + key_sum[None, :], rows0[:, None] + value_sum[None, :], vk_s,
+        acc, m_w, l_w, HAS_VK,
+    )  # fmt: skip
     tl.store(
         out_ptr + b * stride_ob + head[:, None] * stride_oh + offs_dv[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
@@ -150,6 +168,6 @@ def moment_decode_step(
         G=hq // hkv, D=d, DV=dv, BLOCK_M=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=32 if max(d, dv) >= 128 else 64, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
         SOFTCAP=softcap is not None, PRECISION=precision(query.dtype), UPCAST=upcast(query),
-        HAS_PAIR=has_pair, HAS_VK=has_vk, WRITE=out_state is not None,
+        HAS_PAIR=has_pair, HAS_VK=has_vk, WRITE=out_state is not None, num_warps=8 if max(d, dv) >= 128 else 4,
     )  # fmt: skip
     return out, lse
