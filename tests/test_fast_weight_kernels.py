@@ -107,6 +107,29 @@ def test_fused_decode_step_equals_reference(name, triton_interpreter):
     _check_decode(case, 20, softcap, 1e-5 if dtype == torch.float32 else 3e-3)
 
 
+def test_writes_in_place_into_fixed_state(triton_interpreter):
+    """`out=state`: the kernels update a fixed-shape state in place (what a compiled cache needs)."""
+    query, key, value, layout, state, (ev_k, ev_v), weights = _decode_case(2, 30, 4, 2, 16, "moment", 1, None, "cpu")
+    log_decay = torch.log(torch.tensor([0.9, 0.99]))
+    expected = naive.moment_write(state, ev_k, ev_v, weights, log_decay)
+    fixed = naive.MomentState(*(None if t is None else t.clone() for t in state))
+    pointers = [t.data_ptr() for t in fixed if t is not None]
+    moment_write(fixed, ev_k, ev_v, weights, log_decay, out=fixed)
+    assert [t.data_ptr() for t in fixed if t is not None] == pointers
+    _assert_states(fixed, expected, 1e-6, "moment_write in place")
+    fixed = naive.MomentState(*(None if t is None else t.clone() for t in state))
+    pointers = [t.data_ptr() for t in fixed if t is not None]
+    out, _, after = moment_decode(
+        query, key, value, *layout, 20, 0.25, fixed, ev_k, ev_v, weights, log_decay, out=fixed
+    )
+    ref, _, _ = moment_decode(query, key, value, *layout, 20, 0.25, state, ev_k, ev_v, weights, log_decay)
+    assert after is fixed and [t.data_ptr() for t in fixed if t is not None] == pointers
+    _assert_states(fixed, expected, 1e-6, "moment_decode in place")
+    assert_close(out, ref, 1e-6, "in-place step output")
+    with pytest.raises(ValueError, match="expected out.value_key float32"):
+        moment_write(state, ev_k, ev_v, weights, log_decay, out=state._replace(value_key=state.value_key.double()))
+
+
 def _check_prefill(batch, q, k, hq, hkv, d, memory, m, dtype, softcap, device, window, atol):
     """The fused prefill (window + memory read at per-query prefixes + merge) against the reference functions."""
     rand = _rand(torch.Generator().manual_seed(3), device, dtype)

@@ -47,8 +47,31 @@ def _contiguous(state: MomentState) -> MomentState:
     return MomentState(*(None if t is None else t.contiguous() for t in state))
 
 
+def _check_out(state: MomentState, out: MomentState) -> None:
+    """Raise a `ValueError` unless `out` can receive `state`'s moments in place (same shapes, contiguous float32)."""
+    for name, a, b in zip(MomentState._fields, state, out, strict=True):
+        if (a is None) != (b is None) or (
+            a is not None and (b.shape != a.shape or b.dtype != torch.float32 or not b.is_contiguous())
+        ):
+            got = None if b is None else f"{b.dtype} {tuple(b.shape)} contiguous={b.is_contiguous()}"
+            expected = None if a is None else f"float32 {tuple(a.shape)} contiguous"
+            raise ValueError(f"expected out.{name} {expected}, got {got}")
+
+
+def _copy_into(out: MomentState, new: MomentState) -> MomentState:
+    for a, b in zip(out, new, strict=True):
+        if a is not None and a is not b:
+            a.copy_(b)
+    return out
+
+
 def moment_write(
-    state: MomentState, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, log_decay: torch.Tensor
+    state: MomentState,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    log_decay: torch.Tensor,
+    out: MomentState | None = None,
 ) -> MomentState:
     """Add `m` evicted pairs to the moments with the weighted-sum scan (equal to `m` token-by-token writes).
 
@@ -61,17 +84,22 @@ def moment_write(
         values (`torch.Tensor` of shape `[B, H, m, Dv]`): Evicted values.
         weights (`torch.Tensor` of shape `[B, m]`): 1 for a real pair, 0 for a sink or padding (the decay ticks).
         log_decay (`torch.Tensor` of shape `[H]`): `log(lam)` per head.
+        out (`MomentState`, *optional*): Contiguous float32 tensors to write the moments after into; may be `state`
+            itself (fixed-shape state updated in place). New tensors when `None`.
 
     Returns:
-        `MomentState`: the moments after the pairs, in new tensors.
+        `MomentState`: the moments after the pairs (`out` when given).
     """
     _check_pairs(state, keys, values, weights, log_decay)
+    if out is not None:
+        _check_out(state, out)
     if keys.shape[2] == 0 or state.key_key is not None or not use_triton(keys):
-        return naive.moment_write(state, keys, values, weights, log_decay)
+        new = naive.moment_write(state, keys, values, weights, log_decay)
+        return new if out is None else _copy_into(out, new)
     from .chunk import moment_write_chunk  # imported on first use: see kernels/dispatch.py
 
     state = _contiguous(state)
-    return moment_write_chunk(state, keys, values, weights.float(), log_decay.float(), _fresh(state))
+    return moment_write_chunk(state, keys, values, weights.float(), log_decay.float(), out or _fresh(state))
 
 
 def moment_decode(
@@ -91,6 +119,7 @@ def moment_decode(
     log_decay: torch.Tensor,
     softcap: float | None = None,
     write: bool = False,
+    out: MomentState | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, MomentState | None]:
     """One decode step of the training-free Tensor Cache: window attention, memory read and merge in one kernel.
 
@@ -110,10 +139,12 @@ def moment_decode(
         log_decay (`torch.Tensor` of shape `[Hkv]`): `log(lam)` per KV head.
         softcap (`float`, *optional*): Logit soft-capping of the window (the memory's estimate ignores it).
         write (`bool`, *optional*, defaults to `False`): Also return the moments after the write.
+        out (`MomentState`, *optional*): Contiguous float32 tensors that receive the moments after the write (implies
+            `write`); may be `state` itself, updated in place by the same kernel.
 
     Returns:
         `(out, lse, state_after)`: `out` `[B, Hq, 1, Dv]` float32, `lse` `[B, Hq, 1]`, and the moments after the
-        write in new tensors (`None` unless `write`).
+        write, in new tensors or `out` (`None` unless `write` or `out`).
     """
     check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window)
     if query.shape[2] != 1:
@@ -123,25 +154,28 @@ def moment_decode(
         raise ValueError(
             f"expected a state for {tuple(key.shape[:2])} sequences/heads, got {tuple(state.key_sum.shape[:2])}"
         )
+    if out is not None:
+        _check_out(state, out)
+        write = True
     slots, valid, sink, q_slots = layout_on(query.device, query.shape[0], slots, valid, sink, q_slots)
     m = keys.shape[2]
     if state.key_key is not None or not use_triton(query):
         visible = window_visibility(q_slots, slots, valid, sink, window)
-        out, lse = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
+        result, lse = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
         prefix = torch.tensor([m], device=query.device)
         mem, mem_lse = naive.moment_read(state, query, keys, values, weights, prefix, log_decay, scaling)
-        out, lse = naive.merge_softmax(out, lse, mem, mem_lse)
+        result, lse = naive.merge_softmax(result, lse, mem, mem_lse)
         after = (naive.moment_write(state, keys, values, weights, log_decay) if m else state) if write else None
-        return out, lse, after
+        return result, lse, (after if out is None else _copy_into(out, after))
     from .fused_recurrent import moment_decode_step  # imported on first use: see kernels/dispatch.py
 
     state = _contiguous(state)
-    after = _fresh(state) if write else None
-    out, lse = moment_decode_step(
+    after = (out or _fresh(state)) if write else None
+    result, lse = moment_decode_step(
         query, key, value, slots, valid, sink, q_slots, window, scaling, softcap,
         state, keys, values, weights.float(), log_decay.float(), out_state=after,
     )  # fmt: skip
-    return out, lse, after
+    return result, lse, after
 
 
 def moment_prefill(
