@@ -10,16 +10,19 @@ each window `W` (4 sinks + `W` keys):
 
 * `window`: window attention alone (`attend`, the kernel `attn_implementation="neuralcache"` runs for
   sliding_window_kv);
-* `fused`: the fused tensor_cache step (`moment_decode(write=True)`: window + write of the evicted pair + memory
-  read + log-sum-exp merge, one kernel), and its ratio to `window` (goal <= 1.2x);
+* `fused`: the fused tensor_cache step (`moment_decode(out=state)`: window + write of the evicted pair into the
+  fixed-shape moments, in place + memory read + log-sum-exp merge, one kernel), and its ratio to `window` (goal
+  <= 1.2x);
 * `unfused`: the same step as separate PyTorch ops (reference functions), for scale;
 * `sdpa`: `torch.nn.functional.scaled_dot_product_attention` on the same keys/values, all visible (the
   window kernel's ratio to it: the cost of reading the layout);
 * `bytes`: what the fused step must move beyond the window (moments read and written) relative to the window's
-  K/V, a floor for the fused/window ratio when both run at memory bandwidth.
+  K/V, a floor for the fused/window ratio when both run at memory bandwidth;
+* `max err`: the fused step's output against the unfused reference on the same inputs (a check, not a timing).
 
 Prefill (a block of `--prefill` queries over as many keys, band `W` and 4 sinks): our prefill kernel against SDPA
-with the equivalent boolean mask.
+with the equivalent boolean mask and against causal SDPA (no mask, full attention), and the fused tensor_cache
+prefill (window + memory read at per-query prefixes of as many evicted pairs + merge) against our window kernel.
 """
 
 from __future__ import annotations
@@ -109,10 +112,12 @@ def decode_row(window, b, hq, hkv, d, sinks, rand, measure, device) -> str:
         mem, mem_lse = naive.moment_read(state, query, ev_k, ev_v, weights, prefix, log_decay, scaling)
         return naive.merge_softmax(out, lse, mem, mem_lse), after
 
+    pair = (ev_k, ev_v, weights, log_decay)
+    fused, _, _ = moment_decode(query, key, value, *layout, scaling, state, *pair, write=True)
+    error = (fused - unfused()[0][0]).abs().max().item()  # the kernel against the reference, on these shapes
+    fixed = naive.MomentState(*(None if t is None else t.clone() for t in state))  # updated in place, as compiled
     t_window = measure(lambda: attend(query, key, value, *layout, scaling))
-    t_fused = measure(
-        lambda: moment_decode(query, key, value, *layout, scaling, state, *(ev_k, ev_v, weights, log_decay), write=True)
-    )
+    t_fused = measure(lambda: moment_decode(query, key, value, *layout, scaling, fixed, *pair, out=fixed))
     t_unfused = measure(unfused)
     t_sdpa = measure(lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True))
     kv_bytes = 2 * k * d * key.element_size()
@@ -120,7 +125,7 @@ def decode_row(window, b, hq, hkv, d, sinks, rand, measure, device) -> str:
     return (
         f"| {window} | {t_window * 1e6:.1f} | {t_fused * 1e6:.1f} | {t_fused / t_window:.2f}x | "
         f"{t_unfused * 1e6:.1f} | {t_unfused / t_window:.2f}x | {t_sdpa * 1e6:.1f} | {t_window / t_sdpa:.2f}x | "
-        f"{(kv_bytes + state_bytes) / kv_bytes:.2f}x |"
+        f"{(kv_bytes + state_bytes) / kv_bytes:.2f}x | {error:.1e} |"
     )
 
 
@@ -130,6 +135,7 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import torch.nn.functional as F
+    from hf_neuralcache.kernels.fast_weight import moment_prefill, moment_state
     from hf_neuralcache.kernels.window_attention import attend, window_visibility
 
     from hf_neuralcache.testing import random_layout
@@ -149,8 +155,9 @@ def main() -> None:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
 
     print("\ndecode, microseconds per layer step")
-    print("| W | window | fused | fused/window | unfused | unfused/window | sdpa | window/sdpa | bytes fused/window |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| W | window | fused | fused/window | unfused | unfused/window | sdpa | window/sdpa | bytes fused/window "
+          "| max err fused vs unfused |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for window in args.windows:
         print(decode_row(window, b, hq, hkv, d, sinks, rand, measure, device))
 
@@ -167,12 +174,22 @@ def main() -> None:
         t_causal = measure(
             lambda: F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         )
+        state = moment_state(b, hkv, d, d, "moment", device)
+        pairs = rand(b, hkv, n, d), rand(b, hkv, n, d), torch.ones(b, n, device=device)
+        prefix = torch.arange(n, device=device)  # query t has seen t of the chunk's n evicted pairs
+        log_decay = torch.zeros(hkv, device=device)
+        t_fused = measure(
+            lambda: moment_prefill(
+                query, key, value, slots, valid, sink, q_slots, window, scaling, state, *pairs, prefix, log_decay
+            )  # fmt: skip
+        )
         print(f"\nprefill of {n} queries, band {window} + {sinks} sinks, milliseconds")
-        print("| ours | sdpa (band mask) | ours/sdpa | sdpa causal (full, no mask) | ours/causal |")
-        print("|---|---|---|---|---|")
+        print("| ours | sdpa (band mask) | ours/sdpa | sdpa causal (full, no mask) | ours/causal | fused tensor_cache "
+              f"({n} evicted) | fused/ours |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
         print(
             f"| {t_ours * 1e3:.3f} | {t_sdpa * 1e3:.3f} | {t_ours / t_sdpa:.2f}x | {t_causal * 1e3:.3f} | "
-            f"{t_ours / t_causal:.2f}x |"
+            f"{t_ours / t_causal:.2f}x | {t_fused * 1e3:.3f} | {t_fused / t_ours:.2f}x |"
         )
 
 
