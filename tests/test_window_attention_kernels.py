@@ -99,9 +99,10 @@ def test_bad_inputs_raise_one_clear_error(change, message):
         attend(*case, 0.25)
 
 
-def test_model_with_the_interpreter_equals_the_reference_path(triton_interpreter, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: logit soft-capping and native sliding layers
+def test_model_with_the_interpreter_equals_the_reference_path(arch, triton_interpreter, monkeypatch):
     """sliding_window_kv under attn_implementation="neuralcache": Triton kernels vs the PyTorch path, chunked."""
-    model = tiny_model("llama", attn_implementation="neuralcache")
+    model = tiny_model(arch, attn_implementation="neuralcache")
     ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     padding = torch.ones(2, 24, dtype=torch.bool)
     padding[0, :3] = False
