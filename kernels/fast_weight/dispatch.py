@@ -1,7 +1,7 @@
 """Entry points of the training-free memory kernels: check the inputs once, then run Triton or the reference.
 
-Triton runs for CUDA tensors (or under `TRITON_INTERPRET=1`) and the `"mean"` and `"moment"` memories; the
-`"gaussian"` memory and CPU tensors take the PyTorch reference in `naive.py`.
+Triton runs for CUDA tensors (or under `TRITON_INTERPRET=1`): the `"mean"` and `"moment"` memories, and the paper
+mode's decode step; the `"gaussian"` memory and CPU tensors take the PyTorch reference in `naive.py`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from ..window_attention.naive import window_visibility
 from . import naive
 from .naive import MomentState
 
-__all__ = ["moment_decode", "moment_prefill", "moment_write"]
+__all__ = ["fast_weight_decode", "moment_decode", "moment_prefill", "moment_write"]
 
 
-def _check_pairs(state: MomentState, keys, values, weights, log_decay, max_pairs: int | None = None) -> None:
-    """Raise a `ValueError` ("expected ..., got ...") for pairs that do not fit `state`."""
-    batch, heads, d = state.key_sum.shape
-    dv = state.value_sum.shape[-1]
+def _check_pairs(state, keys, values, weights, log_decay, max_pairs: int | None = None) -> None:
+    """Raise a `ValueError` ("expected ..., got ...") for pairs that do not fit `state` (moments or `A`)."""
+    if isinstance(state, MomentState):
+        (batch, heads, d), dv, anchor = state.key_sum.shape, state.value_sum.shape[-1], state.count
+    else:
+        if state.dim() != 4 or state.dtype != torch.float32:
+            raise ValueError(f"expected A of shape [B, H, D, Dv] in float32, got {state.dtype} {tuple(state.shape)}")
+        (batch, heads, d, dv), anchor = state.shape, state
     if keys.dim() != 4 or keys.shape[:2] != (batch, heads) or keys.shape[-1] != d:
         raise ValueError(f"expected keys of shape [{batch}, {heads}, m, {d}], got {tuple(keys.shape)}")
     m = keys.shape[2]
@@ -32,7 +36,7 @@ def _check_pairs(state: MomentState, keys, values, weights, log_decay, max_pairs
         raise ValueError(f"expected log_decay of shape ({heads},), got {tuple(log_decay.shape)}")
     if max_pairs is not None and m > max_pairs:
         raise ValueError(f"expected at most {max_pairs} evicted pair per decode step, got {m}")
-    devices = {t.device for t in (state.count, keys, values, weights, log_decay)}
+    devices = {t.device for t in (anchor, keys, values, weights, log_decay)}
     if len(devices) != 1:
         raise ValueError(f"expected state, pairs and log_decay on one device, got {sorted(map(str, devices))}")
 
@@ -242,3 +246,88 @@ def moment_prefill(
         query, key, value, slots, valid, sink, q_slots, window, scaling, softcap,
         _contiguous(state), keys, values, weights.float(), prefix, log_decay.float(),
     )  # fmt: skip
+
+
+def fast_weight_decode(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    sink: torch.Tensor,
+    q_slots: torch.Tensor,
+    window: int,
+    scaling: float,
+    state: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    decay: torch.Tensor,
+    write_rate: torch.Tensor,
+    rule: str,
+    softcap: float | None = None,
+    write: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One decode step of the Tensor Cache paper mode: window attention, the read `r = q A`, and the write.
+
+    The read comes before the write of the pair this step evicts, as in the paper. On CUDA tensors (or under
+    `TRITON_INTERPRET=1`) this is one Triton kernel (`paper_recurrent.py`); otherwise the reference functions.
+
+    Args:
+        query (`torch.Tensor` of shape `[B, Hq, 1, D]`): The step's query.
+        key, value, slots, valid, sink, q_slots, window: The window's keys/values and layout, as for
+            [`hf_neuralcache.kernels.window_attention.attend`].
+        scaling (`float`): Multiplier of the window's dot products (the read `q A` is raw).
+        state (`torch.Tensor` of shape `[B, Hkv, D, Dv]`): `A` before this step, float32.
+        keys (`torch.Tensor` of shape `[B, Hkv, m, D]`), values (`[B, Hkv, m, Dv]`), weights (`[B, m]`): The pair
+            this step evicts, `m` 0 or 1.
+        decay (`torch.Tensor` of shape `[Hkv]`): `lam` per KV head.
+        write_rate (`torch.Tensor` of shape `[Hkv]`): `eta` per KV head.
+        rule (`str`): `"outer"` or `"delta"`.
+        softcap (`float`, *optional*): Logit soft-capping of the window.
+        write (`bool`, *optional*, defaults to `False`): Also return `A` after the write.
+        out (`torch.Tensor`, *optional*): A contiguous float32 tensor shaped like `state` (or `state` itself) that
+            receives `A` after the write (implies `write`).
+
+    Returns:
+        `(window_out, r, state_after)`: the window's softmax output and the read, `[B, Hq, 1, Dv]` float32 each, and
+        `A` after the write (new tensor or `out`; `None` unless `write` or `out`).
+    """
+    check_layout_inputs(query, key, value, slots, valid, sink, q_slots, window)
+    if query.shape[2] != 1:
+        raise ValueError(f"expected one query per sequence ([B, Hq, 1, D]), got {tuple(query.shape)}")
+    _check_pairs(state, keys, values, weights, decay, max_pairs=1)
+    if state.shape[:2] != key.shape[:2] or write_rate.shape != decay.shape:
+        raise ValueError(
+            f"expected A for {tuple(key.shape[:2])} sequences/heads and write_rate of shape {tuple(decay.shape)}, "
+            f"got {tuple(state.shape[:2])} and {tuple(write_rate.shape)}"
+        )
+    if rule not in ("outer", "delta"):
+        raise ValueError(f"expected rule 'outer' or 'delta', got {rule!r}")
+    if out is not None:
+        if out.shape != state.shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(
+                f"expected out float32 {tuple(state.shape)} contiguous, got {out.dtype} {tuple(out.shape)}"
+            )
+        write = True
+    slots, valid, sink, q_slots = layout_on(query.device, query.shape[0], slots, valid, sink, q_slots)
+    if not use_triton(query):
+        visible = window_visibility(q_slots, slots, valid, sink, window)
+        window_out, _ = naive.window_attention_lse(query, key, value, visible, scaling, softcap)
+        before = torch.zeros(1, dtype=torch.long, device=query.device)  # read before this step's pair
+        r = naive.fast_weight_read(state, query, keys, values, weights, before, decay, write_rate, rule)
+        after = None
+        if write:
+            after = naive.fast_weight_write(state, keys, values, weights, decay, write_rate, rule)
+            after = after if out is None else out.copy_(after)
+        return window_out, r, after
+    from .paper_recurrent import fast_weight_decode_step  # imported on first use: see kernels/dispatch.py
+
+    state = state.contiguous()
+    after = (torch.empty_like(state) if out is None else out) if write else None
+    window_out, r = fast_weight_decode_step(
+        query, key, value, slots, valid, sink, q_slots, window, scaling, softcap,
+        state, keys, values, weights.float(), decay.float(), write_rate.float(), rule, out_state=after,
+    )  # fmt: skip
+    return window_out, r, after
