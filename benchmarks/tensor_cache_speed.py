@@ -47,7 +47,7 @@ def parse() -> argparse.Namespace:
     gpu = args.device == "cuda"
     defaults = dict(
         dtype="bfloat16" if gpu else "float32",
-        batch=1 if gpu else 1,
+        batch=1,
         heads=[32, 8, 128] if gpu else [4, 2, 16],
         windows=[256, 1024, 4096] if gpu else [32],
         prefill=2048 if gpu else 24,
@@ -138,8 +138,6 @@ def main() -> None:
     from hf_neuralcache.kernels.fast_weight import moment_prefill, moment_state
     from hf_neuralcache.kernels.window_attention import attend, window_visibility
 
-    from hf_neuralcache.testing import random_layout
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu for a smoke run")
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -164,8 +162,9 @@ def main() -> None:
     if args.prefill:
         n, window = args.prefill, args.windows[0]
         query, key, value = rand(b, hq, n, d), rand(b, hkv, n, d), rand(b, hkv, n, d)
-        slots, valid, sink, q_slots = random_layout(b, n, n, 0, device=device, holes=False)
-        sink = slots < sinks
+        q_slots = torch.arange(n, device=device)  # a first chunk: positions 0 .. n-1, the first 4 are sinks
+        slots = q_slots.expand(b, -1)
+        valid, sink = torch.ones_like(slots, dtype=torch.bool), slots < sinks
         mask = window_visibility(q_slots, slots, valid, sink, window).unsqueeze(1)  # [B, 1, q, K]
         t_ours = measure(lambda: attend(query, key, value, slots, valid, sink, q_slots, window, scaling))
         t_sdpa = measure(
