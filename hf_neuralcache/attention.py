@@ -5,7 +5,9 @@ Registered with transformers' `AttentionInterface` by `import hf_neuralcache`; c
 
 transformers calls `past_key_values.update(...)` in the attention module and then the attention function, without
 passing the cache. Our caches tag the key tensor that `update` returns with an [`AttentionState`] (the layer and
-the positions of the keys it returned), and this function reads it back from `key`. A key without the tag, from any
+the positions of the keys it returned), and this function reads it back from `key`. On CUDA tensors (or under
+`TRITON_INTERPRET=1`) window attention runs the Triton kernels of `hf_neuralcache.kernels.window_attention`
+over that layout; on the CPU the PyTorch reference. A key without the tag, from any
 other cache or none, goes to transformers' SDPA function unchanged, so with no cache of ours in play the
 `"neuralcache"` implementation is exactly `"sdpa"`.
 """
@@ -16,7 +18,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .caches.base import AttentionState
-from .kernels.window_attention import window_attention
+from .kernels.dispatch import use_triton
+from .kernels.window_attention import attend, window_attention
 
 __all__ = ["neuralcache_attention_forward", "attention_state"]
 
@@ -61,6 +64,11 @@ def neuralcache_attention_forward(
     if hasattr(layer, "attention"):  # a layer with more than a window (tensor_cache): window merged with its memory
         out = layer.attention(query, key, value, state, scaling, softcap=kwargs.get("softcap"))
         return out.transpose(1, 2).contiguous(), None
-    visible = state.layout.visible.to(query.device)  # layers of a split model may sit on other devices
-    out = window_attention(query, key, value, visible, scaling, softcap=kwargs.get("softcap"))
+    layout = state.layout
+    if use_triton(query):  # Triton over the layout itself: no dense [B, q, K] mask
+        out = attend(query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
+                     scaling, softcap=kwargs.get("softcap"))  # fmt: skip
+    else:
+        visible = layout.visible.to(query.device)  # layers of a split model may sit on other devices
+        out = window_attention(query, key, value, visible, scaling, softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None

@@ -2,6 +2,8 @@
 
 - `HF_NEURALCACHE_HOME`: the folder for converted models and other files hf_neuralcache keeps between runs;
   defaults to `$XDG_CACHE_HOME/hf_neuralcache`, else `~/.cache/hf_neuralcache`.
+- `TRITON_INTERPRET`: Triton's own switch; when it is `1` the kernels of `hf_neuralcache.kernels` run on CPU tensors
+  through Triton's interpreter (for tests) instead of the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_home"]
+__all__ = ["cache_home", "triton_interpret"]
 
 
 def cache_home() -> Path:
@@ -19,3 +21,8 @@ def cache_home() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "hf_neuralcache"
+
+
+def triton_interpret() -> bool:
+    """Whether Triton's interpreter is on (`TRITON_INTERPRET=1`): the kernels then also run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

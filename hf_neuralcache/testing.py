@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close", "assert_same_generation", "band_sink_mask", "cached_logits", "reference_logits"]
+__all__ = [
+    "assert_close",
+    "assert_same_generation",
+    "band_sink_mask",
+    "cached_logits",
+    "random_layout",
+    "reference_logits",
+]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> None:
@@ -82,3 +89,31 @@ def assert_same_generation(model, input_ids, new_tokens: int, atol: float, **cac
         finite = torch.isfinite(a)  # min_new_tokens puts -inf on the end-of-sequence token
         assert_close(b[finite], a[finite], atol, f"logits of step {step}")
     return out
+
+
+def random_layout(batch: int, keys: int, queries: int, sinks: int, seed: int = 0, device=None, holes: bool = True):
+    """A cache-like key layout for kernel tests and benchmarks: `(slots, valid, sink, q_slots)`.
+
+    Each row holds `sinks` sink positions, a ring of recent positions in a shuffled order and `queries` new
+    positions (the queries' own); with `holes` about 10% of the entries are padding and two are empty (`-1`).
+    History is `2 * keys` tokens long, so a window shorter than `keys` leaves keys outside the band.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    history = 2 * keys
+    ring = keys - queries - sinks
+    if ring < 0:
+        raise ValueError(f"expected keys >= queries + sinks, got keys={keys}, queries={queries}, sinks={sinks}")
+    rows = []
+    for _ in range(batch):
+        recent = torch.arange(history - ring, history)[torch.randperm(ring, generator=generator)]
+        rows.append(torch.cat([torch.arange(sinks), recent, torch.arange(history, history + queries)]))
+    slots = torch.stack(rows)  # [B, K]
+    valid = torch.ones(batch, keys, dtype=torch.bool)
+    if holes:
+        valid = torch.rand(batch, keys, generator=generator) > 0.1
+        empty = torch.randint(sinks, max(sinks + 1, keys - queries), (batch, 2), generator=generator)
+        slots.scatter_(1, empty, -1)
+        valid.scatter_(1, empty, False)
+    sink = (slots < sinks) & (slots >= 0)
+    q_slots = torch.arange(history, history + queries)
+    return tuple(t.to(device) for t in (slots, valid, sink, q_slots))

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Triton decides when `triton.language` is imported whether its own functions (tl.sum, tl.zeros...) are
+    # interpreted; import it under the interpreter so the `triton_interpreter` fixture can run kernels on the CPU.
+    # Nothing else changes: without TRITON_INTERPRET set, our kernels still take the PyTorch path on the CPU.
+    _was = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language  # noqa: F401
+
+    if _was is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _was
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +48,15 @@ def embedded_model_dir(smollm):
     from hf_neuralcache.models import embedded_model_folder
 
     return embedded_model_folder()
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run hf_neuralcache's Triton kernels on CPU tensors through Triton's interpreter, for this test only.
+
+    Skipped on a machine with CUDA: there the `gpu` tests run the compiled kernels, and a kernel module imported
+    under the interpreter would stay interpreted for the rest of the run.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the gpu tests check the compiled kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

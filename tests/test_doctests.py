@@ -22,6 +22,7 @@ MODULES = [
     "hf_neuralcache.hooks.prefix",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
+    "hf_neuralcache.kernels.window_attention.dispatch",
 ]
 FENCE = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
 

@@ -176,26 +176,48 @@ class TensorCacheLayer(CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
+        from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
+        from ..kernels.fast_weight import fast_weight_decode, moment_decode, moment_prefill
+        from ..kernels.window_attention import attend
+
         before, ev_k, ev_v, weights, first = self._pending
         self._pending = None
-        visible = state.layout.visible.to(query.device)
-        out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
+        layout = state.layout
         q_pos = state.step.q_slots.to(query.device)
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
         shift = 0 if self.mode == "training_free" else -1
         prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
-        if self.mode == "training_free":
-            mem, mem_lse = moment_read(before, query, ev_k, ev_v, weights, prefix, self.log_decay, scaling)
-            out, _ = merge_softmax(out, lse, mem, mem_lse)
+        kernel = use_triton(query)  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
+        window = (query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window, scaling)
+        pairs = (before, ev_k, ev_v, weights)
+        if kernel and self.mode == "training_free" and self.memory != "gaussian":
+            # one kernel for window + memory read + merge; update() has written the pairs (moment_write's kernel)
+            if query.shape[2] == 1:  # decode reads after this step's pair: prefix == m
+                out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
+            else:
+                out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
+            return out.to(query.dtype)
+        if kernel and self.mode == "paper" and query.shape[2] == 1:  # decode reads A before this step's pair
+            rates = (self.decay_t, self.write_rate_t, self.rule)
+            out, r, _ = fast_weight_decode(*window, *pairs, *rates, softcap)  # one kernel: window + read
         else:
+            if kernel:
+                out, lse = attend(*window, softcap, return_lse=True)
+            else:
+                visible = layout.visible.to(query.device)
+                out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
+            if self.mode == "training_free":
+                mem, mem_lse = moment_read(before, query, ev_k, ev_v, weights, prefix, self.log_decay, scaling)
+                out, _ = merge_softmax(out, lse, mem, mem_lse)
+                return out.to(query.dtype)
             r = fast_weight_read(
                 before, query, ev_k, ev_v, weights, prefix, self.decay_t, self.write_rate_t, self.rule
             )  # [B, Hq, q, Dv]
-            if self.tc_proj is not None:
-                b, hq, q, dv = r.shape
-                flat = r.transpose(1, 2).reshape(b, q, hq * dv) @ self.tc_proj.to(r.device).float().T
-                r = flat.view(b, q, hq, dv).transpose(1, 2)
-            out = out + torch.sigmoid(torch.tensor(self.gate)) * r
+        if self.tc_proj is not None:
+            b, hq, q, dv = r.shape
+            flat = r.transpose(1, 2).reshape(b, q, hq * dv) @ self.tc_proj.to(r.device).float().T
+            r = flat.view(b, q, hq, dv).transpose(1, 2)
+        out = out + torch.sigmoid(torch.tensor(self.gate)) * r
         return out.to(query.dtype)
 
     # ---- rollback -------------------------------------------------------------------------------------------------

@@ -1,5 +1,14 @@
-"""Tensor Cache memory (fast weights and training-free moments): the PyTorch reference in `naive.py`."""
+"""Tensor Cache memory (fast weights and training-free moments).
 
+`naive.py` is the PyTorch reference. The Triton kernels of the training-free memory are `fused_recurrent.py` (the
+fused decode step) and `chunk.py` (the chunked write and the fused prefill read), and for the paper mode
+`paper_recurrent.py` (the fused decode step); [`moment_decode`], [`moment_prefill`], [`moment_write`] and
+[`fast_weight_decode`] are their checked entry points, which run Triton for CUDA tensors (or
+under `TRITON_INTERPRET=1`) and the reference otherwise.
+`moment_write` here is that dispatching entry point; `naive.moment_write` is the reference it is tested against.
+"""
+
+from .dispatch import fast_weight_decode, moment_decode, moment_prefill, moment_write
 from .naive import (
     MomentState,
     decay_matrix,
@@ -8,16 +17,18 @@ from .naive import (
     merge_softmax,
     moment_read,
     moment_state,
-    moment_write,
     window_attention_lse,
 )
 
 __all__ = [
     "MomentState",
     "decay_matrix",
+    "fast_weight_decode",
     "fast_weight_read",
     "fast_weight_write",
     "merge_softmax",
+    "moment_decode",
+    "moment_prefill",
     "moment_read",
     "moment_state",
     "moment_write",
