@@ -2,96 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
+from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
-from hf_neuralcache.semantic.cache import SemanticCache
-
-SPECIAL = {1: "<|im_start|>user", 2: "<|im_end|>", 3: "<|im_start|>assistant", 4: "<|im_start|>system"}
-WORDS = ["what", "is", "the", "capital", "of", "france", "germany", "whats", "tell", "me", "today", "be", "brief",
-         "a", "pirate", "please", "cache", "explain", "how", "works"]  # fmt: skip
-VOCAB = {**SPECIAL, **{10 + i: w for i, w in enumerate(WORDS)}}
-IDS = {w: i for i, w in VOCAB.items()}
-
-
-class WordTokenizer:
-    """Just enough tokenizer: ids <-> words, with chat-template special tokens."""
-
-    all_special_tokens = list(SPECIAL.values())
-
-    def decode(self, ids, **kwargs):
-        return " ".join(VOCAB.get(int(i), f"x{int(i)}") for i in ids)
-
-
-class BagOfWords:
-    """A deterministic embedder: hashed bag of words, L2-normalized (so paraphrases sharing words are close)."""
-
-    dim = 64
-    fingerprint = "test-bag-of-words-64"
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.split():
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    reason: str = ""
-
-
-class CountryGuard:
-    """A stand-in guard: the country named must agree."""
-
-    def check(self, query, candidate):
-        countries = lambda text: {w for w in text.split() if w in ("france", "germany")}  # noqa: E731
-        return Verdict(countries(query) == countries(candidate), "country differs")
-
-
-def chat(question: str, system: str | None = None) -> torch.Tensor:
-    ids = []
-    if system:
-        ids += [IDS["<|im_start|>system"], *[IDS[w] for w in system.split()], IDS["<|im_end|>"]]
-    ids += [IDS["<|im_start|>user"], *[IDS[w] for w in question.split()], IDS["<|im_end|>"]]
-    ids += [IDS["<|im_start|>assistant"]]
-    return torch.tensor([ids])
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-def make(path, **kwargs):
-    kwargs = {"embedder": BagOfWords(), "guard": CountryGuard(), "threshold": 0.6, "tokenizer": WordTokenizer(),
-              **kwargs}  # fmt: skip
-    return SemanticCache(path, **kwargs)
-
-
-class Forwards:
-    def __init__(self, model):
-        self.count, self.handle = 0, model.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def ask(model, cache, question, system=None, **kwargs):
-    kwargs = {"max_new_tokens": 5, "do_sample": False, **kwargs}
-    return model.generate(chat(question, system), semantic_cache=cache, **kwargs)
 
 
 def test_a_paraphrase_gets_the_stored_answer_after_its_own_prompt(model, tmp_path):
