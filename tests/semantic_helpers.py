@@ -56,11 +56,16 @@ class CountryGuard:
         return Verdict(countries(query) == countries(candidate), "country differs")
 
 
-def chat(question: str, system: str | None = None) -> torch.Tensor:
+def chat(question: str, system: str | None = None, history: tuple[tuple[str, str], ...] = ()) -> torch.Tensor:
+    """A chat prompt of known words: optional system prompt, earlier (user, assistant) turns, the question."""
+    words = lambda text: [IDS[w] for w in text.split()]  # noqa: E731
     ids = []
     if system:
-        ids += [IDS["<|im_start|>system"], *[IDS[w] for w in system.split()], IDS["<|im_end|>"]]
-    ids += [IDS["<|im_start|>user"], *[IDS[w] for w in question.split()], IDS["<|im_end|>"]]
+        ids += [IDS["<|im_start|>system"], *words(system), IDS["<|im_end|>"]]
+    for user, assistant in history:
+        ids += [IDS["<|im_start|>user"], *words(user), IDS["<|im_end|>"]]
+        ids += [IDS["<|im_start|>assistant"], *words(assistant), IDS["<|im_end|>"]]
+    ids += [IDS["<|im_start|>user"], *words(question), IDS["<|im_end|>"]]
     ids += [IDS["<|im_start|>assistant"]]
     return torch.tensor([ids])
 
@@ -82,10 +87,10 @@ class Forwards:
         self.handle.remove()
 
 
-def ask(model, cache, question, system=None, **kwargs):
-    """generate() on a one-question chat (greedy, 5 tokens unless told)."""
+def ask(model, cache, question, system=None, history=(), **kwargs):
+    """generate() on a chat ending with `question` (greedy, 5 tokens unless told)."""
     kwargs = {"max_new_tokens": 5, "do_sample": False, **kwargs}
-    return model.generate(chat(question, system), semantic_cache=cache, **kwargs)
+    return model.generate(chat(question, system, history), semantic_cache=cache, **kwargs)
 
 
 # ---- direct put/get (no forward pass): requests "explain x<n>", answers that name their request ----------------------

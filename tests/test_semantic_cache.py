@@ -10,6 +10,7 @@ from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.semantic.cache import SemanticCache
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,130 @@ def test_cli_lists_and_clears_a_semantic_folder(model, tmp_path, capsys):
     assert reopened.stats()["entries"] == 0
     ask(model, reopened, "whats the capital of france")
     assert reopened.stats()["hits"] == 0
+
+
+class Recorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_a_hit_returns_generates_type_exactly_and_streams_it(model, tmp_path):
+    cache = make(tmp_path / "s")
+    kwargs = {"return_dict_in_generate": True, "output_scores": True, "output_logits": True}
+    miss_stream, hit_stream = Recorder(), Recorder()
+    first = ask(model, cache, "what is the capital of france", streamer=miss_stream, **kwargs)
+    prompt = chat("whats the capital of france")
+    hit = ask(model, cache, "whats the capital of france", streamer=hit_stream, **kwargs)
+    assert cache.stats()["hits"] == 1 and cache.stats()["seconds_saved"] > 0
+    assert type(hit) is type(first) and len(hit.scores) == len(first.scores) == 5
+    new = first.sequences[:, chat("what is the capital of france").shape[1] :]
+    assert torch.equal(hit.sequences, torch.cat([prompt, new], dim=1))
+    for ours, stored in [*zip(hit.scores, first.scores, strict=True), *zip(hit.logits, first.logits, strict=True)]:
+        assert torch.equal(ours, stored)
+    # streamed the way generate streams: the prompt, one token at a time, end
+    assert torch.equal(hit_stream.calls[0], prompt) and hit_stream.calls[-1] == "end"
+    assert [tuple(c.shape) for c in hit_stream.calls[1:-1]] == [tuple(c.shape) for c in miss_stream.calls[1:-1]]
+    assert torch.equal(torch.cat(hit_stream.calls[1:-1]), torch.cat(miss_stream.calls[1:-1]))
+    plain = ask(model, cache, "whats the capital of france", max_new_tokens=5)  # other settings: a tensor, a miss
+    assert isinstance(plain, torch.Tensor) and cache.stats()["hits"] == 1
+
+
+def test_earlier_turns_the_model_and_the_namespace_must_match(model, tmp_path):
+    cache = make(tmp_path / "s")
+    before = (("explain how cache works", "a cache works"),)
+    ask(model, cache, "what is the capital of france", history=before)
+    with Forwards(model) as forwards:
+        ask(model, cache, "whats the capital of france")  # no earlier turn
+        ask(model, cache, "whats the capital of france", history=(("explain how cache works", "a pirate"),))
+    assert forwards.count > 0 and cache.stats()["hits"] == 0
+    ask(model, cache, "whats the capital of france", history=before)
+    assert cache.stats()["hits"] == 1
+    other_model = tiny_model("llama", seed=1)
+    ask(other_model, cache, "whats the capital of france", history=before)
+    assert cache.stats()["hits"] == 1
+    tenant_a, tenant_b = make(tmp_path / "t", namespace="a"), make(tmp_path / "t", namespace="b")
+    tenant_b.refresh_seconds = tenant_a.refresh_seconds = 0.0
+    ask(model, tenant_a, "what is the capital of france")
+    ask(model, tenant_b, "explain how cache works")
+    ask(model, tenant_b, "whats the capital of france")
+    ask(model, tenant_a, "explain how cache works please")
+    assert tenant_a.stats()["hits"] == tenant_b.stats()["hits"] == 0
+    ask(model, tenant_a, "whats the capital of france")
+    ask(model, tenant_b, "explain how cache works please")
+    assert tenant_a.stats()["hits"] == tenant_b.stats()["hits"] == 1
+
+
+def test_clearing_the_folder_under_a_live_cache_never_reuses_its_labels(model, tmp_path):
+    from hf_neuralcache.cli import main
+
+    live = make(tmp_path / "s")
+    live.refresh_seconds = 0.0
+    ask(model, live, "what is the capital of france")
+    assert main(["cache", "clear", str(tmp_path / "s")]) == 0
+    other = make(tmp_path / "s")
+    ask(model, other, "explain how cache works")
+    assert min(other._labels) > max(live._labels)
+    with Forwards(model) as forwards:
+        ask(model, live, "whats the capital of france")  # cleared: not served
+    assert forwards.count > 0
+    ask(model, live, "explain how cache works please")  # the other process's new answer
+    assert live.stats()["hits"] == 1
+
+
+def test_stock_pipeline_through_attach_with_a_plain_prompt(tmp_path):
+    """A text-generation pipeline (no chat template, a tokenizer that opens every prompt with [CLS])."""
+    from transformers import AutoTokenizer, pipeline
+
+    from hf_neuralcache.semantic.embedders import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    plain = pipe("what is the capital of france", **kwargs)[0]["generated_text"]
+    cache = make(tmp_path / "s", tokenizer=None)
+    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=tokenizer)
+    try:
+        first = pipe("what is the capital of france", **kwargs)[0]["generated_text"]
+        with Forwards(model) as forwards:
+            hit = pipe("whats the capital of france", **kwargs)[0]["generated_text"]
+        pipe("what is the capital of germany", **kwargs)
+    finally:
+        hf_neuralcache.detach(model)
+    assert first == plain and forwards.count == 0
+    assert hit == "whats the capital of france" + first[len("what is the capital of france") :]
+    assert (cache.stats()["hits"], cache.stats()["near_misses"]) == (1, 1)
+    assert cache.records.read_all()[0]["request"] == "what is the capital of france"  # [CLS] and [SEP] are context
+
+
+@pytest.mark.slow
+def test_stock_pipeline_serves_paraphrases_and_refuses_look_alikes(smollm, tmp_path):
+    """End to end on the embedded SmolLM2 with the default embedder (MiniLM), threshold and guard."""
+    from transformers import pipeline
+
+    model, tokenizer = smollm
+    cache = SemanticCache(tmp_path / "s")
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+    def reply(question):
+        out = pipe([{"role": "user", "content": question}], max_new_tokens=8, do_sample=False)
+        return out[0]["generated_text"][-1]["content"]
+
+    plain = reply("What is the capital of France?")
+    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=tokenizer)
+    try:
+        answers = [reply(q) for q in ("What is the capital of France?", "Which city is the capital of France?",
+                                      "What is the capital of Germany?", "What day is today?")]  # fmt: skip
+    finally:
+        hf_neuralcache.detach(model)
+    stats = cache.stats()
+    assert answers[0] == answers[1] == plain
+    assert (stats["hits"], stats["not_cacheable"], stats["entries"]) == (1, 1, 2)  # Germany: a near miss or a miss

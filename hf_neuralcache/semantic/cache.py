@@ -248,13 +248,16 @@ class SemanticCache(StoreBackedCache):
         cut = max((full.rfind(m) + len(m) for m in _CHAT_USER_MARKERS if m in full), default=0)
         turn = full[cut:]
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t in turn]
-        end = min((turn.find(t) for t in specials), default=len(turn))
-        text = turn[:end].strip()
+        start = 0  # after the special tokens that open the turn (a BOS, "[CLS]")
+        while opener := next((t for t in specials if turn[start:].lstrip().startswith(t)), None):
+            start = turn.index(opener, start) + len(opener)
+        end = min((i for t in specials if (i := turn.find(t, start)) >= 0), default=len(turn))
+        text = turn[start:end].strip()
         if not text:
             return None
         context = digest(
             "semantic-context", model_fingerprint(model), self.namespace or "", config.to_dict(), request.extra,
-            full[:cut], turn[end:],
+            full[:cut], turn[:start], turn[end:],
         )  # fmt: skip
         return text, context
 
@@ -294,8 +297,8 @@ class SemanticCache(StoreBackedCache):
             if not self._matches(label, entry, record, vector):
                 continue
             prompt = request.input_ids
-            new = entry.tensors["new_tokens"].to(prompt.device, copy=True)
-            output = output_from_entry(entry.tensors, entry.meta, prompt.device, torch.cat([prompt, new], dim=1))
+            full = torch.cat([prompt, entry.tensors["new_tokens"].to(prompt.device)], dim=1)
+            output = output_from_entry({**entry.tensors, "sequences": full}, entry.meta, prompt.device, full)
             if output is None:
                 continue
             self.counters.add("hits", 1)
