@@ -10,7 +10,6 @@ from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
-from hf_neuralcache.semantic.cache import SemanticCache
 
 
 @pytest.fixture(scope="module")
@@ -256,28 +255,3 @@ def test_stock_pipeline_through_attach_with_a_plain_prompt(tmp_path):
     assert hit == "whats the capital of france" + first[len("what is the capital of france") :]
     assert (cache.stats()["hits"], cache.stats()["near_misses"]) == (1, 1)
     assert cache.records.read_all()[0]["request"] == "what is the capital of france"  # [CLS] and [SEP] are context
-
-
-@pytest.mark.slow
-def test_stock_pipeline_serves_paraphrases_and_refuses_look_alikes(smollm, tmp_path):
-    """End to end on the embedded SmolLM2 with the default embedder (MiniLM), threshold and guard."""
-    from transformers import pipeline
-
-    model, tokenizer = smollm
-    cache = SemanticCache(tmp_path / "s")
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
-
-    def reply(question):
-        out = pipe([{"role": "user", "content": question}], max_new_tokens=8, do_sample=False)
-        return out[0]["generated_text"][-1]["content"]
-
-    plain = reply("What is the capital of France?")
-    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=tokenizer)
-    try:
-        answers = [reply(q) for q in ("What is the capital of France?", "Which city is the capital of France?",
-                                      "What is the capital of Germany?", "What day is today?")]  # fmt: skip
-    finally:
-        hf_neuralcache.detach(model)
-    stats = cache.stats()
-    assert answers[0] == answers[1] == plain
-    assert (stats["hits"], stats["not_cacheable"], stats["entries"]) == (1, 1, 2)  # Germany: a near miss or a miss

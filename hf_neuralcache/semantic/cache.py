@@ -1,23 +1,13 @@
 """The semantic cache: an hnswlib index of request embeddings beside a diskcache store of the answers.
 
-A folder holds, next to the shared store's `entries/` and `meta/` databases, the saved index (`index.bin`,
-`index.json`: see [`hf_neuralcache.semantic.index`]). Each answer is one checked entry (safetensors + JSON, never
-pickle) holding the generated tokens, the request's embedding and its text, under a key made of the request text and
-its *context*; `meta/` holds a JSON record per answer (`label:N` -> entry key, context, namespace and text) and
-`next_label`, the next free label number with the labels handed out and not recorded yet (`pending`).
-
-**Consistency.** A write goes: label reserved (pending), entry, record (which clears the pending mark); a removal
-(eviction, expiry, `delete`, a bad entry): entry, record, index. The record is the commit point: an index label or a
-record whose entry is gone is dropped when it is met (lookups check the entry, and a store count lower than the
-label count sweeps all records), and an entry without a record (a writer that died between its two writes) is never
-found, is overwritten when the same request is stored again, and is culled first by the byte bound (never read). A
-hit also checks that the entry names the candidate's request and that its stored embedding clears the threshold, so
-a stale or damaged index can cause a miss, never a wrong answer.
-
-**Concurrency.** Many readers and writers on one folder (threads or processes), eventually consistent: each process
-keeps its own copy of the index in memory, reads the records other processes added at most every `refresh_seconds`
-(a label still pending is retried for `pending_seconds`), and label numbers are handed out atomically (SQLite
-transactions). Saving the index takes a lock shared through the folder.
+Each answer is one checked entry of the shared store (safetensors + JSON, never pickle: the generated tokens, the
+request's embedding and text) under a key made of the request text and its *context*; its label record (`records.py`)
+says which entry an index label stands for, and the index (`index.py`) is saved beside them. A store writes the entry
+then the record (the commit point); a removal deletes the entry, the record, then the index label. Whatever a crash
+leaves in between causes a miss, never a wrong answer: a label whose entry is gone is dropped when met, an entry
+without a record is never found, and a hit checks that its entry answers the candidate's request and that the stored
+embedding clears the threshold. Processes share a folder: each keeps its own index in memory and takes in the
+records the others added at most every `refresh_seconds`.
 """
 
 from __future__ import annotations
