@@ -55,6 +55,55 @@ def timed(fn, wall: list[float], cpu: list[float]):
     return out
 
 
+class RandomEmbedder:
+    """Random unit vectors (stand-ins: opening a folder does not embed anything that was stored)."""
+
+    dim, fingerprint = 384, "random-384"
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def encode(self, texts):
+        vectors = self.rng.standard_normal((len(texts), self.dim)).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def reopen(count: int) -> None:
+    """Store `count` answers through `put`, then time opening the folder with its saved index and without it."""
+    from transformers import GenerationConfig
+
+    from hf_neuralcache.hooks.generate import Request
+    from hf_neuralcache.models import tiny_model
+
+    class Words:
+        all_special_tokens: list[str] = []
+
+        def decode(self, ids):
+            return " ".join(f"w{int(i)}" for i in ids)
+
+    model, config = tiny_model("llama"), GenerationConfig(max_new_tokens=4, do_sample=False)
+    with tempfile.TemporaryDirectory() as folder:
+        cache = SemanticCache(folder, embedder=RandomEmbedder(), tokenizer=Words(), max_entries=count + 1)
+        start = time.perf_counter()
+        for n in range(count):
+            ids = torch.tensor([[7, 3 + n % 200, 3 + n // 200 % 200, 3 + n // 40000]])
+            request = Request(ids, torch.ones_like(ids), config, None, None)
+            cache.put(model, request, torch.cat([ids, ids], dim=1), seconds=0.1)
+        stored = time.perf_counter() - start
+        cache.close()
+        start = time.perf_counter()
+        again = SemanticCache(folder, embedder=RandomEmbedder(), tokenizer=Words())
+        with_index = time.perf_counter() - start
+        assert again.stats()["entries"] == count
+        again.close()
+        Path(folder, "index.bin").unlink()
+        start = time.perf_counter()
+        SemanticCache(folder, embedder=RandomEmbedder(), tokenizer=Words())
+        rebuilt = time.perf_counter() - start
+    print(f"{count:,} answers: stored in {stored:.1f} s ({stored / count * 1e3:.2f} ms each); opening the folder "
+          f"takes {with_index:.2f} s with the saved index, {rebuilt:.2f} s rebuilding it from the answers")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -62,9 +111,13 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=1000, help="lookups timed per size (default: %(default)s)")
     parser.add_argument("--real", type=int, default=2000, help="real sentences in the index (default: %(default)s)")
+    parser.add_argument("--reopen", type=int, default=0, help="also time opening a folder of N answers (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for MiniLM (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.reopen:
+        reopen(args.reopen)
+        return
 
     with tempfile.TemporaryDirectory() as folder:
         cache = SemanticCache(folder, max_entries=max(args.sizes) + 1)
