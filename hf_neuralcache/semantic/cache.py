@@ -155,6 +155,7 @@ class SemanticCache(StoreBackedCache):
             self.index.load()
             self._seen, pending = self.records.counter()  # before the records: later ones come by _refresh
             found = self.records.read_all()
+            self._seen = max(self._seen, *found, -1)  # the counter may have been lost: never hand out a used label
             self._unrecorded = pending - set(found)  # labels handed out by others, not recorded yet
             self._register(found)
             for label in self.index.labels - set(self._labels):  # removed since the index was saved
@@ -332,7 +333,7 @@ class SemanticCache(StoreBackedCache):
         vector = self.embedder.encode([text])[0]
         tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
         self._make_room(sum(t.numel() * t.element_size() for t in tensors.values()) + 4096)
-        label = self.records.reserve(max(self._labels, default=-1) + 1)
+        label = self.records.reserve(self._seen + 1)
         meta.update(seconds=seconds, label=label, request=text, embedder=self.embedder.fingerprint)
         written = self.store.put(key, tensors, meta, expire=self.ttl)
         record = {"key": key, "context": context, "request": text, "namespace": self.namespace}
@@ -348,23 +349,23 @@ class SemanticCache(StoreBackedCache):
         if self._added >= self.save_every:
             self.save()
 
+    def _evict_oldest(self) -> None:
+        with self._lock:
+            oldest = min(self._labels)
+            self.store.delete(self._labels[oldest]["key"])
+            self._forget(oldest)
+
     def _make_room(self, nbytes: int) -> None:
         """Evict the oldest answers until `nbytes` more fit the byte bound (the store's own cull drops them in tens)."""
-        with self._lock:
-            while self._labels and self.store.volume() + nbytes > self.store.disk_bytes:
-                oldest = min(self._labels)
-                self.store.delete(self._labels[oldest]["key"])
-                self._forget(oldest)
+        while self._labels and self.store.volume() + nbytes > self.store.disk_bytes:
+            self._evict_oldest()
 
     def _evict(self) -> None:
         """Keep `max_entries`: oldest answers first; forget labels whose answers the byte bound or the TTL removed."""
         if len(self.store) < len(self._labels):
             self._sweep()
         while len(self._labels) > self.max_entries:
-            with self._lock:
-                oldest = min(self._labels)
-                self.store.delete(self._labels[oldest]["key"])
-                self._forget(oldest)
+            self._evict_oldest()
 
     def delete(self, text: str) -> int:
         """Remove the answers stored for exactly this request text in this namespace (any context); returns how many."""
