@@ -246,11 +246,13 @@ def run_cache(args: argparse.Namespace) -> int:
                 store.disk.reset("size_limit", args.max_bytes)
                 store.disk.cull(retry=True)
             print(f"removed {expired} expired and {corrupt} bad entries; {len(store)} left, {store.volume():,} bytes")
+        elif store.kind == "semantic":
+            from .semantic.records import clear_folder
+
+            print(f"removed {clear_folder(store)} entries from {store.directory}")
         else:
             removed = store.clear()
-            store.meta.clear(retry=True)  # statistics, measurements and the semantic cache's label records
-            for name in ("index.bin", "index.json"):  # the semantic cache's index
-                (store.directory / name).unlink(missing_ok=True)
+            store.meta.clear(retry=True)  # statistics and measurements
             print(f"removed {removed} entries from {store.directory}")
     finally:
         store.close()

@@ -75,7 +75,7 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py"])
+@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py"])
 def test_examples_run(script):
     import subprocess
     import sys
@@ -87,5 +87,9 @@ def test_examples_run(script):
     if script == "prefix_cache.py":
         assert result.stdout.count("identical to generating without the cache: True") == 3
         assert "'hits': 2" in result.stdout
+    elif script == "semantic_cache.py":  # paraphrases served, look-alikes and the time-dependent question not
+        served = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if "[cache]" in line]
+        assert served == ["What's the capital city of France?", "How can I reverse a Python list?"]
+        assert "'hits': 2," in result.stdout and "'not_cacheable': 1," in result.stdout
     else:
         assert "'hits': 2, 'misses': 2" in result.stdout

@@ -65,3 +65,25 @@ def test_stock_pipeline_through_attach(smollm, tmp_path):
     finally:
         hf_neuralcache.detach(model)
     assert inference.stats()["not_cacheable"] == 1
+
+
+def test_semantic_cache_in_a_stock_pipeline_serves_paraphrases_not_look_alikes(smollm, tmp_path):
+    """End to end on the embedded SmolLM2 with the default embedder (MiniLM), threshold and guard."""
+    model, tokenizer = smollm
+    cache = hf_neuralcache.SemanticCache(tmp_path / "semantic")
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+
+    def reply(question):
+        out = pipe([{"role": "user", "content": question}], max_new_tokens=8, do_sample=False)
+        return out[0]["generated_text"][-1]["content"]
+
+    plain = reply("What is the capital of France?")
+    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=tokenizer)
+    try:
+        answers = [reply(q) for q in ("What is the capital of France?", "Which city is the capital of France?",
+                                      "What is the capital of Germany?", "What day is today?")]  # fmt: skip
+    finally:
+        hf_neuralcache.detach(model)
+    stats = cache.stats()
+    assert answers[0] == answers[1] == plain
+    assert (stats["hits"], stats["not_cacheable"], stats["entries"]) == (1, 1, 2)  # Germany: a near miss or a miss

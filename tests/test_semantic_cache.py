@@ -2,96 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
+from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
-from hf_neuralcache.semantic.cache import SemanticCache
-
-SPECIAL = {1: "<|im_start|>user", 2: "<|im_end|>", 3: "<|im_start|>assistant", 4: "<|im_start|>system"}
-WORDS = ["what", "is", "the", "capital", "of", "france", "germany", "whats", "tell", "me", "today", "be", "brief",
-         "a", "pirate", "please", "cache", "explain", "how", "works"]  # fmt: skip
-VOCAB = {**SPECIAL, **{10 + i: w for i, w in enumerate(WORDS)}}
-IDS = {w: i for i, w in VOCAB.items()}
-
-
-class WordTokenizer:
-    """Just enough tokenizer: ids <-> words, with chat-template special tokens."""
-
-    all_special_tokens = list(SPECIAL.values())
-
-    def decode(self, ids, **kwargs):
-        return " ".join(VOCAB.get(int(i), f"x{int(i)}") for i in ids)
-
-
-class BagOfWords:
-    """A deterministic embedder: hashed bag of words, L2-normalized (so paraphrases sharing words are close)."""
-
-    dim = 64
-    fingerprint = "test-bag-of-words-64"
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.split():
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    reason: str = ""
-
-
-class CountryGuard:
-    """A stand-in guard: the country named must agree."""
-
-    def check(self, query, candidate):
-        countries = lambda text: {w for w in text.split() if w in ("france", "germany")}  # noqa: E731
-        return Verdict(countries(query) == countries(candidate), "country differs")
-
-
-def chat(question: str, system: str | None = None) -> torch.Tensor:
-    ids = []
-    if system:
-        ids += [IDS["<|im_start|>system"], *[IDS[w] for w in system.split()], IDS["<|im_end|>"]]
-    ids += [IDS["<|im_start|>user"], *[IDS[w] for w in question.split()], IDS["<|im_end|>"]]
-    ids += [IDS["<|im_start|>assistant"]]
-    return torch.tensor([ids])
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-def make(path, **kwargs):
-    kwargs = {"embedder": BagOfWords(), "guard": CountryGuard(), "threshold": 0.6, "tokenizer": WordTokenizer(),
-              **kwargs}  # fmt: skip
-    return SemanticCache(path, **kwargs)
-
-
-class Forwards:
-    def __init__(self, model):
-        self.count, self.handle = 0, model.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def ask(model, cache, question, system=None, **kwargs):
-    kwargs = {"max_new_tokens": 5, "do_sample": False, **kwargs}
-    return model.generate(chat(question, system), semantic_cache=cache, **kwargs)
 
 
 def test_a_paraphrase_gets_the_stored_answer_after_its_own_prompt(model, tmp_path):
@@ -230,3 +153,105 @@ def test_cli_lists_and_clears_a_semantic_folder(model, tmp_path, capsys):
     assert reopened.stats()["entries"] == 0
     ask(model, reopened, "whats the capital of france")
     assert reopened.stats()["hits"] == 0
+
+
+class Recorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_a_hit_returns_generates_type_exactly_and_streams_it(model, tmp_path):
+    cache = make(tmp_path / "s")
+    kwargs = {"return_dict_in_generate": True, "output_scores": True, "output_logits": True}
+    miss_stream, hit_stream = Recorder(), Recorder()
+    first = ask(model, cache, "what is the capital of france", streamer=miss_stream, **kwargs)
+    prompt = chat("whats the capital of france")
+    hit = ask(model, cache, "whats the capital of france", streamer=hit_stream, **kwargs)
+    assert cache.stats()["hits"] == 1 and cache.stats()["seconds_saved"] > 0
+    assert type(hit) is type(first) and len(hit.scores) == len(first.scores) == 5
+    new = first.sequences[:, chat("what is the capital of france").shape[1] :]
+    assert torch.equal(hit.sequences, torch.cat([prompt, new], dim=1))
+    for ours, stored in [*zip(hit.scores, first.scores, strict=True), *zip(hit.logits, first.logits, strict=True)]:
+        assert torch.equal(ours, stored)
+    # streamed the way generate streams: the prompt, one token at a time, end
+    assert torch.equal(hit_stream.calls[0], prompt) and hit_stream.calls[-1] == "end"
+    assert [tuple(c.shape) for c in hit_stream.calls[1:-1]] == [tuple(c.shape) for c in miss_stream.calls[1:-1]]
+    assert torch.equal(torch.cat(hit_stream.calls[1:-1]), torch.cat(miss_stream.calls[1:-1]))
+    plain = ask(model, cache, "whats the capital of france", max_new_tokens=5)  # other settings: a tensor, a miss
+    assert isinstance(plain, torch.Tensor) and cache.stats()["hits"] == 1
+
+
+def test_earlier_turns_the_model_and_the_namespace_must_match(model, tmp_path):
+    cache = make(tmp_path / "s")
+    before = (("explain how cache works", "a cache works"),)
+    ask(model, cache, "what is the capital of france", history=before)
+    with Forwards(model) as forwards:
+        ask(model, cache, "whats the capital of france")  # no earlier turn
+        ask(model, cache, "whats the capital of france", history=(("explain how cache works", "a pirate"),))
+    assert forwards.count > 0 and cache.stats()["hits"] == 0
+    ask(model, cache, "whats the capital of france", history=before)
+    assert cache.stats()["hits"] == 1
+    other_model = tiny_model("llama", seed=1)
+    ask(other_model, cache, "whats the capital of france", history=before)
+    assert cache.stats()["hits"] == 1
+    tenant_a, tenant_b = make(tmp_path / "t", namespace="a"), make(tmp_path / "t", namespace="b")
+    tenant_b.refresh_seconds = tenant_a.refresh_seconds = 0.0
+    ask(model, tenant_a, "what is the capital of france")
+    ask(model, tenant_b, "explain how cache works")
+    ask(model, tenant_b, "whats the capital of france")
+    ask(model, tenant_a, "explain how cache works please")
+    assert tenant_a.stats()["hits"] == tenant_b.stats()["hits"] == 0
+    ask(model, tenant_a, "whats the capital of france")
+    ask(model, tenant_b, "explain how cache works please")
+    assert tenant_a.stats()["hits"] == tenant_b.stats()["hits"] == 1
+
+
+def test_clearing_the_folder_under_a_live_cache_never_reuses_its_labels(model, tmp_path):
+    from hf_neuralcache.cli import main
+
+    live = make(tmp_path / "s")
+    live.refresh_seconds = 0.0
+    ask(model, live, "what is the capital of france")
+    assert main(["cache", "clear", str(tmp_path / "s")]) == 0
+    other = make(tmp_path / "s")
+    ask(model, other, "explain how cache works")
+    assert min(other._labels) > max(live._labels)
+    with Forwards(model) as forwards:
+        ask(model, live, "whats the capital of france")  # cleared: not served
+    assert forwards.count > 0
+    ask(model, live, "explain how cache works please")  # the other process's new answer
+    assert live.stats()["hits"] == 1
+
+
+def test_stock_pipeline_through_attach_with_a_plain_prompt(tmp_path):
+    """A text-generation pipeline (no chat template, a tokenizer that opens every prompt with [CLS])."""
+    from transformers import AutoTokenizer, pipeline
+
+    from hf_neuralcache.semantic.embedders import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    kwargs = {"max_new_tokens": 4, "do_sample": False}
+    plain = pipe("what is the capital of france", **kwargs)[0]["generated_text"]
+    cache = make(tmp_path / "s", tokenizer=None)
+    hf_neuralcache.attach(model, semantic_cache=cache, tokenizer=tokenizer)
+    try:
+        first = pipe("what is the capital of france", **kwargs)[0]["generated_text"]
+        with Forwards(model) as forwards:
+            hit = pipe("whats the capital of france", **kwargs)[0]["generated_text"]
+        pipe("what is the capital of germany", **kwargs)
+    finally:
+        hf_neuralcache.detach(model)
+    assert first == plain and forwards.count == 0
+    assert hit == "whats the capital of france" + first[len("what is the capital of france") :]
+    assert (cache.stats()["hits"], cache.stats()["near_misses"]) == (1, 1)
+    assert cache.records.read_all()[0]["request"] == "what is the capital of france"  # [CLS] and [SEP] are context

@@ -1,38 +1,31 @@
 """The semantic cache: an hnswlib index of request embeddings beside a diskcache store of the answers.
 
-Layout of a folder (next to the shared store's `entries/` and `meta/` databases):
-
-- `index.bin`: the hnswlib index (cosine space), saved every `save_every` additions and on `close()`, written to a
-  temporary file and renamed; `index.json` records its xxh3 checksum, the embedder fingerprint and the highest label
-  it contains. An index whose checksum, embedder or dimension does not match is rebuilt from the store (logged).
-- each answer is one checked entry (safetensors + JSON, never pickle) holding the generated tokens, the request's
-  embedding and its text, under a key made of the request text and its *context*;
-- `meta/` holds a record per label (`label:N` -> entry key, context and text) and the next free label.
-
-Writes go entry first, then its label record; an entry without a record (a crash in between) is never found and is
-evicted with time; a record whose entry is gone (evicted, expired or bad) is dropped from the index on the lookup that
-finds it. Each process keeps its own copy of the index in memory and catches up with the labels other processes added
-(read from their records) at most every `refresh_seconds`; label numbers are handed out atomically (SQLite).
+Each answer is one checked entry of the shared store (safetensors + JSON, never pickle: the generated tokens, the
+request's embedding and text) under a key made of the request text and its *context*; its label record (`records.py`)
+says which entry an index label stands for, and the index (`index.py`) is saved beside them. A store writes the entry
+then the record (the commit point); a removal deletes the entry, the record, then the index label. Whatever a crash
+leaves in between causes a miss, never a wrong answer: a label whose entry is gone is dropped when met, an entry
+without a record is never found, and a hit checks that its entry answers the candidate's request and that the stored
+embedding clears the threshold. Processes share a folder: each keeps its own index in memory and takes in the
+records the others added at most every `refresh_seconds`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
-import hnswlib
 import numpy as np
 import torch
-import xxhash
 
 from ..hooks.fingerprint import digest, model_fingerprint
 from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
 from ..hooks.storage import Counters, StoreBackedCache, TieredStore
+from .index import VectorIndex
+from .records import LabelRecords, clear_folder
 
 logger = logging.getLogger("hf_neuralcache.semantic")
 
@@ -58,23 +51,41 @@ class SemanticCache(StoreBackedCache):
             a strictness (`"strict"`, `"balanced"`, `"off"`) or an object with `check(query, candidate)`.
         namespace (`str`, *optional*): Separates tenants completely.
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
-        disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk.
+        disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
         ttl (`float`, *optional*): Seconds an answer lives.
         cache_sampled (`bool`, *optional*, defaults to `False`): Also store answers of `do_sample=True` calls.
         cacheable (`Callable[[str], bool]`, *optional*): Whether a request may be cached (and looked up); defaults
             to `not is_time_dependent(text)`, as the inference cache.
         tokenizer (*optional*): Decodes prompts when the call and `attach` bring none (a tokenizer is required).
-        M (`int`, *optional*, defaults to 16), ef_construction (`int`, *optional*, defaults to 200): hnswlib build
-            parameters.
-        ef (`int`, *optional*, defaults to 64): hnswlib search breadth.
+        M (`int`, *optional*, defaults to 16): hnswlib's graph degree.
+        ef_construction (`int`, *optional*, defaults to 200): hnswlib's build breadth.
+        ef (`int`, *optional*, defaults to 64): hnswlib's search breadth.
         candidates (`int`, *optional*, defaults to 8): Nearest neighbours examined per lookup.
 
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
     `bypassed`, `not_cacheable`, `bytes_stored` and `seconds_saved`; `entries` is the number of indexed answers.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from hf_neuralcache import SemanticCache
+    >>> class Letters:  # a toy embedder; the default is all-MiniLM-L6-v2
+    ...     dim, fingerprint = 26, "letters"
+    ...     def encode(self, texts):
+    ...         v = np.array([[t.count(chr(97 + i)) + 1e-3 for i in range(26)] for t in texts], dtype=np.float32)
+    ...         return v / np.linalg.norm(v, axis=1, keepdims=True)
+    >>> cache = SemanticCache(tempfile.mkdtemp(), embedder=Letters(), M=8, ef=32)
+    >>> cache.stats()["entries"], cache.index.M
+    (0, 8)
+    ```
     """
 
-    save_every = 1000
-    refresh_seconds = 1.0
+    save_every = 1000  # additions between two saves of the index (also saved on close())
+    refresh_seconds = 1.0  # how often a lookup reads the records other processes added
+    pending_seconds = 60.0  # how long a label handed out but not recorded yet is waited for
+    initial_capacity = 1024  # room of a new index (it doubles when full)
 
     def __init__(
         self,
@@ -104,6 +115,8 @@ class SemanticCache(StoreBackedCache):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if ttl is not None and (not isinstance(ttl, int | float) or ttl <= 0):
             raise ValueError(f"ttl must be seconds > 0 or None, got {ttl!r}")
+        if namespace is not None and not isinstance(namespace, str):
+            raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
         if embedder is None:
             from .embedders import MiniLMEmbedder
 
@@ -121,120 +134,97 @@ class SemanticCache(StoreBackedCache):
         self.namespace, self.max_entries, self.ttl = namespace, max_entries, ttl
         self.cache_sampled, self.tokenizer = cache_sampled, tokenizer
         self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
-        self.M, self.ef_construction, self.ef, self.candidates = M, ef_construction, ef, candidates
+        self.candidates = candidates
         self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used")
         self.counters = Counters(
             self.store, ("hits", "misses", "near_misses", "bypassed", "not_cacheable", "bytes_stored", "seconds_saved")
         )
+        self.index = VectorIndex(self.store.directory, embedder.dim, embedder.fingerprint, M, ef_construction, ef,
+                                 self.initial_capacity)  # fmt: skip
+        self.records = LabelRecords(self.store, self.pending_seconds)
         self._lock = threading.RLock()
-        self._labels: dict[int, dict] = {}  # label -> {"key", "context", "request"} of the labels in the index
-        self._seen = -1  # highest label number read from the records
-        self._unrecorded: dict[int, float] = {}  # labels handed out without a record yet -> when first noticed
-        self._checked = 0.0
-        self._open_index()
+        self._open()
 
-    # ---- the index ----------------------------------------------------------------------------------------------
-    @property
-    def _index_path(self):
-        return self.store.directory / "index.bin"
-
-    def _new_index(self, capacity: int) -> hnswlib.Index:
-        index = hnswlib.Index(space="cosine", dim=self.embedder.dim)
-        index.init_index(max_elements=max(capacity, 1024), M=self.M, ef_construction=self.ef_construction)
-        index.set_ef(self.ef)
-        return index
-
-    def _open_index(self) -> None:
-        info_path = self.store.directory / "index.json"
-        self.index, upto = None, -1
-        try:
-            info = json.loads(info_path.read_text())
-            data = self._index_path.read_bytes()
-            if info["embedder"] != self.embedder.fingerprint or info["dim"] != self.embedder.dim:
-                raise ValueError("the index was built with another embedder")
-            if xxhash.xxh3_128_hexdigest(data) != info["checksum"]:
-                raise ValueError("checksum mismatch")
-            index = hnswlib.Index(space="cosine", dim=self.embedder.dim)
-            index.load_index(
-                str(self._index_path), max_elements=max(info["capacity"], 1024), allow_replace_deleted=False
-            )
-            index.set_ef(self.ef)
-            self.index, upto = index, info["upto"]
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            logger.warning(
-                "hf_neuralcache: semantic index in %s unusable (%s); rebuilding it", self.store.directory, err
-            )
-        if self.index is None:
-            self.index = self._new_index(1024)
-        self._catch_up(index_upto=upto)
-
-    def _catch_up(self, index_upto: int = -1) -> None:
-        """Read the label records this process has not seen; add the ones the index lacks.
-
-        A label handed out but not recorded yet (another process between its two writes) is retried for a minute.
-        """
+    # ---- the records and the index ------------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Load the saved index (if usable) and reconcile it with the records: the records are the truth."""
         with self._lock:
-            now = time.monotonic()
-            top = self.store.read_record("next_label").get("value", 0) - 1
-            todo = sorted(set(range(self._seen + 1, top + 1)) | set(self._unrecorded))
-            for label in todo:
-                record = self.store.read_record(f"label:{label}")
-                if not record:
-                    if label <= index_upto:  # in the saved index, deleted since
-                        self._mark_deleted(label)
-                    elif now - self._unrecorded.setdefault(label, now) > 60:
-                        del self._unrecorded[label]  # its writer died between the two writes
-                    continue
-                self._unrecorded.pop(label, None)
-                if label > index_upto:
-                    entry = self.store.get(record["key"])
-                    if entry is None:  # evicted, expired or bad since
-                        self.store.meta.delete(f"label:{label}", retry=True)
-                        continue
-                    if entry.meta.get("embedder") == self.embedder.fingerprint:
-                        vector = entry.tensors["embedding"].numpy()
-                    else:  # stored by a process with another embedder: embed its text again
-                        vector = self.embedder.encode([record["request"]])[0]
-                    self._add_vector(label, vector)
-                self._labels[label] = record
-            self._seen = max(self._seen, top)
-            self._checked = now
+            self._labels: dict[int, dict] = {}  # label -> record, for the labels in the index
+            self._by_key: dict[str, int] = {}
+            self._added, self._checked = 0, time.monotonic()
+            self.index.load()
+            self._seen, pending = self.records.counter()  # before the records: later ones come by _refresh
+            found = self.records.read_all()
+            self._seen = max(self._seen, *found, -1)  # the counter may have been lost: never hand out a used label
+            self._unrecorded = pending - set(found)  # labels handed out by others, not recorded yet
+            self._register(found)
+            for label in self.index.labels - set(self._labels):  # removed since the index was saved
+                self.index.remove(label)
 
-    def _add_vector(self, label: int, vector: np.ndarray) -> None:
-        if self.index.get_current_count() >= self.index.get_max_elements():
-            self.index.resize_index(2 * self.index.get_max_elements())
-        self.index.add_items(vector.reshape(1, -1).astype(np.float32), np.array([label]))
+    def _refresh(self) -> None:
+        """Take in the labels other processes recorded since the last look (and those pending then)."""
+        with self._lock:
+            top, pending = self.records.counter()
+            todo = set(range(self._seen + 1, top + 1)) | self._unrecorded
+            found = {label: record for label in sorted(todo) if (record := self.records.read(label))}
+            self._unrecorded = (todo & pending) - set(found)
+            self._seen, self._checked = max(self._seen, top), time.monotonic()
+            self._register(found)
+
+    def _register(self, records: dict[int, dict]) -> None:
+        """Index the answers of `records` (label -> record) whose entries exist; drop the records of the others."""
+        new_labels, vectors, texts = [], [], []
+        for label, record in sorted(records.items()):
+            if label in self._labels:
+                continue
+            if not isinstance(record.get("key"), str) or not self.store.contains(record["key"]):
+                self.records.delete(label)  # its answer is gone: evicted, expired, bad
+                continue
+            if label not in self.index.labels:
+                entry = self.store.get(record["key"])
+                if entry is None:
+                    self.records.delete(label)
+                    continue
+                if entry.meta.get("embedder") == self.embedder.fingerprint:
+                    vectors.append(entry.tensors["embedding"].numpy())
+                else:  # stored by a process with another embedder: embed its text again
+                    texts.append((len(vectors), record["request"]))
+                    vectors.append(None)
+                new_labels.append(label)
+            self._labels[label] = record
+            self._by_key[record["key"]] = label
+        if texts:
+            encoded = self.embedder.encode([text for _, text in texts])
+            for (slot, _), vector in zip(texts, encoded, strict=True):
+                vectors[slot] = vector
+        if new_labels:
+            self.index.add(new_labels, np.stack(vectors))
+
+    def _drop(self, label: int) -> None:
+        """Take `label` out of this process's index (its record is already gone or is deleted by the caller)."""
+        record = self._labels.pop(label, None)
+        if record is not None and self._by_key.get(record["key"]) == label:
+            del self._by_key[record["key"]]
+        self.index.remove(label)
+
+    def _forget(self, label: int) -> None:
+        """Delete the record of `label` (its answer is gone), then take it out of the index."""
+        with self._lock:
+            self.records.delete(label)
+            self._drop(label)
+
+    def _sweep(self) -> None:
+        """Forget every label whose answer is gone (the byte bound or the TTL removed it, or another process did)."""
+        with self._lock:
+            for label, record in list(self._labels.items()):
+                if not self.store.contains(record["key"]):
+                    self._forget(label)
 
     def save(self) -> None:
         """Write the index to the folder (atomically); lookups do not need it, it only speeds up the next start."""
         with self._lock:
-            tmp = self._index_path.with_name(f".index.{os.getpid()}.tmp")
-            self.index.save_index(str(tmp))
-            info = {
-                "checksum": xxhash.xxh3_128_hexdigest(tmp.read_bytes()),
-                "embedder": self.embedder.fingerprint,
-                "dim": self.embedder.dim,
-                "capacity": self.index.get_max_elements(),
-                "upto": self._seen,
-            }
-            info_tmp = tmp.with_suffix(".json.tmp")
-            info_tmp.write_text(json.dumps(info))
-            os.replace(tmp, self._index_path)
-            os.replace(info_tmp, self.store.directory / "index.json")
-
-    def _mark_deleted(self, label: int) -> None:
-        try:
-            self.index.mark_deleted(label)
-        except RuntimeError:  # not in the index, or already deleted
-            pass
-
-    def _forget(self, label: int) -> None:
-        with self._lock:
-            if self._labels.pop(label, None) is not None:
-                self._mark_deleted(label)
-        self.store.meta.delete(f"label:{label}", retry=True)
+            self.index.save(self.store.meta)
+            self._added = 0
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def describe(self, model, request, tokenizer=None) -> tuple[str, str] | None:
@@ -249,16 +239,20 @@ class SemanticCache(StoreBackedCache):
         cut = max((full.rfind(m) + len(m) for m in _CHAT_USER_MARKERS if m in full), default=0)
         turn = full[cut:]
         specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t in turn]
-        end = min((turn.find(t) for t in specials), default=len(turn))
-        text = turn[:end].strip()
+        start = 0  # after the special tokens that open the turn (a BOS, "[CLS]")
+        while opener := next((t for t in specials if turn[start:].lstrip().startswith(t)), None):
+            start = turn.index(opener, start) + len(opener)
+        end = min((i for t in specials if (i := turn.find(t, start)) >= 0), default=len(turn))
+        text = turn[start:end].strip()
         if not text:
             return None
         context = digest(
             "semantic-context", model_fingerprint(model), self.namespace or "", config.to_dict(), request.extra,
-            full[:cut], turn[end:],
+            full[:cut], turn[:start], turn[end:],
         )  # fmt: skip
         return text, context
 
+    # ---- lookups and stores -------------------------------------------------------------------------------------
     def get(self, model, request, tokenizer=None):
         """The stored answer for a request that means the same as this one, or `None`."""
         described = self.describe(model, request, tokenizer)
@@ -270,17 +264,16 @@ class SemanticCache(StoreBackedCache):
             self.counters.add("not_cacheable", 1)
             return None
         if time.monotonic() - self._checked > self.refresh_seconds:
-            self._catch_up()
+            self._refresh()
         with self._lock:
-            live = len(self._labels)
-            if live == 0:
+            if not self._labels:
                 self.counters.add("misses", 1)
                 return None
-            vector = self.embedder.encode([text])
-            labels, distances = self.index.knn_query(vector, k=min(self.candidates, live))
+            vector = self.embedder.encode([text])[0]
+            found = self.index.search(vector, self.candidates)
         rejected = False
-        for label, distance in zip(labels[0].tolist(), distances[0].tolist(), strict=True):
-            if 1.0 - distance < self.threshold:
+        for label, similarity in found:
+            if similarity < self.threshold:
                 break
             record = self._labels.get(label)
             if record is None or record["context"] != context:
@@ -292,9 +285,11 @@ class SemanticCache(StoreBackedCache):
             if entry is None:  # evicted, expired or bad since it was indexed
                 self._forget(label)
                 continue
+            if not self._matches(label, entry, record, vector):
+                continue
             prompt = request.input_ids
-            new = entry.tensors["new_tokens"].to(prompt.device, copy=True)
-            output = output_from_entry(entry.tensors, entry.meta, prompt.device, torch.cat([prompt, new], dim=1))
+            full = torch.cat([prompt, entry.tensors["new_tokens"].to(prompt.device)], dim=1)
+            output = output_from_entry({**entry.tensors, "sequences": full}, entry.meta, prompt.device, full)
             if output is None:
                 continue
             self.counters.add("hits", 1)
@@ -303,6 +298,18 @@ class SemanticCache(StoreBackedCache):
             return output
         self.counters.add("near_misses" if rejected else "misses", 1)
         return None
+
+    def _matches(self, label: int, entry, record: dict, vector: np.ndarray) -> bool:
+        """Whether `entry` answers the record's request and its stored embedding clears the threshold too."""
+        same = entry.meta.get("request") == record["request"]
+        stored = entry.tensors.get("embedding")
+        if same and entry.meta.get("embedder") == self.embedder.fingerprint and stored is not None:
+            same = stored.shape == vector.shape and float(stored.numpy() @ vector) >= self.threshold - 1e-5
+        if not same:
+            logger.warning("hf_neuralcache: semantic index label %d does not match its answer; dropped", label)
+            with self._lock:
+                self._drop(label)
+        return same
 
     def put(self, model, request, output, seconds: float, tokenizer=None) -> None:
         """Store the answer of a call that missed (no-op for calls that cannot take part or are not cacheable)."""
@@ -318,44 +325,76 @@ class SemanticCache(StoreBackedCache):
         tensors, meta = stored
         sequences = tensors.pop("sequences")
         tensors["new_tokens"] = sequences[:, request.input_ids.shape[1] :]
+        key = digest("semantic-entry", context, text)
+        if time.monotonic() - self._checked > self.refresh_seconds:
+            self._refresh()
+        if key in self._by_key:  # answered already (an entry without a record is overwritten)
+            return
         vector = self.embedder.encode([text])[0]
         tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
-        key = digest("semantic-entry", context, text)
-        if self.store.contains(key):
-            return
-        label = self.store.update_record("next_label", lambda r: {"value": r.get("value", 0) + 1})["value"] - 1
+        self._make_room(sum(t.numel() * t.element_size() for t in tensors.values()) + 4096)
+        label = self.records.reserve(self._seen + 1)
         meta.update(seconds=seconds, label=label, request=text, embedder=self.embedder.fingerprint)
         written = self.store.put(key, tensors, meta, expire=self.ttl)
+        record = {"key": key, "context": context, "request": text, "namespace": self.namespace}
+        self.records.commit(label, record if written else None)
         if not written:
             return
-        record = {"key": key, "context": context, "request": text}
-        self.store.update_record(f"label:{label}", lambda r: record)
         self.counters.add("bytes_stored", written)
         with self._lock:
-            self._add_vector(label, vector)
-            self._labels[label] = record
+            self.index.add([label], vector[None])
+            self._labels[label], self._by_key[key] = record, label
+            self._added += 1
         self._evict()
-        if label % self.save_every == 0:
+        if self._added >= self.save_every:
             self.save()
 
-    def _evict(self) -> None:
-        while len(self._labels) > self.max_entries:
+    def _evict_oldest(self) -> None:
+        with self._lock:
             oldest = min(self._labels)
             self.store.delete(self._labels[oldest]["key"])
             self._forget(oldest)
 
+    def _make_room(self, nbytes: int) -> None:
+        """Evict the oldest answers until `nbytes` more fit the byte bound (the store's own cull drops them in tens)."""
+        while self._labels and self.store.volume() + nbytes > self.store.disk_bytes:
+            self._evict_oldest()
+
+    def _evict(self) -> None:
+        """Keep `max_entries`: oldest answers first; forget labels whose answers the byte bound or the TTL removed."""
+        if len(self.store) < len(self._labels):
+            self._sweep()
+        while len(self._labels) > self.max_entries:
+            self._evict_oldest()
+
+    def delete(self, text: str) -> int:
+        """Remove the answers stored for exactly this request text in this namespace (any context); returns how many."""
+        if not isinstance(text, str):
+            raise ValueError(f"expected the request text as a str, got {type(text).__name__}")
+        removed = 0
+        with self._lock:
+            self._refresh()
+            for label, record in list(self._labels.items()):
+                if record["request"] == text.strip() and record.get("namespace") == self.namespace:
+                    self.store.delete(record["key"])
+                    self._forget(label)
+                    removed += 1
+        return removed
+
     # ---- operations ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
+        self.store.disk.expire(retry=True)
+        if len(self.store) < len(self._labels):
+            self._sweep()
         return {**super().stats(), "entries": len(self._labels)}
 
     def clear(self) -> None:
-        """Remove every answer, label record and the index."""
+        """Remove every answer (all namespaces and contexts), its record and the saved index."""
         with self._lock:
-            super().clear()
-            self.store.meta.clear(retry=True)
-            for path in (self._index_path, self.store.directory / "index.json"):
-                path.unlink(missing_ok=True)
-            self.index, self._labels, self._seen = self._new_index(1024), {}, -1
+            clear_folder(self.store)
+            self.index.reset()
+            self._labels, self._by_key, self._unrecorded = {}, {}, set()
+            self._seen = self.records.counter()[0]
 
     def close(self) -> None:
         """Save the index and the statistics, and close the folder's database connections."""
