@@ -26,15 +26,47 @@ def _tanh(x):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, TABLE, SEQ_LENS, KV_START, O_PART, LSE_PART,
-    stride_qb, stride_qh, stride_qd,
-    stride_kp, stride_kh, stride_kt, stride_kd,
-    stride_vp, stride_vh, stride_vt, stride_vd,
-    stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    scaling, softcap, window, split_len,
-    GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    TABLE,
+    SEQ_LENS,
+    KV_START,
+    O_PART,
+    LSE_PART,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kp,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vp,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    scaling,
+    softcap,
+    window,
+    split_len,
+    GROUPS: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
@@ -48,12 +80,13 @@ def _decode_split_kernel(
     heads = kv_head * GROUPS + g
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
-        mask=(g[:, None] < GROUPS) & (d[None, :] < D), other=0.0,
+        mask=(g[:, None] < GROUPS) & (d[None, :] < D),
+        other=0.0,
     )  # [G, D]
     if UPCAST:
         q = q.to(tl.float32)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
+    denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_DV], tl.float32)
     start = (lo // BLOCK_N) * BLOCK_N
     for block in range(start, hi, BLOCK_N):
@@ -61,9 +94,13 @@ def _decode_split_kernel(
         valid = (t >= lo) & (t < hi)
         page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=valid, other=0)
         k = tl.load(
-            K + page[:, None] * stride_kp + kv_head * stride_kh + (t % PAGE)[:, None] * stride_kt
+            K
+            + page[:, None] * stride_kp
+            + kv_head * stride_kh
+            + (t % PAGE)[:, None] * stride_kt
             + d[None, :] * stride_kd,
-            mask=valid[:, None] & (d[None, :] < D), other=0.0,
+            mask=valid[:, None] & (d[None, :] < D),
+            other=0.0,
         )  # [N, D]
         if UPCAST:
             k = k.to(tl.float32)
@@ -76,28 +113,45 @@ def _decode_split_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = tl.load(
-            V + page[:, None] * stride_vp + kv_head * stride_vh + (t % PAGE)[:, None] * stride_vt
+            V
+            + page[:, None] * stride_vp
+            + kv_head * stride_vh
+            + (t % PAGE)[:, None] * stride_vt
             + dv[None, :] * stride_vd,
-            mask=valid[:, None] & (dv[None, :] < DV), other=0.0,
+            mask=valid[:, None] & (dv[None, :] < DV),
+            other=0.0,
         )  # [N, Dv]
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         m = m_new
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    lse = tl.where(l == 0.0, float("-inf"), m + tl.log(tl.where(l == 0.0, 1.0, l)))
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    lse = tl.where(denom == 0.0, float("-inf"), m + tl.log(tl.where(denom == 0.0, 1.0, denom)))
     tl.store(
         O_PART + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :],
-        out, mask=(g[:, None] < GROUPS) & (dv[None, :] < DV),
+        out,
+        mask=(g[:, None] < GROUPS) & (dv[None, :] < DV),
     )
     tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=g < GROUPS)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    O_PART, LSE_PART, OUT, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_b, stride_h,
-    SPLITS: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    OUT,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_b,
+    stride_h,
+    SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, S_PAD)
@@ -108,7 +162,8 @@ def _merge_splits_kernel(
     weight = tl.exp(lse - top)  # [S]
     part = tl.load(
         O_PART + b * stride_ob + h * stride_oh + s[:, None] * stride_os + dv[None, :],
-        mask=(s[:, None] < SPLITS) & (dv[None, :] < DV), other=0.0,
+        mask=(s[:, None] < SPLITS) & (dv[None, :] < DV),
+        other=0.0,
     )  # [S, Dv]
     total = tl.sum(weight, 0)
     out = tl.sum(part * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
@@ -155,20 +210,57 @@ def paged_decode(
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     upcast = query.dtype == torch.bfloat16 and interpreting()  # numpy, under the interpreter, has no bf16 matmul
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_pages, v_pages, table, seq_lens, kv_start, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        *k_pages.stride(), *v_pages.stride(),
-        table.stride(0), o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        scaling, softcap or 0.0, window or 0, split_len,
-        GROUPS=groups, G_PAD=max(16, triton.next_power_of_2(groups)), D=dim,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), DV=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
-        PAGE=page, BLOCK_N=block_n, SOFTCAP=softcap is not None, WINDOW=window is not None, PRECISION=precision, UPCAST=upcast,
+        q,
+        k_pages,
+        v_pages,
+        table,
+        seq_lens,
+        kv_start,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        *k_pages.stride(),
+        *v_pages.stride(),
+        table.stride(0),
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        scaling,
+        softcap or 0.0,
+        window or 0,
+        split_len,
+        GROUPS=groups,
+        G_PAD=max(16, triton.next_power_of_2(groups)),
+        D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        DV=dim_v,
+        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
+        PAGE=page,
+        BLOCK_N=block_n,
+        SOFTCAP=softcap is not None,
+        WINDOW=window is not None,
+        PRECISION=precision,
+        UPCAST=upcast,
     )
     out = torch.empty(batch, q_heads, 1, dim_v, device=query.device, dtype=query.dtype)
     _merge_splits_kernel[(batch, q_heads)](
-        o_part, lse_part, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0),
-        lse_part.stride(1), out.stride(0), out.stride(1),
-        SPLITS=splits, S_PAD=max(2, triton.next_power_of_2(splits)), DV=dim_v,
+        o_part,
+        lse_part,
+        out,
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        out.stride(0),
+        out.stride(1),
+        SPLITS=splits,
+        S_PAD=max(2, triton.next_power_of_2(splits)),
+        DV=dim_v,
         BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
     )
     return out

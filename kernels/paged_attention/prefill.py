@@ -21,15 +21,45 @@ __all__ = ["paged_prefill"]
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, TABLE, SEQ_LENS, KV_START, OUT,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kp, stride_kh, stride_kt, stride_kd,
-    stride_vp, stride_vh, stride_vt, stride_vd,
-    stride_tb, stride_ob, stride_oh, stride_ot,
-    q_length, scaling, softcap, window,
-    GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-    WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    TABLE,
+    SEQ_LENS,
+    KV_START,
+    OUT,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kp,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vp,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    q_length,
+    scaling,
+    softcap,
+    window,
+    GROUPS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b, head, block_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // GROUPS
@@ -41,12 +71,13 @@ def _prefill_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
         Q + b * stride_qb + head * stride_qh + rows[:, None] * stride_qt + d[None, :] * stride_qd,
-        mask=(rows[:, None] < q_length) & (d[None, :] < D), other=0.0,
+        mask=(rows[:, None] < q_length) & (d[None, :] < D),
+        other=0.0,
     )  # [M, D]
     if UPCAST:
         q = q.to(tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo = kv_start
     if WINDOW:
@@ -57,9 +88,13 @@ def _prefill_kernel(
         in_seq = (t >= kv_start) & (t < seq_len)
         page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=in_seq, other=0)
         k = tl.load(
-            K + page[:, None] * stride_kp + kv_head * stride_kh + (t % PAGE)[:, None] * stride_kt
+            K
+            + page[:, None] * stride_kp
+            + kv_head * stride_kh
+            + (t % PAGE)[:, None] * stride_kt
             + d[None, :] * stride_kd,
-            mask=in_seq[:, None] & (d[None, :] < D), other=0.0,
+            mask=in_seq[:, None] & (d[None, :] < D),
+            other=0.0,
         )  # [N, D]
         if UPCAST:
             k = k.to(tl.float32)
@@ -75,19 +110,24 @@ def _prefill_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         v = tl.load(
-            V + page[:, None] * stride_vp + kv_head * stride_vh + (t % PAGE)[:, None] * stride_vt
+            V
+            + page[:, None] * stride_vp
+            + kv_head * stride_vh
+            + (t % PAGE)[:, None] * stride_vt
             + dv[None, :] * stride_vd,
-            mask=in_seq[:, None] & (dv[None, :] < DV), other=0.0,
+            mask=in_seq[:, None] & (dv[None, :] < DV),
+            other=0.0,
         )  # [N, Dv]
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         m = m_new
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(
         OUT + b * stride_ob + head * stride_oh + rows[:, None] * stride_ot + dv[None, :],
-        out.to(OUT.dtype.element_ty), mask=(rows[:, None] < q_length) & (dv[None, :] < DV),
+        out.to(OUT.dtype.element_ty),
+        mask=(rows[:, None] < q_length) & (dv[None, :] < DV),
     )
 
 
@@ -110,13 +150,34 @@ def paged_prefill(
     block_n = 64 if dim <= 64 else 32
     out = torch.empty(batch, q_heads, q_length, dim_v, device=query.device, dtype=query.dtype)
     _prefill_kernel[(batch, q_heads, triton.cdiv(q_length, block_m))](
-        query, k_pages, v_pages, table, seq_lens, kv_start, out,
-        *query.stride(), *k_pages.stride(), *v_pages.stride(),
-        table.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        q_length, scaling, softcap or 0.0, window or 0,
-        GROUPS=q_heads // kv_heads, D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), DV=dim_v,
-        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        SOFTCAP=softcap is not None, WINDOW=window is not None,
+        query,
+        k_pages,
+        v_pages,
+        table,
+        seq_lens,
+        kv_start,
+        out,
+        *query.stride(),
+        *k_pages.stride(),
+        *v_pages.stride(),
+        table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        q_length,
+        scaling,
+        softcap or 0.0,
+        window or 0,
+        GROUPS=q_heads // kv_heads,
+        D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        DV=dim_v,
+        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SOFTCAP=softcap is not None,
+        WINDOW=window is not None,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         UPCAST=query.dtype == torch.bfloat16 and interpreting(),
     )

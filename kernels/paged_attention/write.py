@@ -11,10 +11,26 @@ __all__ = ["write_pages"]
 
 @triton.jit
 def _write_kernel(
-    KEY, VALUE, SLOTS, K_PAGES, V_PAGES,
-    stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_kp, stride_kph, stride_kt, stride_vp, stride_vph, stride_vt,
-    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KEY,
+    VALUE,
+    SLOTS,
+    K_PAGES,
+    V_PAGES,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_kp,
+    stride_kph,
+    stride_kt,
+    stride_vp,
+    stride_vph,
+    stride_vt,
+    PAGE: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     n, h = tl.program_id(0), tl.program_id(1)
     slot = tl.load(SLOTS + n)
@@ -38,10 +54,24 @@ def write_pages(
     dim_v = value.shape[-1]
     key, value = key.to(k_pages.dtype), value.to(v_pages.dtype)
     _write_kernel[(tokens, heads)](
-        key, value, slots, k_pages, v_pages,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
-        PAGE=k_pages.shape[2], D=dim, BLOCK_D=triton.next_power_of_2(dim), DV=dim_v,
+        key,
+        value,
+        slots,
+        k_pages,
+        v_pages,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_pages.stride(0),
+        k_pages.stride(1),
+        k_pages.stride(2),
+        v_pages.stride(0),
+        v_pages.stride(1),
+        v_pages.stride(2),
+        PAGE=k_pages.shape[2],
+        D=dim,
+        BLOCK_D=triton.next_power_of_2(dim),
+        DV=dim_v,
         BLOCK_DV=triton.next_power_of_2(dim_v),
     )
