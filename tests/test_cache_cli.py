@@ -75,7 +75,7 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py"])
+@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py", "paged_kv.py"])
 def test_examples_run(script):
     import subprocess
     import sys
@@ -87,5 +87,7 @@ def test_examples_run(script):
     if script == "prefix_cache.py":
         assert result.stdout.count("identical to generating without the cache: True") == 3
         assert "'hits': 2" in result.stdout
+    elif script == "paged_kv.py":
+        assert "identical to DynamicCache: True" in result.stdout
     else:
         assert "'hits': 2, 'misses': 2" in result.stdout

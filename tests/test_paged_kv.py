@@ -191,3 +191,15 @@ def test_bad_options_are_one_value_error(config, message):
     if "pages" not in config:  # constructed directly, the values are checked too
         with pytest.raises(ValueError, match=message):
             PagedKVCache(model.config, **config)
+
+
+@pytest.mark.parametrize("q_length, window, starts", [(1, None, [0, 0]), (1, None, [0, 3]), (6, 5, [2, 0])])
+def test_cpu_path_gathers_into_sdpa_like_the_reference(q_length, window, starts):
+    from hf_neuralcache.kernels.paged_attention import paged_attention, paged_attention_naive
+
+    gen = torch.Generator().manual_seed(0)
+    k_pages, v_pages = torch.randn(2, 10, 2, 4, 16, generator=gen)
+    table = torch.randperm(10, generator=gen)[:8].view(2, 4)
+    query = torch.randn(2, 4, q_length, 16, generator=gen)
+    inputs = (query, k_pages, v_pages, table, torch.tensor([15, 9]), torch.tensor(starts), 0.25, None, window)
+    assert_close(paged_attention(*inputs), paged_attention_naive(*inputs), 1e-6, "gathered SDPA")

@@ -9,6 +9,7 @@ the reference otherwise. The Triton modules are imported on first use, so a CPU-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .naive import gather_pages, paged_attention_naive, paged_visibility, write_pages_naive
 
@@ -90,7 +91,9 @@ def paged_attention(
     ```
     """
     if not use_triton(query):
-        return paged_attention_naive(query, k_pages, v_pages, table, seq_lens, kv_start, scaling, softcap, window)
+        return _gathered_attention(
+            query, k_pages, v_pages, table, seq_lens, kv_start, scaling, softcap, window, max_len
+        )
     if query.shape[2] == 1:
         from .decode import paged_decode
 
@@ -100,3 +103,18 @@ def paged_attention(
     from .prefill import paged_prefill
 
     return paged_prefill(query, k_pages, v_pages, table, seq_lens, kv_start, scaling, softcap, window)
+
+
+def _gathered_attention(query, k_pages, v_pages, table, seq_lens, kv_start, scaling, softcap, window, max_len):
+    """Without Triton: gather the pages and run SDPA (the reference itself for soft-capping, which SDPA lacks)."""
+    if softcap is not None:
+        return paged_attention_naive(query, k_pages, v_pages, table, seq_lens, kv_start, scaling, softcap, window)
+    length = max_len if max_len is not None else int(seq_lens.max())
+    keys, values = gather_pages(k_pages, table, length), gather_pages(v_pages, table, length)
+    q_length, mask, empty = query.shape[2], None, None
+    if q_length > 1 or window is not None or bool((kv_start > 0).any()) or bool((seq_lens != length).any()):
+        mask = paged_visibility(seq_lens, kv_start, q_length, length, window).unsqueeze(1)  # [B, 1, q, K]
+        empty = ~mask.any(-1, keepdim=True)  # queries that see nothing get zeros, as in the reference
+        mask = mask | empty
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out if empty is None else out.masked_fill(empty, 0.0)

@@ -92,7 +92,7 @@ def _decode_split_kernel(
     for block in range(start, hi, BLOCK_N):
         t = block + tl.arange(0, BLOCK_N)
         valid = (t >= lo) & (t < hi)
-        page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=valid, other=0)
+        page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)  # no int32 overflow
         k = tl.load(
             K
             + page[:, None] * stride_kp

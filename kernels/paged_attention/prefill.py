@@ -86,7 +86,7 @@ def _prefill_kernel(
     for block in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         t = block + tl.arange(0, BLOCK_N)
         in_seq = (t >= kv_start) & (t < seq_len)
-        page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=in_seq, other=0)
+        page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=in_seq, other=0).to(tl.int64)  # no int32 overflow
         k = tl.load(
             K
             + page[:, None] * stride_kp
