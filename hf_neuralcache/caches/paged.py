@@ -167,14 +167,14 @@ class PagedLayer(CacheLayerMixin):
     def _prompt_attention(self, query, key, value, state, scaling, softcap):
         if softcap is not None:
             return window_attention(query, key, value, state.layout.visible.to(query.device), scaling, softcap)
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         if state.step.padding is None and self.sliding_window is None:
-            return F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+            causal = query.shape[2] > 1
+            return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, enable_gqa=True)
         visible = state.layout.visible.to(query.device)  # [B, q, K]
         alone = ~visible.any(-1, keepdim=True)  # padding queries: let them see themselves (their output is unused)
         visible = visible | (alone & torch.eye(*visible.shape[1:], dtype=torch.bool, device=query.device))
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible.unsqueeze(1), scale=scaling)
+        mask = visible.unsqueeze(1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
     # ---- sizes ----------------------------------------------------------------------------------------------------
     def reset(self) -> None:
