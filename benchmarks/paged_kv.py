@@ -39,7 +39,7 @@ SIZES = {
         batch=4, context=1024, heads=8, kv_heads=2, head_dim=64, dtype=torch.float32,
         model=dict(
             vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
         ),
         prompt=512, new_tokens=16,
     ),
@@ -159,29 +159,36 @@ def beam_table(device: str, size: dict, beams: int) -> list[tuple]:
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--beams", type=int, default=8)
-    parser.add_argument("--skip-beams", action="store_true", help="Only the decode attention table.")
-    args = parser.parse_args(argv)
-    device = args.device
-    size = SIZES[device]
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    if device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    rows, error, kv_bytes = decode_table(device, size, args.page_size)
+def decode_report(device: str, size: dict, page_size: int, name: str) -> None:
+    rows, error, kv_bytes = decode_table(device, size, page_size)
     print(
         f"\n1. decode attention on {name}: B={size['batch']}, context {size['context']}, {size['heads']} query / "
-        f"{size['kv_heads']} KV heads, head_dim {size['head_dim']}, {str(size['dtype'])[6:]}, page {args.page_size}; "
+        f"{size['kv_heads']} KV heads, head_dim {size['head_dim']}, {str(size['dtype'])[6:]}, page {page_size}; "
         f"K+V {kv_bytes / 1e6:.0f} MB; paged vs SDPA max abs diff {error:.2e}"
     )
     print(f"{'method':44} {'ms':>9} {'GB/s':>9} {'of copy bw':>11}")
     for method, ms, bandwidth, fraction in rows:
         print(f"{method:44} {ms:9.3f} {bandwidth:9.1f} {fraction:10.0%}")
     print(f"paged kernel / contiguous SDPA: {rows[0][1] / rows[1][1]:.2f}x (goal <= 1.10x)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--beams", type=int, default=8)
+    parser.add_argument("--prompt", type=int, help="Prompt tokens of the beam search (default: by device).")
+    parser.add_argument("--new-tokens", type=int, help="New tokens of the beam search (default: by device).")
+    parser.add_argument("--skip-decode", action="store_true", help="Only the beam search table.")
+    parser.add_argument("--skip-beams", action="store_true", help="Only the decode attention table.")
+    args = parser.parse_args(argv)
+    device = args.device
+    size = dict(SIZES[device])
+    size["prompt"] = args.prompt or size["prompt"]
+    size["new_tokens"] = args.new_tokens or size["new_tokens"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    if not args.skip_decode:
+        decode_report(device, size, args.page_size, name)
     if args.skip_beams:
         return
     rows = beam_table(device, size, args.beams)
