@@ -169,3 +169,35 @@ def test_generate_on_gpu_with_the_kernels():
     assert_same_generation(model, ids, 16, 1e-3, cache_implementation="paged_kv")
     kwargs = dict(max_new_tokens=12, num_beams=4, do_sample=False)
     assert torch.equal(model.generate(ids, cache_implementation="paged_kv", **kwargs), model.generate(ids, **kwargs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper_without_a_gpu(request, dtype):
+    """Triton compiles every kernel to a cubin for sm_90 (H100/H200) with its bundled ptxas; no GPU needed."""
+    import inspect
+    import re
+
+    if not re.search(r"(?<!not )\bslow\b", request.config.getoption("markexpr") or ""):
+        pytest.skip("a minute of compiling: run with -m slow")  # nothing deselects `slow` tests by default
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_for_sm90(kernel, pointers, constants):
+        names = inspect.signature(kernel.fn).parameters
+        signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+        return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+
+    floats = {"scaling": "fp32", "softcap": "fp32"}
+    ints = {"TABLE": "*i32", "SEQ_LENS": "*i32", "KV_START": "*i32"}
+    tensors = {name: f"*{dtype}" for name in ("Q", "K", "V", "OUT", "KEY", "VALUE", "K_PAGES", "V_PAGES")}
+    pointers = {**floats, **ints, **tensors, "O_PART": "*fp32", "LSE_PART": "*fp32", "SLOTS": "*i64"}
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    dims = dict(D=128, BLOCK_D=128, DV=128, BLOCK_DV=128, PAGE=16)
+    common = dict(dims, SOFTCAP=True, WINDOW=True, PRECISION=precision, UPCAST=False)
+    compile_for_sm90(decode._decode_split_kernel, pointers, dict(common, GROUPS=4, G_PAD=16, BLOCK_N=32))
+    compile_for_sm90(decode._merge_splits_kernel, pointers, dict(SPLITS=3, S_PAD=4, DV=128, BLOCK_DV=128))
+    compile_for_sm90(prefill._prefill_kernel, pointers, dict(common, GROUPS=4, BLOCK_M=64, BLOCK_N=32))
+    compile_for_sm90(write._write_kernel, pointers, dims)
