@@ -69,10 +69,8 @@ class PagedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.k_pages = key_states.new_zeros(0, heads, size, dim)
         self.v_pages = value_states.new_zeros(0, value_states.shape[1], size, value_states.shape[-1])
-        per_token = (
-            heads * dim * key_states.element_size() + value_states[0, :, 0].numel() * value_states.element_size()
-        )
-        self.pages.page_bytes += size * per_token  # summed over the layers, for the budget error
+        value_bytes = value_states.shape[1] * value_states.shape[-1] * value_states.element_size()
+        self.pages.page_bytes += size * (heads * dim * key_states.element_size() + value_bytes)  # over all layers
         self.is_initialized = True
 
     def _grow(self) -> None:
