@@ -202,3 +202,16 @@ def test_cpu_path_gathers_into_sdpa_like_the_reference(q_length, window, starts)
     query = torch.randn(2, 4, q_length, 16, generator=gen)
     inputs = (query, k_pages, v_pages, table, torch.tensor([15, 9]), torch.tensor(starts), 0.25, None, window)
     assert_close(paged_attention(*inputs), paged_attention_naive(*inputs), 1e-6, "gathered SDPA")
+
+
+def test_neuralcache_attention_with_autograd_gathers_and_stays_exact():
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    chunks = [(0, 20), (20, 21), (21, 30)]
+    logits = {}
+    for grad in (False, True):
+        cache = paged(model, page_size=4)
+        with torch.set_grad_enabled(grad):
+            logits[grad] = [model(IDS[:, a:b], past_key_values=cache).logits.detach() for a, b in chunks]
+        assert cache.pages.in_place is not grad
+    for step, (plain, with_grad) in enumerate(zip(logits[False], logits[True], strict=True)):
+        assert_close(with_grad, plain, 1e-5, f"chunk {step}")

@@ -251,7 +251,9 @@ class PagedKVCache(NeuralCache):
         """No mask for the `"neuralcache"` attention (the kernels mask by position); else the exact mask."""
         from ..registry import ATTENTION_NAME
 
-        self.pages.in_place = getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+        # in place only without autograd: a training forward with dropout would send the new keys alone to SDPA
+        in_place = getattr(config, "_attn_implementation", None) == ATTENTION_NAME and not torch.is_grad_enabled()
+        self.pages.in_place = in_place
         if self.pages.in_place:
             self.observe_forward(attention_mask, inputs_embeds.shape[1])
             return None
