@@ -94,7 +94,7 @@ def decode_table(device: str, size: dict, page_size: int) -> list[tuple]:
     target = torch.empty_like(source)
     copy_s = timed(lambda: target.copy_(source), device, repeats)
     copy_bw = 2 * kv_bytes / copy_s  # a copy reads and writes every byte
-    kernel = "Triton paged kernel" if use_triton(query) else "paged reference (no Triton on this device)"
+    kernel = "Triton paged kernel" if use_triton(query) else "paged: gather + SDPA (no Triton here)"
     rows = []
     for name, fn in (
         (kernel, paged),

@@ -66,6 +66,6 @@ def test_beam_search(smollm, prompt):
 def test_assisted_decoding(smollm, prompt):
     model, _ = smollm
     assistant = tiny_model("llama", vocab_size=model.config.vocab_size)  # random: most candidates are rejected
-    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)
     greedy = model.generate(prompt, **kwargs)
     assert torch.equal(model.generate(prompt, assistant_model=assistant, **PAGED, **kwargs), greedy)
