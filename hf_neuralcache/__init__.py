@@ -4,7 +4,7 @@
 implementation with transformers; that registration is the import's one side effect.
 """
 
-from .caches import NeuralCache, SlidingWindowKVCache
+from .caches import NeuralCache, PageBudgetExceededError, PagedKVCache, SlidingWindowKVCache, TensorCache
 from .hooks import InferenceCache, PrefixCache, attach, detach
 from .registry import IncompatibleTransformersError, available_caches, create_cache, register
 from .semantic.cache import SemanticCache
@@ -15,9 +15,12 @@ __all__ = [
     "IncompatibleTransformersError",
     "InferenceCache",
     "NeuralCache",
+    "PageBudgetExceededError",
+    "PagedKVCache",
     "PrefixCache",
     "SemanticCache",
     "SlidingWindowKVCache",
+    "TensorCache",
     "__version__",
     "attach",
     "available_caches",

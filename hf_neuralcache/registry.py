@@ -56,7 +56,10 @@ CACHE_KWARG = _cache_kwarg()
 
 # name -> (dotted path of the class, or None while not implemented, one line for `available_caches`)
 _CACHES: dict[str, tuple[str | None, str]] = {
-    "paged_kv": (None, "paged KV cache: block pool, page tables, copy-on-write sharing"),
+    "paged_kv": (
+        "hf_neuralcache.caches.paged.PagedKVCache",
+        "paged KV cache: block pool, page tables, copy-on-write sharing",
+    ),
     "sliding_window_kv": (
         "hf_neuralcache.caches.sliding_window.SlidingWindowKVCache",
         "attention sinks + sliding window: bounded memory on any decoder",

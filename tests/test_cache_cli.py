@@ -75,7 +75,7 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py"])
+@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py", "paged_kv.py"])
 def test_examples_run(script):
     import subprocess
     import sys
@@ -91,5 +91,7 @@ def test_examples_run(script):
         served = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if "[cache]" in line]
         assert served == ["What's the capital city of France?", "How can I reverse a Python list?"]
         assert "'hits': 2," in result.stdout and "'not_cacheable': 1," in result.stdout
+    elif script == "paged_kv.py":
+        assert "identical to DynamicCache: True" in result.stdout
     else:
         assert "'hits': 2, 'misses': 2" in result.stdout

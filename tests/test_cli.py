@@ -57,9 +57,9 @@ def test_top_level_help_lists_demo(capsys):
         (["--sink-tokens", "-1"], ["--sink-tokens", "int >= 0"]),
         (["--max-new-tokens", "0"], ["--max-new-tokens", "int >= 1"]),
         (["--dtype", "float64"], ["--dtype", "float64"]),
-        (["--cache", "paged_kv"], ["--cache", "paged_kv"]),
+        (["--cache", "no_such_cache"], ["--cache", "no_such_cache"]),
     ],
-    ids=["window-0", "window-text", "sinks-negative", "tokens-0", "dtype", "cache-not-implemented"],
+    ids=["window-0", "window-text", "sinks-negative", "tokens-0", "dtype", "cache-unknown"],
 )
 def test_bad_option_value_is_one_clear_error(capsys, argv, names):
     with pytest.raises(SystemExit) as exit_info:

@@ -12,6 +12,8 @@ MODULES = [
     "hf_neuralcache.registry",
     "hf_neuralcache.caches.base",
     "hf_neuralcache.caches.sliding_window",
+    "hf_neuralcache.caches.tensor_cache",
+    "hf_neuralcache.caches.paged",
     "hf_neuralcache.attention",
     "hf_neuralcache.models",
     "hf_neuralcache.env",
@@ -24,6 +26,7 @@ MODULES = [
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
     "hf_neuralcache.kernels.window_attention.dispatch",
+    "hf_neuralcache.kernels.paged_attention",
 ]
 FENCE = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
 
