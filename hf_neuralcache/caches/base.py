@@ -94,9 +94,9 @@ class Layout:
 class Step:
     """What one forward of the model needs to know, shared by all layers of a cache.
 
-    A one-token forward (the decode step) may get `seen` as the layers' 0-d `length` tensor and the new token's
-    realness as `real`: then nothing in it depends on Python ints that change every step, so torch.compile traces
-    one graph for all decode steps.
+    A one-token forward (the decode step) may get `seen` as a copy of the layers' 0-d `length` tensor and the new
+    token's realness as `new_real`: then nothing in it depends on Python ints that change every step, so
+    torch.compile traces one graph for all decode steps.
     """
 
     seen: int | torch.Tensor  # tokens in the cache before this forward

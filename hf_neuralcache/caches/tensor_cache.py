@@ -119,10 +119,14 @@ class TensorCacheLayer(CacheLayerMixin):
             self.state = torch.zeros(batch, heads, head_dim, value_dim, dtype=torch.float32, device=device)
         else:
             self.state = moment_state(batch, heads, head_dim, value_dim, self.memory, device)
-        if not compiling():  # the decode step writes the memory in place, at fixed addresses
+        self._mark_static()
+        self.is_initialized = True
+
+    def _mark_static(self) -> None:
+        """The decode step writes the memory in place: fixed addresses, as for the window (CUDA graphs)."""
+        if not compiling():
             for tensor in _tensors(self.state):
                 torch._dynamo.mark_static_address(tensor)
-        self.is_initialized = True
 
     def _advance(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
         """Write the evicted pairs into the memory, in place; returns a copy of the memory from before."""
@@ -281,9 +285,7 @@ class TensorCacheLayer(CacheLayerMixin):
             return
         self.ring._apply_batch(fn)
         self.state = _map(self.state, fn)
-        if not compiling():
-            for tensor in _tensors(self.state):
-                torch._dynamo.mark_static_address(tensor)
+        self._mark_static()
         self.journal = [(f, _map(s, fn), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
         self._pending = None
 
