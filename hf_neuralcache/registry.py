@@ -284,10 +284,12 @@ def _wrap_preprocess_mask(original, mask_functions):
 
     @functools.wraps(original)
     def _preprocess_mask_arguments(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs):
-        from .caches.base import NeuralCache
+        from .caches.base import MASK_TAG, NeuralCache
 
         if not isinstance(past_key_values, NeuralCache):
             return original(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs)
+        if getattr(attention_mask, MASK_TAG, False):  # ours, built before the forward (generate, compileable cache)
+            return (True, attention_mask, *early_exit[2:])
         layer_idx = kwargs.get("layer_idx", args[1] if len(args) > 1 else None) or 0
         impl = config._attn_implementation
         interface = mask_functions._global_mapping.get(impl)

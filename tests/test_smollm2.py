@@ -61,7 +61,7 @@ def test_bytes_held_are_bounded(smollm, text_ids):
     config = model.config
     cache = hf_neuralcache.create_cache("sliding_window_kv", config, window=32, sink_tokens=4)
     kv_heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
-    expected = config.num_hidden_layers * ((4 + 32) * kv_heads * head_dim * 2 * 4 + 4 * 8)
+    expected = config.num_hidden_layers * (4 + 32) * (kv_heads * head_dim * 2 * 4 + 8)  # + the position table
     held = []
     prompt = text_ids[:, :40]
     for new in (30, 60):

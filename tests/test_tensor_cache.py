@@ -243,7 +243,7 @@ def test_memory_is_constant_once_the_window_is_full():
             model(chunk, past_key_values=cache)
             sizes.append(cache.memory_bytes())
     heads, dim = 2, 16
-    window = (4 + 16) * heads * dim * 2 * 4 + 4 * 8  # keys + values in fp32, sink positions
+    window = (4 + 16) * heads * dim * 2 * 4 + (4 + 16) * 8  # keys + values in fp32, the position table
     memory = heads * (1 + dim + dim + dim * dim) * 4  # count, key sum, value sum, value-key sums
     assert cache.memory_bytes_per_layer() == [window + memory] * 2
     assert sizes[2:] == [2 * (window + memory)] * (len(sizes) - 2)

@@ -10,7 +10,6 @@ exact mask from the positions the cache will return. The same information is att
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,7 +20,14 @@ from transformers.masking_utils import sdpa_mask
 
 from ..kernels.window_attention import window_visibility
 
-__all__ = ["AttentionState", "NeuralCache", "Option", "check_options"]
+__all__ = ["AttentionState", "NeuralCache", "Option", "check_options", "compiling"]
+
+MASK_TAG = "_neuralcache_mask"  # set on the masks our hook builds, so that they pass through it again unchanged
+
+
+def compiling() -> bool:
+    """`True` while torch.compile traces: the decode step then keeps all its state in tensors."""
+    return torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ class Layout:
     """Where each key a layer returns in this forward comes from, and which keys each query sees.
 
     `slots`, `valid` and `sink` are `[B, K]`; `q_slots` is `[q]`. `visible` (`[B, q, K]`) is built on first use:
-    a causal prefill that SDPA masks by itself never needs it.
+    a causal prefill that SDPA masks by itself never needs it. (Not a `functools.cached_property`: its lock
+    stops torch.compile.)
     """
 
     slots: torch.Tensor
@@ -74,25 +81,36 @@ class Layout:
     sink: torch.Tensor
     q_slots: torch.Tensor
     window: int
+    _visible: torch.Tensor | None = None
 
-    @functools.cached_property
+    @property
     def visible(self) -> torch.Tensor:
-        return window_visibility(self.q_slots, self.slots, self.valid, self.sink, self.window)
+        if self._visible is None:
+            self._visible = window_visibility(self.q_slots, self.slots, self.valid, self.sink, self.window)
+        return self._visible
 
 
 @dataclass
 class Step:
-    """What one forward of the model needs to know, shared by all layers of a cache."""
+    """What one forward of the model needs to know, shared by all layers of a cache.
 
-    seen: int  # tokens in the cache before this forward
+    A one-token forward (the decode step) may get `seen` as a copy of the layers' 0-d `length` tensor and the new
+    token's realness as `new_real`: then nothing in it depends on Python ints that change every step, so
+    torch.compile traces one graph for all decode steps.
+    """
+
+    seen: int | torch.Tensor  # tokens in the cache before this forward
     q_length: int
     version: int
     padding: torch.Tensor | None  # [B, seen + q_length] bool, True = real token; None = no padding
+    new_real: torch.Tensor | None = None  # decode step only: [B] bool, is the new token real; None = yes
     layouts: dict = field(default_factory=dict)
     _ranks: torch.Tensor | None = None
 
     @property
     def q_slots(self) -> torch.Tensor:
+        if isinstance(self.seen, torch.Tensor):
+            return self.seen.view(1) + torch.arange(self.q_length, device=self.seen.device)
         return torch.arange(self.seen, self.seen + self.q_length)
 
     def real(self, slots: torch.Tensor) -> torch.Tensor:
@@ -129,6 +147,14 @@ class AttentionState:
     step: Step
 
 
+def _tagged(mask):
+    """Mark a mask our hook built: generate builds the masks of a compileable cache before calling the model, and
+    the model's own mask creation then passes it on as it is."""
+    if mask is not None:
+        setattr(mask, MASK_TAG, True)
+    return mask
+
+
 class NeuralCache(Cache):
     """Base class of the hf_neuralcache caches: a transformers [`~transformers.Cache`] of our own layers.
 
@@ -142,52 +168,82 @@ class NeuralCache(Cache):
         super().__init__(layers=layers)
         self._version = 0
         self._step: Step | None = None
-        self._observed: tuple[int, int, torch.Tensor | None] | None = None
+        # (version, q_length, seen or None for a decode step, the new token's realness [B] or None)
+        self._observed: tuple | None = None
+        self._observed_padding: torch.Tensor | None = None  # the whole 2D mask: eager code only
 
     # ---- the per-forward step -------------------------------------------------------------------------------------
     def observe_forward(self, attention_mask: torch.Tensor | None, q_length: int) -> None:
-        """Record the 2D padding mask of the coming forward (called by the mask hook before the layers run)."""
-        seen = self.get_seq_length()
-        padding = None
+        """Record the 2D padding mask of the coming forward (called by the mask hook before the layers run).
+
+        Under torch.compile, and for a one-token forward, only tensors are recorded (the new token's column of the
+        mask), so that the decode step has no data-dependent Python.
+        """
+        if attention_mask is None and self._observed is not None and self._observed[:2] == (self._version, q_length):
+            return  # this forward was observed already (generate builds the masks before calling the model)
+        self._step = None
+        seen = self._seen_for(q_length)
+        padding = real = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
                 raise ValueError(
                     f"{self.cache_name} builds its own attention mask and needs a 2D padding mask "
                     f"[batch, tokens]; got a {attention_mask.dim()}D attention_mask."
                 )
-            if attention_mask.shape[-1] < seen + q_length:
+            if not compiling() and attention_mask.shape[-1] < self.get_seq_length() + q_length:
                 raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds {seen} and the "
-                    f"input adds {q_length}: expected at least {seen + q_length} columns."
+                    f"attention_mask covers {attention_mask.shape[-1]} tokens, but the cache holds "
+                    f"{self.get_seq_length()} and the input adds {q_length}: expected at least "
+                    f"{self.get_seq_length() + q_length} columns."
                 )
             attention_mask = attention_mask.bool()
-            if not bool(attention_mask[:, : seen + q_length].all()):
+            if q_length == 1:  # the decode step: the new token's column, read at a tensor position
+                position = seen if isinstance(seen, torch.Tensor) else torch.tensor(seen)
+                real = attention_mask.index_select(1, position.view(1).to(attention_mask.device)).squeeze(1)
+                padding = None if compiling() else attention_mask
+            elif not bool(attention_mask[:, : seen + q_length].all()):
                 padding = attention_mask
-        self._observed = (seen, q_length, padding)
+        self._observed = (self._version, q_length, None if q_length == 1 else seen, real)
+        self._observed_padding = padding
 
-    def step(self, seen: int, q_length: int) -> Step:
-        """The shared [`Step`] for a forward that starts at `seen` with `q_length` new tokens."""
+    def _seen_for(self, q_length: int, layer_idx: int = 0) -> int | torch.Tensor:
+        """Tokens held before a forward of `q_length`: for a decode step, a copy of the layer's `length` tensor once
+        it has one (a copy: `update` advances `length` in place before attention reads the query positions)."""
+        layer = self.layers[layer_idx]
+        if q_length == 1 and layer.is_initialized:
+            return layer.length.clone()
+        return layer.get_seq_length()
+
+    def step(self, seen: int | torch.Tensor, q_length: int) -> Step:
+        """The shared [`Step`] for a forward that starts at `seen` with `q_length` new tokens.
+
+        A decode step (`q_length == 1`) is matched by the cache's version alone: `seen` may be a tensor there.
+        """
         step = self._step
-        if step is None or (step.seen, step.q_length, step.version) != (seen, q_length, self._version):
-            padding = None
-            if self._observed is not None and self._observed[:2] == (seen, q_length):
-                padding = self._observed[2]
-            step = self._step = Step(seen, q_length, self._version, padding)
+        same = step is not None and step.q_length == q_length and step.version == self._version
+        if not (same and (q_length == 1 or step.seen == seen)):
+            padding = real = None
+            observed = self._observed
+            if observed is not None and observed[:2] == (self._version, q_length):
+                if q_length == 1 or observed[2] == seen:
+                    real, padding = observed[3], (None if compiling() else self._observed_padding)
+            step = self._step = Step(seen, q_length, self._version, padding, real)
         return step
 
     def invalidate(self) -> None:
         """Forget per-forward state; called after anything that changes the cache outside a forward."""
         self._version += 1
         self._step = None
-        self._observed = None
+        self._observed = self._observed_padding = None
 
     # ---- transformers' Cache API ----------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
-        step = self.step(layer.get_seq_length(), key_states.shape[-2])
+        q_length = key_states.shape[-2]
+        step = self.step(self._seen_for(q_length, layer_idx), q_length)
         out = layer.update(key_states, value_states, step=step)
         if layer_idx == len(self.layers) - 1:  # the forward is done with the step: do not keep its masks alive
-            self._step = self._observed = None
+            self._step = self._observed = self._observed_padding = None
         return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -221,33 +277,36 @@ class NeuralCache(Cache):
     ):
         """The attention mask for the layers that share `layer_idx`'s policy, in `mask_interface`'s format.
 
-        Returns `None` when every returned key is visible to the (single) query, so SDPA can skip the mask.
+        Returns `None` when every returned key is visible to the (single) query, so SDPA can skip the mask (not
+        under torch.compile, where that test would be data-dependent).
         """
         q_length = inputs_embeds.shape[1]
         self.observe_forward(attention_mask, q_length)
         layer = self.layers[layer_idx]
-        step = self.step(layer.get_seq_length(), q_length)
+        step = self.step(self._seen_for(q_length, layer_idx), q_length)
         layout = layer.layout(step, inputs_embeds.shape[0], inputs_embeds.device)
         visible = layout.visible
         if mask_interface is sdpa_mask:  # boolean format: hand over the mask itself, or nothing when SDPA can skip it
-            if q_length == 1 and bool(visible.all()):
+            if q_length == 1 and not compiling() and bool(visible.all()):
                 return None
-            if step.seen == 0 and 1 < q_length <= layer.window and step.padding is None:
+            if 1 < q_length <= layer.window and step.seen == 0 and step.padding is None:
                 return None  # a plain causal prefill: SDPA's is_causal, no [q, q] mask
-            return visible.unsqueeze(1)
-        return mask_interface(
-            batch_size=visible.shape[0],
-            q_length=q_length,
-            kv_length=visible.shape[-1],
-            q_offset=0,
-            kv_offset=0,
-            mask_function=lambda b, h, q, k: visible[b, q, k],
-            attention_mask=None,
-            allow_is_causal_skip=False,
-            dtype=inputs_embeds.dtype,
-            config=config,
-            use_vmap=False,
-            device=inputs_embeds.device,
+            return _tagged(visible.unsqueeze(1))
+        return _tagged(
+            mask_interface(
+                batch_size=visible.shape[0],
+                q_length=q_length,
+                kv_length=visible.shape[-1],
+                q_offset=0,
+                kv_offset=0,
+                mask_function=lambda b, h, q, k: visible[b, q, k],
+                attention_mask=None,
+                allow_is_causal_skip=False,
+                dtype=inputs_embeds.dtype,
+                config=config,
+                use_vmap=False,
+                device=inputs_embeds.device,
+            )
         )
 
     # ---- reporting ------------------------------------------------------------------------------------------------

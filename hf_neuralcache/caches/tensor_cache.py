@@ -20,8 +20,8 @@ Two modes (`cache_config["mode"]`):
   `A <- lam A + eta k_hat^T u` (outer or delta rule) *after* the query has read `r = q A`, fused as
   `attn + sigmoid(g) * tc_proj(r)` per head before `o_proj` (see `docs/tensor_cache.md` for this one deviation).
 
-Rollback: while past recording is on, every forward that evicts keeps a journal entry (the memory state before
-it, which is shared, not copied, plus its evicted pairs), so `crop` restores the state and replays the pairs that
+Rollback: while past recording is on, every forward that evicts keeps a journal entry (a copy of the memory state
+before it, plus its evicted pairs), so `crop` restores the state and replays the pairs that
 stay: exact, at the cost of one memory state and the evicted pairs per recorded forward, bounded by
 `max_rollback` tokens.
 """
@@ -42,7 +42,7 @@ from ..kernels.fast_weight import (
     moment_write,
     window_attention_lse,
 )
-from .base import AttentionState, NeuralCache, Option, Step, check_options
+from .base import AttentionState, NeuralCache, Option, Step, check_options, compiling
 from .sliding_window import SinkWindowLayer
 
 __all__ = ["TensorCache", "TensorCacheLayer"]
@@ -67,7 +67,7 @@ class TensorCacheLayer(CacheLayerMixin):
         max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
     """
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = True
     is_sliding = False
 
@@ -101,11 +101,17 @@ class TensorCacheLayer(CacheLayerMixin):
     def layout(self, step: Step, batch_size: int, device: torch.device):
         return self.ring.layout(step, batch_size, device)
 
+    @property
+    def length(self) -> torch.Tensor | None:
+        """0-d long tensor: tokens written so far (the window's)."""
+        return self.ring.length
+
     # ---- state ----------------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
         value_dim, device = value_states.shape[-1], key_states.device
         self.dtype, self.device = key_states.dtype, device
+        self.ring.lazy_initialization(key_states, value_states)
         as_heads = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).expand(heads).clone()  # noqa: E731
         self.decay_t, self.write_rate_t = as_heads(self.decay), as_heads(self.write_rate)  # [Hkv]
         self.log_decay = torch.log(self.decay_t)
@@ -113,7 +119,24 @@ class TensorCacheLayer(CacheLayerMixin):
             self.state = torch.zeros(batch, heads, head_dim, value_dim, dtype=torch.float32, device=device)
         else:
             self.state = moment_state(batch, heads, head_dim, value_dim, self.memory, device)
+        self._mark_static()
         self.is_initialized = True
+
+    def _mark_static(self) -> None:
+        """The decode step writes the memory in place: fixed addresses, as for the window (CUDA graphs)."""
+        if not compiling():
+            for tensor in _tensors(self.state):
+                torch._dynamo.mark_static_address(tensor)
+
+    def _advance(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
+        """Write the evicted pairs into the memory, in place; returns a copy of the memory from before."""
+        before = _map(self.state, torch.clone)
+        self._set_state(self._write(before, keys, values, weights))
+        return before
+
+    def _set_state(self, state) -> None:
+        for target, source in zip(_tensors(self.state), _tensors(state), strict=True):
+            target.copy_(source)
 
     def _write(self, state, keys, values, weights):
         if self.mode == "paper":
@@ -142,9 +165,12 @@ class TensorCacheLayer(CacheLayerMixin):
         """Write `key_states`/`value_states` (`[B, H, q, D]`); evicted pairs go to the memory (read first)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        seen, q = self.ring.seen, key_states.shape[-2]
+        q = key_states.shape[-2]
         if step is None:
-            step = Step(seen, q, -1, None)
+            step = Step(self.ring.length.clone() if q == 1 else self.ring.seen, q, -1, None)
+        if q == 1 and not (self.record_past and self.max_rollback):
+            return self._update_one(key_states, value_states, step)
+        seen = self.ring.seen
         start, stop = max(0, seen - self.window), max(0, seen + q - self.window)
         if stop > start:
             ev_k, ev_v = self._evicted(start, stop, key_states, value_states)
@@ -154,10 +180,28 @@ class TensorCacheLayer(CacheLayerMixin):
         weights = self._weights(start, stop, step, key_states.shape[0], key_states.device)
         before = self.state
         if stop > start:
+            before = self._advance(ev_k, ev_v, weights)
             if self.record_past and self.max_rollback:
                 self._journal_add(start, before, ev_k, ev_v, weights)
-            self.state = self._write(before, ev_k, ev_v, weights)
         self._pending = (before, ev_k, ev_v, weights, start)
+        keys._neuralcache_state = AttentionState(weakref.ref(self), keys._neuralcache_state.layout, step)
+        return keys, values
+
+    def _update_one(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step):
+        """The decode step with tensor ops only: the pair in the ring entry the new token takes leaves the window.
+
+        Before the window is full that entry is empty (weight 0) and the memory is still all zeros, so writing and
+        reading a zero-weight pair changes nothing: no branch on the position is needed.
+        """
+        ring, sinks = self.ring, self.sink_tokens
+        leaving = ring.length - self.window  # the position leaving (negative: none yet); before `length` advances
+        entry = (sinks + ring.length % self.window).view(1)
+        ev_k, ev_v = ring.keys.index_select(2, entry), ring.values.index_select(2, entry)  # [B, H, 1, D]
+        held = ring.slots.index_select(1, entry)  # [B, 1]: the position leaving, -1 if none or padding
+        weights = ((held >= 0) & ~(held == ring.slots[:, :sinks]).any(-1, keepdim=True)).float()  # sinks stay
+        keys, values = ring.update(key_states, value_states, step=step)
+        before = self._advance(ev_k, ev_v, weights)
+        self._pending = (before, ev_k, ev_v, weights, leaving)
         keys._neuralcache_state = AttentionState(weakref.ref(self), keys._neuralcache_state.layout, step)
         return keys, values
 
@@ -254,7 +298,7 @@ class TensorCacheLayer(CacheLayerMixin):
                 )
             first, state, keys, values, weights = entries[-1]
             n = keep - first
-            self.state = self._write(state, keys[:, :, :n], values[:, :, :n], weights[:, :n]) if n else state
+            self._set_state(self._write(state, keys[:, :, :n], values[:, :, :n], weights[:, :n]) if n else state)
         self.ring.crop(tokens_to_remove)
         self.journal = []
 
@@ -262,14 +306,9 @@ class TensorCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.ring._apply_batch(fn)
-
-        def apply_state(state):
-            if isinstance(state, torch.Tensor):
-                return fn(state)
-            return type(state)(*(fn(t) if t is not None else None for t in state))
-
-        self.state = apply_state(self.state)
-        self.journal = [(f, apply_state(s), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
+        self.state = _map(self.state, fn)
+        self._mark_static()
+        self.journal = [(f, _map(s, fn), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
         self._pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -288,8 +327,8 @@ class TensorCacheLayer(CacheLayerMixin):
         self.is_initialized = False
 
     # ---- sizes ----------------------------------------------------------------------------------------------------
-    def get_seq_length(self) -> int:
-        return self.ring.seen
+    def get_seq_length(self) -> int | torch.Tensor:
+        return self.ring.get_seq_length()
 
     def get_max_length(self) -> int:
         return -1
@@ -299,15 +338,13 @@ class TensorCacheLayer(CacheLayerMixin):
 
     def state_bytes(self) -> int:
         """Bytes of the memory (L2) alone: constant in the sequence length."""
-        tensors = [self.state] if isinstance(self.state, torch.Tensor) else list(self.state or ())
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
 
     def memory_bytes(self) -> int:
         """Bytes held by this layer: window, memory and the rollback journals."""
         journal = 0
         for _, state, *tensors in self.journal:
-            parts = [state] if isinstance(state, torch.Tensor) else list(state)
-            journal += sum(t.numel() * t.element_size() for t in [*parts, *tensors] if t is not None)
+            journal += sum(t.numel() * t.element_size() for t in [*_tensors(state), *tensors])
         return self.ring.memory_bytes() + self.state_bytes() + journal
 
     def __repr__(self):
@@ -315,6 +352,20 @@ class TensorCacheLayer(CacheLayerMixin):
             f"TensorCacheLayer(window={self.window}, sink_tokens={self.sink_tokens}, mode={self.mode!r}, "
             f"seen={self.ring.seen})"
         )
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    """The tensors of a memory state: `A` (paper) or the fields of a `MomentState` that are set."""
+    if state is None:
+        return []
+    return [state] if isinstance(state, torch.Tensor) else [t for t in state if t is not None]
+
+
+def _map(state, fn):
+    """`fn` applied to every tensor of a memory state, keeping its structure."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    return type(state)(*(fn(t) if t is not None else None for t in state))
 
 
 def _float_or_none(low: float, high: float, low_open: bool = True):
