@@ -117,6 +117,11 @@ def beam_table(device: str, size: dict, beams: int) -> list[tuple]:
     base = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     runs = [
         ("greedy, batch of 8, DynamicCache (floor)", "sdpa", dict(input_ids=prompt.repeat(beams, 1))),
+        (  # the same floor on the attention path of the last row (on the CPU, sdpa's prefill path differs)
+            "greedy, batch of 8, paged_kv + neuralcache",
+            "neuralcache",
+            dict(input_ids=prompt.repeat(beams, 1), cache_implementation="paged_kv"),
+        ),
         (f"beam search x{beams}, DynamicCache", "sdpa", dict(num_beams=beams)),
         (
             f"beam search x{beams}, paged_kv + sdpa (gather)",

@@ -92,7 +92,7 @@ class TensorCacheLayer(CacheLayerMixin):
         self.state = None  # MomentState (training_free) or A [B, Hkv, D, Dv] (paper), float32
         self.record_past = False
         self.journal: list[tuple] = []  # (first evicted position, state before, keys, values, weights)
-        self._pending = None  # what this forward's attention reads: (state before, keys, values, weights, first)
+        self._pending = None  # what attention reads: (state before, keys, values, weights, first, write deferred)
 
     @property
     def policy(self) -> tuple[int, int]:
@@ -183,7 +183,7 @@ class TensorCacheLayer(CacheLayerMixin):
             before = self._advance(ev_k, ev_v, weights)
             if self.record_past and self.max_rollback:
                 self._journal_add(start, before, ev_k, ev_v, weights)
-        self._pending = (before, ev_k, ev_v, weights, start)
+        self._pending = (before, ev_k, ev_v, weights, start, False)
         keys._neuralcache_state = AttentionState(weakref.ref(self), keys._neuralcache_state.layout, step)
         return keys, values
 
@@ -200,10 +200,18 @@ class TensorCacheLayer(CacheLayerMixin):
         held = ring.slots.index_select(1, entry)  # [B, 1]: the position leaving, -1 if none or padding
         weights = ((held >= 0) & ~(held == ring.slots[:, :sinks]).any(-1, keepdim=True)).float()  # sinks stay
         keys, values = ring.update(key_states, value_states, step=step)
-        before = self._advance(ev_k, ev_v, weights)
-        self._pending = (before, ev_k, ev_v, weights, leaving)
+        if self._fused_decode(key_states):  # the attention step's one kernel writes the memory, in place
+            self._pending = (self.state, ev_k, ev_v, weights, leaving, True)
+        else:
+            self._pending = (self._advance(ev_k, ev_v, weights), ev_k, ev_v, weights, leaving, False)
         keys._neuralcache_state = AttentionState(weakref.ref(self), keys._neuralcache_state.layout, step)
         return keys, values
+
+    def _fused_decode(self, tensor: torch.Tensor) -> bool:
+        """Whether a decode step runs as one kernel: window + read + merge + the write of the leaving pair."""
+        from ..kernels.dispatch import use_triton
+
+        return use_triton(tensor) and self.mode == "training_free" and self.memory != "gaussian"
 
     def attention(
         self,
@@ -224,7 +232,7 @@ class TensorCacheLayer(CacheLayerMixin):
         from ..kernels.fast_weight import fast_weight_decode, moment_decode, moment_prefill
         from ..kernels.window_attention import attend
 
-        before, ev_k, ev_v, weights, first = self._pending
+        before, ev_k, ev_v, weights, first, deferred = self._pending
         self._pending = None
         layout = state.layout
         q_pos = state.step.q_slots.to(query.device)
@@ -235,8 +243,9 @@ class TensorCacheLayer(CacheLayerMixin):
         window = (query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window, scaling)
         pairs = (before, ev_k, ev_v, weights)
         if kernel and self.mode == "training_free" and self.memory != "gaussian":
-            # one kernel for window + memory read + merge; update() has written the pairs (moment_write's kernel)
-            if query.shape[2] == 1:  # decode reads after this step's pair: prefix == m
+            if deferred:  # decode: one kernel for window + write of the leaving pair + read + merge, in place
+                out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap, out=self.state)
+            elif query.shape[2] == 1:  # decode after update() wrote the pair (recording the past): prefix == m
                 out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
             else:
                 out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
