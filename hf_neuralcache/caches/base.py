@@ -210,8 +210,9 @@ class NeuralCache(Cache):
         """Tokens held before a forward of `q_length`: for a decode step, a copy of the layer's `length` tensor once
         it has one (a copy: `update` advances `length` in place before attention reads the query positions)."""
         layer = self.layers[layer_idx]
-        if q_length == 1 and layer.is_initialized:
-            return layer.length.clone()
+        length = getattr(layer, "length", None)  # fixed-shape layers count in a tensor; the paged layer in an int
+        if q_length == 1 and layer.is_initialized and isinstance(length, torch.Tensor):
+            return length.clone()
         return layer.get_seq_length()
 
     def step(self, seen: int | torch.Tensor, q_length: int) -> Step:
