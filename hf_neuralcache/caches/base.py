@@ -20,7 +20,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..kernels.window_attention import window_visibility
 
-__all__ = ["AttentionState", "NeuralCache", "Option", "check_options", "compiling"]
+__all__ = ["AttentionState", "BatchOps", "NeuralCache", "Option", "check_options", "compiling"]
 
 MASK_TAG = "_neuralcache_mask"  # set on the masks our hook builds, so that they pass through it again unchanged
 
@@ -29,6 +29,23 @@ def compiling() -> bool:
     """`True` while torch.compile traces: the decode step then keeps all its state in tensors."""
     return torch.compiler.is_compiling()
 
+
+
+class BatchOps:
+    """Beam search and batch edits of a layer, all through its `_apply_batch(fn)` (`fn` maps a `[B, ...]` tensor)."""
+
+    def _apply_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the sequences for beam search."""
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
 @dataclass(frozen=True)
 class Option:

@@ -20,12 +20,12 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .base import AttentionState, Layout, NeuralCache, Option, Step, check_options, compiling
+from .base import AttentionState, BatchOps, Layout, NeuralCache, Option, Step, check_options, compiling
 
 __all__ = ["SinkWindowLayer", "SlidingWindowKVCache"]
 
 
-class SinkWindowLayer(CacheLayerMixin):
+class SinkWindowLayer(BatchOps, CacheLayerMixin):
     """One layer of [`SlidingWindowKVCache`]: attention sinks plus a ring buffer of the most recent tokens.
 
     The state has a fixed shape from the first `update` on: keys and values `[B, H, sink_tokens + window, D]`, the
@@ -303,16 +303,6 @@ class SinkWindowLayer(CacheLayerMixin):
         if self.journal is not None:
             self.journal = (self.journal[0], *(fn(t) for t in self.journal[1:]))
         self._mark_static()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the sequences for beam search."""
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
         self.keys = self.values = self.slots = self.length = self.journal = None

@@ -42,7 +42,7 @@ from ..kernels.fast_weight import (
     moment_write,
     window_attention_lse,
 )
-from .base import AttentionState, NeuralCache, Option, Step, check_options, compiling
+from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, compiling
 from .sliding_window import SinkWindowLayer
 
 __all__ = ["TensorCache", "TensorCacheLayer"]
@@ -50,7 +50,7 @@ __all__ = ["TensorCache", "TensorCacheLayer"]
 MEMORIES = ("mean", "moment", "gaussian")
 
 
-class TensorCacheLayer(CacheLayerMixin):
+class TensorCacheLayer(BatchOps, CacheLayerMixin):
     """One layer of [`TensorCache`]: a sinks-plus-window ring and a fixed-size memory of the evicted pairs.
 
     Args:
@@ -319,16 +319,6 @@ class TensorCacheLayer(CacheLayerMixin):
         self._mark_static()
         self.journal = [(f, _map(s, fn), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
         self._pending = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the sequences for beam search: window, memory and journal."""
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
         self.ring.reset()
