@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticC
 
 import hf_neuralcache
 from hf_neuralcache.models import load_embedded_model
+from hf_neuralcache.registry import CACHE_KWARG  # `cache` from transformers 5.24, else `past_key_values`
 
 ATTENTION = {"static": "sdpa", "dynamic": "sdpa", "sliding_window_kv": "sdpa", "tensor_cache": "neuralcache"}
 # Llama-3.2-1B's shapes (random weights, no download); "small" is a 4-layer model of the same family for the CPU
@@ -95,12 +96,12 @@ def decode_speed(model, forward, name: str, context: int, args) -> tuple[float, 
         for start in range(0, context, args.prefill_chunk):
             chunk = ids[:, start : start + args.prefill_chunk]
             positions = torch.arange(start, start + chunk.shape[1], device=args.device).unsqueeze(0)
-            logits = model(chunk, position_ids=positions, cache=cache).logits
+            logits = model(chunk, position_ids=positions, **{CACHE_KWARG: cache}).logits
         token = logits[:, -1:].argmax(-1)
         position = torch.tensor([[context]], device=args.device)
 
         def step(token, position):
-            logits = forward(input_ids=token, position_ids=position, cache=cache).logits
+            logits = forward(input_ids=token, position_ids=position, **{CACHE_KWARG: cache}).logits
             return logits[:, -1:].argmax(-1), position + 1
 
         sync(args.device)

@@ -13,6 +13,7 @@ from transformers import CompileConfig
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.registry import CACHE_KWARG  # `cache` from transformers 5.24, else `past_key_values`
 from hf_neuralcache.testing import assert_close
 
 CACHES = {"sliding_window_kv": "sdpa", "tensor_cache": "neuralcache"}
@@ -28,7 +29,7 @@ def _decode(forward, model, cache, ids, padding, steps):
     position = (padding.long().cumsum(-1) - 1).clamp(min=0)
     mask = padding.long()
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
+        logits = model(ids, attention_mask=mask, position_ids=position, **{CACHE_KWARG: cache}).logits[:, -1]
         tokens, all_logits = [], []
         position = position[:, -1:]
         for _ in range(steps):
@@ -38,7 +39,8 @@ def _decode(forward, model, cache, ids, padding, steps):
             mask = torch.cat([mask, torch.ones_like(token)], 1)
             torch._dynamo.mark_dynamic(mask, 1)  # the 2D mask grows by one column a step
             position = position + 1
-            logits = forward(input_ids=token, attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
+            step = dict(input_ids=token, attention_mask=mask, position_ids=position, **{CACHE_KWARG: cache})
+            logits = forward(**step).logits[:, -1]
     return torch.cat(tokens, 1), torch.stack(all_logits)
 
 
@@ -103,13 +105,13 @@ def test_crop_and_continue_after_compiled_steps():
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     fresh = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     with torch.no_grad():
-        model(ids[:, :4], cache=cache)
+        model(ids[:, :4], **{CACHE_KWARG: cache})
         for i in range(4, 6):  # the ring does not wrap yet: crop needs no journal
-            compiled(input_ids=ids[:, i : i + 1], position_ids=torch.tensor([[i]]), cache=cache)
+            compiled(input_ids=ids[:, i : i + 1], position_ids=torch.tensor([[i]]), **{CACHE_KWARG: cache})
         cache.crop(-1)
         assert cache.get_seq_length() == 5
         model(ids[:, :5], cache=fresh)
-        a = model(ids[:, 5:9], cache=cache).logits
+        a = model(ids[:, 5:9], **{CACHE_KWARG: cache}).logits
         b = model(ids[:, 5:9], cache=fresh).logits
     assert_close(a, b, 1e-6, "after crop")
 
