@@ -15,16 +15,11 @@ import argparse
 import torch
 
 import hf_neuralcache  # noqa: F401  (registers cache_implementation="tensor_cache" and attention "neuralcache")
+from hf_neuralcache.cli import cache_memory_bytes
 from hf_neuralcache.models import load_embedded_model, tiny_model
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Give every character a name."
 
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a cache: `memory_bytes()` for ours, the keys and values of each layer for `DynamicCache`."""
-    if hasattr(cache, "memory_bytes"):
-        return cache.memory_bytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def generate(model, inputs, max_new_tokens, **kwargs):
@@ -32,7 +27,7 @@ def generate(model, inputs, max_new_tokens, **kwargs):
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs
         )
-    return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_bytes(out.past_key_values)
+    return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_memory_bytes(out.past_key_values)
 
 
 def main(argv=None) -> None:
