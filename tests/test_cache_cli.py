@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import pytest
@@ -75,7 +76,9 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py", "paged_kv.py"])
+@pytest.mark.parametrize(
+    "script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py", "paged_kv.py", "tensor_cache.py"]
+)
 def test_examples_run(script):
     import subprocess
     import sys
@@ -93,5 +96,11 @@ def test_examples_run(script):
         assert "'hits': 2," in result.stdout and "'not_cacheable': 1," in result.stdout
     elif script == "paged_kv.py":
         assert "identical to DynamicCache: True" in result.stdout
+    elif script == "tensor_cache.py":  # three caches generated; the bounded ones hold fewer bytes than full KV
+        held = dict(re.findall(r"^(\w+) \(\d+ tokens, ([\d,]+) bytes held\)", result.stdout, re.MULTILINE))
+        assert sorted(held) == ["dynamic", "sliding_window_kv", "tensor_cache"]
+        sizes = {name: int(value.replace(",", "")) for name, value in held.items()}
+        assert sizes["sliding_window_kv"] < sizes["tensor_cache"] < sizes["dynamic"]
+        assert "tensor_cache: first token differing from full KV:" in result.stdout
     else:
         assert "'hits': 2, 'misses': 2" in result.stdout
