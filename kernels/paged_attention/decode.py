@@ -25,6 +25,28 @@ def _tanh(x):
 
 
 @triton.jit
+def _page_tile(PTR, page, t, kv_head, stride_p, stride_h, stride_t, stride_c, cols, n_cols, valid, PAGE: tl.constexpr):
+    """`[N, C]` tile of a page pool: token `t` of the block at slot `t % PAGE` of its page `page`."""
+    return tl.load(
+        PTR + page[:, None] * stride_p + kv_head * stride_h + (t % PAGE)[:, None] * stride_t + cols[None, :] * stride_c,
+        mask=valid[:, None] & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _online_softmax(m, denom, acc, s, v, PRECISION: tl.constexpr):
+    """One key block of an online softmax: masked scores `s` `[R, N]`, values `v` `[N, Dv]`."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    denom = denom * alpha + tl.sum(p, 1)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -93,39 +115,15 @@ def _decode_split_kernel(
         t = block + tl.arange(0, BLOCK_N)
         valid = (t >= lo) & (t < hi)
         page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=valid, other=0).to(tl.int64)  # no int32 overflow
-        k = tl.load(
-            K
-            + page[:, None] * stride_kp
-            + kv_head * stride_kh
-            + (t % PAGE)[:, None] * stride_kt
-            + d[None, :] * stride_kd,
-            mask=valid[:, None] & (d[None, :] < D),
-            other=0.0,
-        )  # [N, D]
+        k = _page_tile(K, page, t, kv_head, stride_kp, stride_kh, stride_kt, stride_kd, d, D, valid, PAGE)  # [N, D]
+        v = _page_tile(V, page, t, kv_head, stride_vp, stride_vh, stride_vt, stride_vd, dv, DV, valid, PAGE)
         if UPCAST:
-            k = k.to(tl.float32)
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [G, N]
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = tl.load(
-            V
-            + page[:, None] * stride_vp
-            + kv_head * stride_vh
-            + (t % PAGE)[:, None] * stride_vt
-            + dv[None, :] * stride_vd,
-            mask=valid[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )  # [N, Dv]
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        denom = denom * alpha + tl.sum(p, 1)
-        m = m_new
+        m, denom, acc = _online_softmax(m, denom, acc, s, v, PRECISION)
     out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     lse = tl.where(denom == 0.0, float("-inf"), m + tl.log(tl.where(denom == 0.0, 1.0, denom)))
     tl.store(

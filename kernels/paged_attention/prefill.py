@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .decode import _tanh
+from .decode import _online_softmax, _page_tile, _tanh
 
 __all__ = ["paged_prefill"]
 
@@ -87,17 +87,10 @@ def _prefill_kernel(
         t = block + tl.arange(0, BLOCK_N)
         in_seq = (t >= kv_start) & (t < seq_len)
         page = tl.load(TABLE + b * stride_tb + t // PAGE, mask=in_seq, other=0).to(tl.int64)  # no int32 overflow
-        k = tl.load(
-            K
-            + page[:, None] * stride_kp
-            + kv_head * stride_kh
-            + (t % PAGE)[:, None] * stride_kt
-            + d[None, :] * stride_kd,
-            mask=in_seq[:, None] & (d[None, :] < D),
-            other=0.0,
-        )  # [N, D]
+        k = _page_tile(K, page, t, kv_head, stride_kp, stride_kh, stride_kt, stride_kd, d, D, in_seq, PAGE)  # [N, D]
+        v = _page_tile(V, page, t, kv_head, stride_vp, stride_vh, stride_vt, stride_vd, dv, DV, in_seq, PAGE)
         if UPCAST:
-            k = k.to(tl.float32)
+            k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling  # [M, N]
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -105,24 +98,7 @@ def _prefill_kernel(
         if WINDOW:
             seen = seen & (t[None, :] > pos[:, None] - window)
         s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = tl.load(
-            V
-            + page[:, None] * stride_vp
-            + kv_head * stride_vh
-            + (t % PAGE)[:, None] * stride_vt
-            + dv[None, :] * stride_vd,
-            mask=in_seq[:, None] & (dv[None, :] < DV),
-            other=0.0,
-        )  # [N, Dv]
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        denom = denom * alpha + tl.sum(p, 1)
-        m = m_new
+        m, denom, acc = _online_softmax(m, denom, acc, s, v, PRECISION)
     out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(
         OUT + b * stride_ob + head * stride_oh + rows[:, None] * stride_ot + dv[None, :],
