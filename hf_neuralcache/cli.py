@@ -222,37 +222,64 @@ def run_cache(args: argparse.Namespace) -> int:
 
     store = TieredStore.open_existing(args.directory)
     try:
+        if store.disabled:
+            raise ValueError(f"{store.directory} cannot be opened: {store.readonly}")
         if args.action == "stats":
             totals = store.read_record("stats")
-            print(f"{store.kind} cache at {store.directory}")
+            ro = f" (read-only: {store.readonly})" if store.readonly else ""
+            print(f"{store.kind} cache at {store.directory}{ro}")
             print(f"entries: {len(store)}, bytes on disk: {store.volume():,} of {store.disk_bytes:,}")
             print(f"eviction policy: {store.disk.eviction_policy}")
+            for name in ("storage_errors", "integrity_errors", "skipped"):
+                totals[name] = totals.get(name, 0) + store.errors[name]  # with this run's (e.g. a damaged record)
             for name, value in sorted(totals.items()):
-                print(f"{name}: {value:,.3f}" if isinstance(value, float) else f"{name}: {value:,}")
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    print(f"{name}: {value:,.3f}" if isinstance(value, float) else f"{name}: {value:,}")
             for name, value in sorted(store.read_record("measurements").items()):
-                print(f"measured {name}: {value:.4g}")
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    print(f"measured {name}: {value:.4g}")
         elif args.action == "ls":
-            for count, key in enumerate(store.keys()):
-                if count == args.limit:
+            shown = bad = 0
+            for key in store.keys():
+                if shown == args.limit:
                     print(f"... (first {args.limit} of {len(store)} entries)")
                     break
-                meta, size, expire = store.peek(key)
-                expiry = datetime.datetime.fromtimestamp(expire).isoformat(timespec="seconds") if expire else "-"
+                peeked = store.peek(key) if isinstance(key, str) else None
+                if peeked is None:
+                    bad += 1
+                    continue
+                meta, size, expire = peeked
+                try:
+                    expiry = datetime.datetime.fromtimestamp(expire).isoformat(timespec="seconds") if expire else "-"
+                except (TypeError, ValueError, OverflowError, OSError):
+                    expiry = "?"
                 details = {k: v for k, v in meta.items() if k in ("index", "chunk_tokens", "output", "request")}
                 print(f"{key[:16]}  {size:>12,} B  expires {expiry}  {details}")
+                shown += 1
+            if bad:
+                print(f"({bad} unreadable entries skipped; `prune` removes them)")
         elif args.action == "prune":
-            expired, corrupt = store.verify()
+            if store.readonly:
+                raise ValueError(f"{store.directory} is read-only here ({store.readonly}); nothing can be pruned")
+            expired, bad = store.verify()
+            evicted = 0
             if args.max_bytes is not None:
                 store.disk.reset("size_limit", args.max_bytes)
-                store.disk.cull(retry=True)
-            print(f"removed {expired} expired and {corrupt} bad entries; {len(store)} left, {store.volume():,} bytes")
+                store.disk_bytes = args.max_bytes
+                evicted = store.guarded("evict", store.evict, args.max_bytes, default=0)
+            print(
+                f"removed {expired} expired, {bad} bad and {evicted} evicted entries (policy "
+                f"{store.disk.eviction_policy}); {len(store)} left, {store.volume():,} bytes"
+            )
+        elif store.readonly:
+            raise ValueError(f"{store.directory} is read-only here ({store.readonly}); nothing can be cleared")
         elif store.kind == "semantic":
             from .semantic.records import clear_folder
 
             print(f"removed {clear_folder(store)} entries from {store.directory}")
         else:
             removed = store.clear()
-            store.meta.clear(retry=True)  # statistics and measurements
+            store.clear_records()  # statistics and measurements
             print(f"removed {removed} entries from {store.directory}")
     finally:
         store.close()

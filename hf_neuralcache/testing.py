@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "ForwardCounter",
     "assert_close",
     "assert_same_generation",
     "band_sink_mask",
@@ -117,3 +118,33 @@ def random_layout(batch: int, keys: int, queries: int, sinks: int, seed: int = 0
     sink = (slots < sinks) & (slots >= 0)
     q_slots = torch.arange(history, history + queries)
     return tuple(t.to(device) for t in (slots, valid, sink, q_slots))
+
+
+class ForwardCounter:
+    """Counts `model`'s forward calls and the tokens each computes, as a context manager.
+
+    It wraps the instance's `forward` rather than registering a forward hook: a model with forward hooks bypasses
+    the generate() hooks' caches (their effect cannot be keyed), which is not what a test that counts wants.
+    """
+
+    def __init__(self, model):
+        self.model, self.lengths = model, []
+        original = model.forward
+
+        def counting(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            ids = ids if ids is not None else (args[0] if args else kwargs.get("inputs_embeds"))
+            self.lengths.append(ids.shape[1] if ids is not None else 0)
+            return original(*args, **kwargs)
+
+        model.forward = counting
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.model.__dict__.pop("forward", None)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hf_neuralcache.semantic.cache import SemanticCache
+from hf_neuralcache.testing import ForwardCounter
 
 SPECIAL = {1: "<|im_start|>user", 2: "<|im_end|>", 3: "<|im_start|>assistant", 4: "<|im_start|>system"}
 WORDS = ["what", "is", "the", "capital", "of", "france", "germany", "whats", "tell", "me", "today", "be", "brief",
@@ -76,15 +77,7 @@ def make(path, **kwargs):
     return SemanticCache(path, **kwargs)
 
 
-class Forwards:
-    def __init__(self, model):
-        self.count, self.handle = 0, model.register_forward_pre_hook(lambda *a: setattr(self, "count", self.count + 1))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+Forwards = ForwardCounter
 
 
 def ask(model, cache, question, system=None, history=(), **kwargs):

@@ -56,7 +56,7 @@ def test_prune_removes_bad_entries_and_shrinks(tmp_path, folders, capsys):
     db.commit()
     db.close()
     assert main(["cache", "prune", str(copy)]) == 0
-    assert "removed 0 expired and 1 bad entries; 5 left" in capsys.readouterr().out
+    assert "removed 0 expired, 1 bad and 0 evicted entries (policy least-recently-used); 5 left" in capsys.readouterr().out
     assert main(["cache", "prune", str(copy), "--max-bytes", "0"]) == 0
     assert "0 left" in capsys.readouterr().out
     assert main(["cache", "clear", str(copy)]) == 0
@@ -73,7 +73,7 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert main(["cache", "stats", str(copy)]) == 0
     assert "entries: 0," in capsys.readouterr().out
     assert main(["cache", "stats", str(tmp_path / "nothing")]) == 2
-    assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
+    assert "nothing does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

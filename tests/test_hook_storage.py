@@ -87,9 +87,9 @@ def test_damaged_entries_are_misses_deleted_and_logged(model, tmp_path, caplog, 
     with caplog.at_level(logging.WARNING, logger="hf_neuralcache.hooks"):
         assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False, prefix_cache=reader), ref)
         assert torch.equal(model.generate(x, max_new_tokens=5, do_sample=False, inference_cache=fresh), ref)
-    assert "dropping bad prefix cache entry" in caplog.text and "dropping bad inference cache entry" in caplog.text
-    assert reader.stats()["corrupt"] >= 1 and reader.stats()["hits"] == 0
-    assert fresh.stats()["corrupt"] == 1 and fresh.stats()["misses"] == 1
+    assert "prefix cache" in caplog.text and "inference cache" in caplog.text and "checksum mismatch" in caplog.text
+    assert reader.stats()["integrity_errors"] >= 1 and reader.stats()["hits"] == 0
+    assert fresh.stats()["integrity_errors"] == 1 and fresh.stats()["misses"] == 1
 
 
 class Planted:
@@ -120,7 +120,7 @@ def test_a_planted_pickle_is_never_loaded(model, tmp_path):
     assert torch.equal(model.generate(x, max_new_tokens=4, do_sample=False, prefix_cache=reader), ref)
     assert all(isinstance(key, str) for key in reader.store.keys())  # the pickled key row is skipped, not loaded
     assert not marker.exists()
-    assert reader.stats()["corrupt"] >= 1
+    assert reader.stats()["integrity_errors"] >= 1
 
 
 _WRITER = textwrap.dedent(
@@ -193,7 +193,7 @@ def test_four_processes_share_one_directory(model, tmp_path):
         assert all(out == refs[seed] for seed, out in result["outputs"])
         assert result["inference"]["hits"] + result["inference"]["misses"] == 25
         assert result["inference"]["misses"] <= 5 and result["prefix"]["misses"] <= 5
-        assert result["inference"]["corrupt"] == 0 and result["prefix"]["corrupt"] == 0
+        assert result["inference"]["integrity_errors"] == 0 and result["prefix"]["integrity_errors"] == 0
     totals = TieredStore(tmp_path / "inference", "inference", 1 << 30, 0, "least-recently-used").read_record("stats")
     assert totals["hits"] + totals["misses"] == 100
 
@@ -203,7 +203,7 @@ def test_store_arguments_are_checked(tmp_path):
         TieredStore(tmp_path / "a", "prefix", -1, 0, "least-recently-used")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "hf_neuralcache.json").write_text("{nope")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(ValueError, match="is not a valid manifest"):
         TieredStore(tmp_path / "b", "prefix", 1 << 20, 0, "least-recently-used")
 
 

@@ -12,6 +12,7 @@ import hf_neuralcache
 from hf_neuralcache import InferenceCache
 from hf_neuralcache.hooks.inference import is_time_dependent
 from hf_neuralcache.models import tiny_model
+from hf_neuralcache.testing import ForwardCounter
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,7 @@ def ids(n=12, seed=0, batch=1):
     return torch.randint(5, 120, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-class Forwards:
-    def __init__(self, model):
-        self.count = 0
-        self.handle = model.register_forward_pre_hook(self.bump)
-
-    def bump(self, *args):
-        self.count += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+Forwards = ForwardCounter
 
 
 class Collect(BaseStreamer):

@@ -11,7 +11,7 @@ import hf_neuralcache
 from hf_neuralcache import PrefixCache
 from hf_neuralcache.hooks.fingerprint import model_fingerprint
 from hf_neuralcache.models import tiny_model
-from hf_neuralcache.testing import assert_close
+from hf_neuralcache.testing import ForwardCounter, assert_close
 
 CT = 8  # chunk tokens in the tiny-model tests
 
@@ -32,22 +32,7 @@ def ids(n, seed=0, batch=1):
     return torch.randint(5, 120, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-class ForwardLengths:
-    """Records how many tokens each forward of `model` computes."""
-
-    def __init__(self, model):
-        self.lengths = []
-        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        x = kwargs.get("input_ids")
-        self.lengths.append((x if x is not None else args[0]).shape[-1])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+ForwardLengths = ForwardCounter
 
 
 def test_full_hit_is_exact_and_computes_one_token(model, prefix):

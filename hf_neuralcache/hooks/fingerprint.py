@@ -1,12 +1,23 @@
 """Identities the hooks key their entries with: the model fingerprint and chained token-chunk keys.
 
-The **model fingerprint** hashes everything that changes a model's outputs: every parameter and buffer (name,
-dtype, shape and bytes, hashed with xxh3-128), the model class, its config (without the local path and the
-transformers version) and hf_neuralcache's storage version. It is computed once per model object and recomputed when
-any parameter is modified in place (PyTorch's per-tensor version counters and data pointers are checked on every
-use, which is cheap; the module tree is walked again at most once a second to notice a parameter replaced by a new
-object); hashing reads every weight once (about 0.1 s per GB on a CPU, plus the device-to-host copy for a GPU model).
-Parameters offloaded to the `meta` device by accelerate are hashed by name, dtype and shape only.
+The **model fingerprint** hashes everything that changes a model's outputs and can be keyed: every parameter and
+buffer (name, dtype, shape and bytes, hashed with xxh3-128), the model class, its config (without the local path and
+the transformers version) and hf_neuralcache's storage version. Hashing reads every weight once (about 0.1 s per GB on
+a CPU, plus the device-to-host copy for a GPU model), so it is done once per model object and again only when a
+check made on **every call** sees a change:
+
+- the module tree is walked (a parameter or buffer replaced by a new object, or its memory moved, is seen at once);
+- PyTorch's per-tensor version counters (in-place updates through the parameter itself);
+- a fixed sample of up to 64 elements of every parameter and buffer, compared with the sample taken at the last
+  hash: in-place edits through `.data` (which bypass the version counters), PEFT merges, EMA updates and
+  `load_state_dict` change a weight's elements wholesale and are seen.
+
+What it cannot see, stated plainly: an in-place `.data` edit of only a few elements outside the sample (call
+[`refresh_fingerprint`] after such an edit), and code that changes outputs without changing a tensor (a replaced
+`forward` method, a monkey-patched function). Forward hooks and forward pre-hooks can change outputs and cannot be
+keyed: a model with any (on a module of its own, or registered globally) raises [`UnkeyableModelError`], and the
+hooks bypass every cache for that call with one logged reason. Parameters offloaded to the `meta` device by
+accelerate are hashed by name, dtype and shape only.
 
 Entry keys are BLAKE2b digests, so a different model, dtype, revision or namespace can never produce the key of
 another's entry.
@@ -16,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import weakref
 
 import torch
@@ -24,11 +34,15 @@ import xxhash
 
 from .storage import STORAGE_VERSION
 
-__all__ = ["chain_key", "model_fingerprint", "digest"]
+__all__ = ["UnkeyableModelError", "chain_key", "model_fingerprint", "digest", "refresh_fingerprint"]
 
 _IGNORED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash"}
-_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (versions, fingerprint, tensors, walked)
-_REWALK_SECONDS = 1.0  # how often the module tree is walked again to notice parameters replaced by new objects
+_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Memo
+_SAMPLE = 64  # elements of each tensor compared on every call
+
+
+class UnkeyableModelError(RuntimeError):
+    """The model's outputs depend on something the fingerprint cannot key (forward hooks)."""
 
 
 def digest(*parts) -> str:
@@ -51,13 +65,41 @@ def _tensors(model: torch.nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _versions(tensors: list) -> tuple:
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+def _identity(tensors: list) -> tuple:
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
 
-def _hash_weights(model: torch.nn.Module) -> str:
+_positions: dict = {}
+
+
+def _sample(tensors: list) -> list[torch.Tensor]:
+    """Up to `_SAMPLE` elements of each tensor at fixed pseudo-random positions, one flat tensor per device."""
+    per_device: dict = {}
+    for tensor in tensors:
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1) if tensor.is_contiguous() else tensor.detach().flatten()
+        n = flat.numel()
+        index = _positions.get((n, flat.device))
+        if index is None:
+            generator = torch.Generator().manual_seed(n)
+            index = torch.randint(0, n, (min(n, _SAMPLE),), generator=generator).to(flat.device)
+            _positions[(n, flat.device)] = index
+        values = flat.index_select(0, index)
+        per_device.setdefault(flat.device, []).append(values.reshape(-1).view(torch.uint8))
+    return [torch.cat(parts) for parts in per_device.values()]
+
+
+class _Memo:
+    __slots__ = ("identity", "sample", "tensors", "value")
+
+    def __init__(self, tensors, identity, sample, value):
+        self.tensors, self.identity, self.sample, self.value = tensors, identity, sample, value
+
+
+def _hash_weights(named) -> str:
     h = xxhash.xxh3_128()
-    for name, tensor in _tensors(model):
+    for name, tensor in named:
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.is_meta:
             continue
@@ -69,8 +111,24 @@ def _hash_weights(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _forward_hooks(model: torch.nn.Module) -> str | None:
+    """Why the model's outputs may depend on forward hooks (a module's own or global ones), or `None`."""
+    from torch.nn.modules import module as nn_module
+
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(nn_module, name, None):
+            return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or type(model).__name__!r} has forward hooks, whose effect cannot be keyed"
+    return None
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """The fingerprint of `model`'s weights, dtype and config (see the module docstring).
+
+    Raises:
+        `UnkeyableModelError`: when the model has forward hooks or forward pre-hooks.
 
     Example:
 
@@ -82,19 +140,31 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     True
     ```
     """
+    hooked = _forward_hooks(model)
+    if hooked is not None:
+        raise UnkeyableModelError(hooked)
+    named = list(_tensors(model))
+    tensors = [t for _, t in named]
+    identity = _identity(tensors)
     memo = _memo.get(model)
-    now = time.monotonic()
-    if memo is not None and now - memo[3] < _REWALK_SECONDS and memo[0] == _versions(memo[2]):
-        return memo[1]
-    tensors = [t for _, t in _tensors(model)]
-    versions = _versions(tensors)
-    if memo is not None and memo[0] == versions:
-        _memo[model] = (versions, memo[1], tensors, now)
-        return memo[1]
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-    value = digest("hf_neuralcache-model", STORAGE_VERSION, type(model).__qualname__, config, _hash_weights(model))
-    _memo[model] = (versions, value, tensors, now)
+    with torch.no_grad():
+        sample = _sample(tensors)
+        if memo is not None and memo.identity == identity and _same(memo.sample, sample):
+            return memo.value
+        config = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
+        value = digest("hf_neuralcache-model", STORAGE_VERSION, type(model).__qualname__, config, _hash_weights(named))
+    _memo[model] = _Memo(tensors, identity, sample, value)
     return value
+
+
+def _same(old: list[torch.Tensor], new: list[torch.Tensor]) -> bool:
+    return len(old) == len(new) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, new, strict=True))
+
+
+def refresh_fingerprint(model: torch.nn.Module) -> None:
+    """Forget `model`'s fingerprint so that the next call hashes every weight again (after an edit the per-call
+    check cannot see: a few elements changed in place through `.data`)."""
+    _memo.pop(model, None)
 
 
 def chain_key(parent: str, tokens) -> str:

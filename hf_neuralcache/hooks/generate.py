@@ -209,17 +209,48 @@ def parse_request(original, model, args: tuple, kwargs: dict, hooks: Hooks) -> R
     return request
 
 
+def _safely(cache, op: str, fn, *args, default=None):
+    """`fn(*args)`, or `default` when it raises: a cache can make a request faster, never make it fail.
+
+    Storage failures are already misses inside the store; anything that still escapes a hook (a damaged entry of an
+    unexpected shape, a bug) is counted on `cache` and logged once, and the request goes on without it.
+    """
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - the request must not fail because of a cache
+        from .disk import CorruptEntryError, UnsafeEntryError, is_corruption
+
+        storage = isinstance(err, OSError) and not isinstance(err, CorruptEntryError | UnsafeEntryError)
+        storage = storage or (type(err).__module__ == "sqlite3" and not is_corruption(err))
+        cache.note_failure("storage" if storage else "integrity", op, err)
+        logger.debug("hf_neuralcache: %s failed", op, exc_info=True)
+        return default
+
+
 def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
     """Run one generate() call through the hooks (see the module docstring)."""
+    from .fingerprint import UnkeyableModelError, model_fingerprint
+
     request = parse_request(original, model, args, kwargs, hooks)
     inference, prefix, semantic = hooks.inference_cache, hooks.prefix_cache, hooks.semantic_cache
-    key = inference.key(model, request) if inference is not None else None
+    caches = [c for c in (inference, prefix, semantic) if c is not None]
+    try:
+        model_fingerprint(model)
+    except UnkeyableModelError as err:
+        for cache in caches:
+            cache.note_failure("skipped", "fingerprint", err)
+        return original(model, *args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - e.g. a weight that cannot be read; generate as without caches
+        for cache in caches:
+            cache.note_failure("integrity", "fingerprint", err)
+        return original(model, *args, **kwargs)
+    key = _safely(inference, "key", inference.key, model, request) if inference is not None else None
     if inference is not None:
-        hit = inference.get(key, request)
+        hit = _safely(inference, "lookup", inference.get, key, request)
         if hit is not None:
             return hit
     if semantic is not None:
-        hit = semantic.get(model, request)
+        hit = _safely(semantic, "lookup", semantic.get, model, request)
         if hit is not None:
             return hit
     plan = None
@@ -230,7 +261,7 @@ def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
             "cache_config": config.cache_config or {},
             "attn": model.config._attn_implementation,
         }
-        plan = prefix.plan(model, regime, request.input_ids, request.attention_mask)
+        plan = _safely(prefix, "plan", prefix.plan, model, regime, request.input_ids, request.attention_mask)
     token = _pending.set((model, plan)) if plan is not None else None
     start = time.perf_counter()
     try:
@@ -242,11 +273,11 @@ def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
             plan.cache_object.__dict__.pop("update", None)
     seconds = time.perf_counter() - start
     if plan is not None:
-        prefix.finish(plan)
+        _safely(prefix, "store", prefix.finish, plan)
     if inference is not None:
-        inference.put(key, request, output, seconds)
+        _safely(inference, "store", inference.put, key, request, output, seconds)
     if semantic is not None:
-        semantic.put(model, request, output, seconds)
+        _safely(semantic, "store", semantic.put, model, request, output, seconds)
     return output
 
 
@@ -271,8 +302,12 @@ def on_cache_prepared(model, generation_config, model_kwargs: dict) -> None:
     plan.expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     width = len(plan.rows[0].tokens) + plan.rows[0].pad
     layers = model.config.get_text_config().num_hidden_layers
-    plan.cache.load(plan, _layer_devices(model, layers), model.dtype)
-    if plan.loaded:
+    _safely(plan.cache, "load", plan.cache.load, plan, _layer_devices(model, layers), model.dtype)
+    if not plan.loaded:  # nothing loaded (or the load failed): the prefill computes every token
+        plan.common, plan.loaded = 0, None
+        for row in plan.rows:
+            row.load = 0
+    if plan.loaded:  # shapes were checked against the model by load(): these updates cannot fail
         mask = model_kwargs.get("attention_mask")
         if isinstance(cache, NeuralCache):
             cache.observe_forward(None if mask is None else mask[:, : plan.common], plan.common)

@@ -85,15 +85,36 @@ def entry_from_output(output) -> tuple[dict, dict] | None:
     return tensors, {"output": name, "fields": fields}
 
 
+def _fits(tensors: dict, meta: dict) -> bool:
+    """Whether a stored output's tensors are the ones its metadata lists, with `sequences` a 2D token tensor."""
+    if meta.get("output") == "tensor":
+        listed = {"sequences": "tensor"}
+    elif meta.get("output") in _OUTPUT_CLASSES and isinstance(meta.get("fields"), dict):
+        listed = meta["fields"]
+    else:
+        return False
+    names = set()
+    for name, spec in listed.items():
+        if spec == "tensor":
+            names.add(name)
+        elif isinstance(spec, int) and not isinstance(spec, bool) and 0 <= spec <= 100_000:
+            names.update(f"{name}.{i}" for i in range(spec))
+        else:
+            return False
+    sequences = tensors.get("sequences")
+    ok = sequences is None or (sequences.dim() == 2 and sequences.dtype == torch.long)
+    return ok and names == set(tensors) - {"new_tokens", "embedding"}
+
+
 def output_from_entry(tensors: dict, meta: dict, device, sequences: torch.Tensor | None = None):
     """Rebuild what generate() returned from a stored entry (fresh tensors on `device`), or `None` if unknown.
 
     `sequences` replaces the stored `sequences` (the semantic cache puts the new request's prompt in front).
     """
+    if not _fits(tensors, meta):
+        return None
     if meta.get("output") == "tensor":
         return sequences if sequences is not None else tensors["sequences"].to(device, copy=True)
-    if meta.get("output") not in _OUTPUT_CLASSES:
-        return None
     fields = {}
     for name, spec in meta["fields"].items():
         if spec == "tensor":
@@ -103,6 +124,18 @@ def output_from_entry(tensors: dict, meta: dict, device, sequences: torch.Tensor
     if sequences is not None:
         fields["sequences"] = sequences
     return getattr(generation_utils, meta["output"])(**fields)
+
+
+def _answers(output, request) -> bool:
+    """Whether `output`'s sequences start with the request's prompt (one row per returned sequence)."""
+    sequences = output if isinstance(output, torch.Tensor) else output.get("sequences")
+    prompt = request.input_ids
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.shape[0] % prompt.shape[0]:
+        return False
+    if sequences.shape[1] < prompt.shape[1]:
+        return False
+    repeat = sequences.shape[0] // prompt.shape[0]
+    return torch.equal(sequences[:, : prompt.shape[1]].cpu(), prompt.cpu().repeat_interleave(repeat, 0))
 
 
 def stream(request, output) -> None:
@@ -146,9 +179,12 @@ class InferenceCache(StoreBackedCache):
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the disk tier.
         ram_bytes (`int`, *optional*, defaults to 64 MiB): Bound of the RAM tier; 0 disables it.
         eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
+        secret (`str` or `bytes`, *optional*): Key with which every entry is MACed and verified (HMAC-SHA256), for a
+            folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums only.
 
     `stats()` counts `hits`, `misses`, `bypassed` (calls that cannot be keyed), `not_cacheable`, `bytes_stored` and
-    `seconds_saved` (the generate time the hits would have cost).
+    `seconds_saved` (the generate time the hits would have cost), and the failures `storage_errors`,
+    `integrity_errors` and `skipped` (never raised).
 
     Example:
 
@@ -172,12 +208,13 @@ class InferenceCache(StoreBackedCache):
         disk_bytes: int = _GiB,
         ram_bytes: int = 64 << 20,
         eviction_policy: str = "least-recently-used",
+        secret: str | bytes | None = None,
     ):
         if ttl is not None and not callable(ttl) and (not isinstance(ttl, int | float) or ttl <= 0):
             raise ValueError(f"ttl must be seconds > 0, a callable or None, got {ttl!r}")
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
-        self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy)
+        self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy, secret)
         self.namespace = namespace
         self.ttl = ttl
         self.cache_sampled = cache_sampled
@@ -221,8 +258,10 @@ class InferenceCache(StoreBackedCache):
             self.counters.add("misses", 1)
             return None
         output = output_from_entry(entry.tensors, entry.meta, request.input_ids.device)
-        if output is None:
+        if output is None or not _answers(output, request):  # a correct checksum but not an answer to this request
+            self.store.failed("integrity", "check", ValueError("stored output does not answer the request"))
             self.store.delete(key)
+            self.counters.add("misses", 1)
             return None
         self.counters.add("hits", 1)
         self.counters.add("seconds_saved", entry.meta.get("seconds", 0.0))

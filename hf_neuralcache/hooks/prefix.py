@@ -62,12 +62,37 @@ class PrefixPlan:
     cache_object: object = None  # the generation cache the prefill wrote into
 
 
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of K and V one token takes over all layers of `model` (what a chunk entry stores per token)."""
+def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """`(layers, key/value heads, head_dim)` of `model`'s cache, from its text config."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+    return config.num_hidden_layers, heads, head_dim
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of K and V one token takes over all layers of `model` (what a chunk entry stores per token)."""
+    layers, heads, head_dim = kv_shape(model)
+    return 2 * layers * heads * head_dim * model.dtype.itemsize
+
+
+def _entry_fits(entry, plan: PrefixPlan, index: int, tokens: int, layers: int) -> bool:
+    """Whether a chunk entry is what this plan expects: its place in the chain and `[heads, >= tokens, head_dim]`
+    float K and V for every layer of the model (an entry with a correct checksum but another shape is a miss)."""
+    meta, tensors = entry.meta, entry.tensors
+    if meta.get("root") != plan.root or meta.get("index") != index or meta.get("layers") != layers:
+        return False
+    if meta.get("chunk_tokens") != plan.cache.chunk_tokens or len(tensors) != 2 * layers:
+        return False
+    _, heads, head_dim = kv_shape(plan.model)
+    for layer in range(layers):
+        for name in ("k", "v"):
+            t = tensors.get(f"{name}.{layer}")
+            if t is None or t.dim() != 3 or not t.is_floating_point():
+                return False
+            if t.shape[0] != heads or t.shape[2] != head_dim or t.shape[1] < tokens:
+                return False
+    return True
 
 
 class PrefixCache(StoreBackedCache):
@@ -82,10 +107,12 @@ class PrefixCache(StoreBackedCache):
         ram_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the RAM tier (least-recently-used); 0 disables it.
         eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
         cost_check (`bool`, *optional*, defaults to `True`): Load a hit only when predicted faster than recomputing.
+        secret (`str` or `bytes`, *optional*): Key with which every entry is MACed and verified (HMAC-SHA256), for a
+            folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums only.
 
     `stats()` counts `hits` (at most the prompt's last partial chunk recomputed), `partial_hits`, `misses`,
     `skipped_by_cost`, `tokens_reused`, `bytes_loaded`, `bytes_stored` and `seconds_saved` (estimated from the
-    measured prefill speed).
+    measured prefill speed), and the failures `storage_errors`, `integrity_errors` and `skipped` (never raised).
 
     Example:
 
@@ -107,12 +134,13 @@ class PrefixCache(StoreBackedCache):
         ram_bytes: int = _GiB,
         eviction_policy: str = "least-recently-used",
         cost_check: bool = True,
+        secret: str | bytes | None = None,
     ):
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
-        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy)
+        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy, secret)
         self.chunk_tokens = chunk_tokens
         self.namespace = namespace
         self.cost_check = cost_check
@@ -229,7 +257,11 @@ class PrefixCache(StoreBackedCache):
             for index in range(-(-row.load // ct)):
                 begin = time.perf_counter()
                 entry = self.store.get(row.keys[index])
-                if entry is None or len(entry.tensors) != 2 * len(devices):  # evicted or bad since planning
+                tokens = min(ct, row.load - index * ct)
+                if entry is None or not _entry_fits(entry, plan, index, tokens, len(devices)):
+                    if entry is not None:  # a correct checksum but not this model's chunk: drop it
+                        self.store.failed("integrity", "check", ValueError("chunk entry does not fit the model"))
+                        self.store.delete(row.keys[index])
                     plan.common, plan.loaded = 0, None
                     for r in plan.rows:
                         r.load = 0
@@ -240,7 +272,6 @@ class PrefixCache(StoreBackedCache):
                     for kv in outs:
                         for out in kv:
                             out[b, :, : row.pad].zero_()
-                tokens = min(ct, row.load - index * ct)
                 at = row.pad + index * ct
                 for layer, kv in enumerate(outs):
                     for out, name in zip(kv, ("k", "v"), strict=True):

@@ -1,21 +1,25 @@
-"""Storage shared by the generate() hooks: a RAM tier in front of a diskcache tier, bytes only, never pickle.
+"""Storage shared by the generate() hooks: a RAM tier in front of a disk tier, bytes only, never pickle.
 
 Every entry is one blob:
 
-    b"HFNC" | format version (1 byte) | 3 zero bytes | xxh3-128 checksum of what follows (16 bytes) | safetensors
+    b"HFNC" | format version (1 byte) | flags (1 byte) | 2 zero bytes | xxh3-128 checksum of what follows (16 bytes)
+    | HMAC-SHA256 of the key and the safetensors bytes (32 bytes, only when flag 1 is set) | safetensors
 
 The safetensors header carries the entry's JSON metadata (its own key among it) under `__metadata__`. A blob is
-checked before use: magic, version, checksum, that its safetensors header is consistent and that it names the key
-it was read under. A bad entry is a miss; it is deleted and logged.
+checked before use: magic, version, checksum, the MAC when the store has a secret, that its safetensors header is
+consistent and that it names the key it was read under. A bad entry is a miss; it is deleted, logged and counted.
 
-diskcache serializes anything that is not `bytes`, `str`, `int` or `float` with pickle, and unpickles such rows when
-it reads them. [`SafeDisk`] refuses both directions: it stores only those plain types and raises
-[`UnsafeEntryError`] instead of unpickling a row someone else wrote, so a pickle planted in a cache directory is
-never loaded.
+**A cache never fails a request.** Every operation on the folder goes through one guard ([`TieredStore`]): a
+storage failure (a full disk, a folder whose permissions changed, a database locked too long) is a miss or a skipped
+write, an integrity failure (a damaged or forged entry, a corrupt database page) is a miss and the entry is
+dropped; each is counted (`storage_errors`, `integrity_errors`, `skipped` in `stats()`) and logged once per kind. A
+folder this process cannot write is used read-only (its hits are still served); see `disk.py` for what a hostile
+folder can and cannot do.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -26,7 +30,9 @@ import threading
 import time
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,8 @@ import diskcache
 import safetensors.torch
 import torch
 import xxhash
+
+from .disk import CorruptEntryError, SafeDisk, UnsafeEntryError, is_corruption, open_database, read_regular_file
 
 logger = logging.getLogger("hf_neuralcache.hooks")
 
@@ -46,51 +54,49 @@ __all__ = [
     "UnsafeEntryError",
     "decode_entry",
     "encode_entry",
+    "parse_json_object",
 ]
 
 STORAGE_VERSION = 1
 MAGIC = b"HFNC"
 _HEADER = 24  # keeps the safetensors data 8-byte aligned, as safetensors aligns it within its own bytes
+_MAC_FLAG, _MAC_BYTES = 1, 32
 MANIFEST = "hf_neuralcache.json"
 EVICTION_POLICIES = ("least-recently-used", "least-frequently-used")
+RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, labels) or a manifest
+ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
+_STORAGE_FAILURES = (OSError, diskcache.Timeout)
 
 
-class UnsafeEntryError(ValueError):
-    """A row of the cache database holds a pickled key or value, which hf_neuralcache never loads."""
+def parse_json_object(data, limit: int = RECORD_LIMIT) -> dict:
+    """The JSON object in `data` (`bytes` or `str`, at most `limit` bytes).
+
+    Raises:
+        `CorruptEntryError`: when `data` is too large, not UTF-8, not JSON, nested too deeply, or not an object.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", errors="surrogatepass")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CorruptEntryError(f"expected a JSON record, got {type(data).__name__}")
+    if len(data) > limit:
+        raise CorruptEntryError(f"JSON record of {len(data)} bytes exceeds {limit}")
+    try:
+        value = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise CorruptEntryError(f"not a JSON record ({type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise CorruptEntryError(f"JSON record is a {type(value).__name__}, not an object")
+    return value
 
 
-class CorruptEntryError(ValueError):
-    """An entry failed its checks (magic, version, checksum, format or key)."""
+def _mac(secret: bytes, key: str, body) -> bytes:
+    return hmac.new(secret, key.encode() + b"\0" + bytes(body), sha256).digest()
 
 
-class SafeDisk(diskcache.Disk):
-    """A diskcache `Disk` that stores keys and values as plain SQLite/file data and never unpickles."""
-
-    _PLAIN = (bytes, str, int, float)
-
-    def put(self, key):
-        if type(key) not in self._PLAIN:
-            raise TypeError(f"hf_neuralcache stores keys as str or bytes, got {type(key).__name__}")
-        return super().put(key)
-
-    def get(self, key, raw):
-        if not raw:
-            raise UnsafeEntryError("refusing to unpickle a cache key")
-        return super().get(key, raw)
-
-    def store(self, value, read, key=diskcache.core.UNKNOWN):
-        if read or type(value) not in self._PLAIN:
-            raise TypeError(f"hf_neuralcache stores values as bytes, str or numbers, got {type(value).__name__}")
-        return super().store(value, read, key=key)
-
-    def fetch(self, mode, filename, value, read):
-        if mode == diskcache.core.MODE_PICKLE:
-            raise UnsafeEntryError("refusing to unpickle a cache value")
-        return super().fetch(mode, filename, value, read)
-
-
-def encode_entry(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
-    """Serialize `tensors` and JSON `meta` into one checked blob for `key`."""
+def encode_entry(
+    key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], secret: bytes | None = None
+) -> bytes:
+    """Serialize `tensors` and JSON `meta` into one checked blob for `key` (MACed with `secret` when given)."""
     meta = {**meta, "key": key, "storage_version": STORAGE_VERSION}
     plain, seen = {}, set()
     for name, tensor in tensors.items():
@@ -99,15 +105,16 @@ def encode_entry(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
             tensor = tensor.clone()
         seen.add(tensor.untyped_storage().data_ptr())
         plain[name] = tensor
-    body = safetensors.torch.save(
-        plain,
-        metadata={"hf_neuralcache": json.dumps(meta, sort_keys=True)},
-    )
-    return MAGIC + bytes([STORAGE_VERSION, 0, 0, 0]) + xxhash.xxh3_128_digest(body) + body
+    body = safetensors.torch.save(plain, metadata={"hf_neuralcache": json.dumps(meta, sort_keys=True)})
+    mac = _mac(secret, key, body) if secret else b""
+    flags = _MAC_FLAG if secret else 0
+    return MAGIC + bytes([STORAGE_VERSION, flags, 0, 0]) + xxhash.xxh3_128_digest(mac + body) + mac + body
 
 
-def decode_entry(key: str, blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def decode_entry(key: str, blob: bytes, secret: bytes | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Check and parse a blob written by [`encode_entry`].
+
+    With `secret`, an entry without a valid MAC for `key` is refused (a forged entry with a correct checksum).
 
     Raises:
         `CorruptEntryError`: when the blob is not a valid entry for `key`.
@@ -116,18 +123,26 @@ def decode_entry(key: str, blob: bytes) -> tuple[dict[str, torch.Tensor], dict[s
         raise CorruptEntryError("not an hf_neuralcache entry")
     if blob[len(MAGIC)] != STORAGE_VERSION:
         raise CorruptEntryError(f"storage version {blob[len(MAGIC)]}, expected {STORAGE_VERSION}")
-    body = memoryview(blob)[_HEADER:]
-    if xxhash.xxh3_128_digest(body) != blob[_HEADER - 16 : _HEADER]:
+    flags = blob[len(MAGIC) + 1]
+    if flags not in (0, _MAC_FLAG) or blob[len(MAGIC) + 2 : _HEADER - 16] != b"\0\0":
+        raise CorruptEntryError(f"unknown entry flags {flags}")
+    start = _HEADER + (_MAC_BYTES if flags else 0)
+    if xxhash.xxh3_128_digest(memoryview(blob)[_HEADER:]) != blob[_HEADER - 16 : _HEADER]:
         raise CorruptEntryError("checksum mismatch")
+    body = memoryview(blob)[start:]
+    if secret and not (flags and hmac.compare_digest(blob[_HEADER:start], _mac(secret, key, body))):
+        raise CorruptEntryError("no valid MAC for this cache's secret")
     try:
         (header_len,) = struct.unpack("<Q", body[:8])
-        header = json.loads(bytes(body[8 : 8 + header_len]))
-        meta = json.loads(header.pop("__metadata__")["hf_neuralcache"])
-        tensors = _views(blob, _HEADER + 8 + header_len, header)
-    except (ValueError, KeyError, TypeError, struct.error) as err:
+        if header_len > len(body) - 8:
+            raise ValueError("header longer than the entry")
+        header = parse_json_object(body[8 : 8 + header_len], limit=len(body))
+        meta = parse_json_object(header.pop("__metadata__")["hf_neuralcache"])
+        tensors = _views(blob, start + 8 + header_len, header)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, struct.error) as err:
         raise CorruptEntryError(f"unreadable entry ({err})") from err
     if meta.get("key") != key:
-        raise CorruptEntryError(f"entry names key {meta.get('key')!r}, read under {key!r}")
+        raise CorruptEntryError(f"entry names key {str(meta.get('key'))[:40]!r}, read under {key!r}")
     return tensors, meta
 
 
@@ -149,10 +164,12 @@ def _views(blob: bytes, start: int, header: dict) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)  # frombuffer warns that `bytes` are not writable: never written
         for name, info in header.items():
             dtype = _DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
+            begin, end = (int(x) for x in info["data_offsets"])
             shape = [int(d) for d in info["shape"]]
             count = math.prod(shape)
-            if not 0 <= begin <= end <= len(blob) - start or end - begin != count * dtype.itemsize:
+            if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(blob) - start:
+                raise ValueError(f"tensor {name!r} does not fit the entry")
+            if end - begin != count * dtype.itemsize:
                 raise ValueError(f"tensor {name!r} does not fit the entry")
             flat = torch.frombuffer(blob, dtype=dtype, count=count, offset=start + begin) if count else None
             tensors[name] = flat.view(shape) if flat is not None else torch.empty(shape, dtype=dtype)
@@ -174,19 +191,47 @@ class Loaded:
     nbytes: int
 
 
+def _secret_bytes(secret) -> bytes | None:
+    if secret is None:
+        from ..env import cache_secret
+
+        secret = cache_secret()
+    if secret is None or secret == b"" or secret == "":
+        return None
+    if isinstance(secret, str):
+        return secret.encode()
+    if isinstance(secret, bytes):
+        return secret
+    raise ValueError(f"secret must be a str or bytes, got {type(secret).__name__}")
+
+
 class TieredStore:
-    """A bounded RAM tier (least-recently-used) in front of a bounded diskcache tier.
+    """A bounded RAM tier (least-recently-used) in front of a bounded disk tier (diskcache), failures as misses.
 
     Args:
         directory (`str` or `os.PathLike`): Folder of the disk tier; created if missing.
         kind (`str`): What the folder holds (`"prefix"`, `"inference"`, ...); a folder made for another kind is
             refused.
-        disk_bytes (`int`): Bound of the disk tier in bytes (diskcache's `size_limit`, culled after every write).
+        disk_bytes (`int`): Bound of the disk tier in bytes (entries evicted in policy order after every write).
         ram_bytes (`int`): Bound of the RAM tier in bytes; `0` disables it.
         eviction_policy (`str`): `"least-recently-used"` or `"least-frequently-used"` for the disk tier.
+        secret (`str` or `bytes`, *optional*): MAC key of the entries; defaults to `HF_NEURALCACHE_SECRET`.
+
+    Raises:
+        `ValueError`: for bad arguments, a path that is a file or cannot be created, or a folder of another kind.
+        Nothing else: a folder that cannot be written is used read-only, one that cannot be read at all is a store
+        whose every lookup misses (both logged and shown by `readonly` / `disabled`).
     """
 
-    def __init__(self, directory, kind: str, disk_bytes: int | None, ram_bytes: int, eviction_policy: str | None):
+    def __init__(
+        self,
+        directory,
+        kind: str,
+        disk_bytes: int | None,
+        ram_bytes: int,
+        eviction_policy: str | None,
+        secret: str | bytes | None = None,
+    ):
         if eviction_policy is not None and eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy must be one of {list(EVICTION_POLICIES)}, got {eviction_policy!r}")
         for name, value in (("disk_bytes", disk_bytes), ("ram_bytes", ram_bytes)):
@@ -194,96 +239,163 @@ class TieredStore:
                 raise ValueError(f"{name} must be an int >= 0 (bytes), got {value!r}")
         self.directory = Path(directory).expanduser()
         self.kind = kind
-        self._claim(self.directory, kind)
+        self.secret = _secret_bytes(secret)
+        self.errors: Counter = Counter()
+        self.counters: Counters | None = None
+        self._logged: set = set()
+        self._lock = threading.Lock()
+        self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
+        self.disk = self.meta = None
+        self.readonly: str | None = None  # why the folder is used read-only
+        writable = self._claim(self.directory, kind)
         settings = {"size_limit": disk_bytes, "eviction_policy": eviction_policy}  # None: keep the folder's own
         settings = {name: value for name, value in settings.items() if value is not None}
-        # cull_limit=0: we cull to the bound ourselves after each write
-        self.disk = self._open("entries", cull_limit=0, statistics=0, **settings)
-        self.disk_bytes = self.disk.size_limit
-        self.meta = self._open("meta", eviction_policy="none")
-        self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
-        self._lock = threading.Lock()
-        self.corrupt = 0
+        # cull_limit=0: we evict to the bound ourselves after each write
+        limit = disk_bytes if disk_bytes is not None else 1 << 40
+        self.disk, why = open_database(self.directory / "entries", limit, cull_limit=0, statistics=0, **settings)
+        self.meta, why_meta = open_database(self.directory / "meta", RECORD_LIMIT, eviction_policy="none")
+        self.disk_bytes = getattr(self.disk, "size_limit", disk_bytes) if self.disk is not None else (disk_bytes or 0)
+        self.disk_bytes = int(self.disk_bytes)
+        reasons = [r for r in (why, why_meta, writable) if r]
+        if self.disk is None or self.meta is None:
+            self.readonly = "; ".join(reasons) or "unusable"
+            self.failed("storage", "open", OSError(f"{self.directory} cannot be used, every lookup misses: "
+                                                    f"{self.readonly}"))  # fmt: skip
+        elif reasons or getattr(self.disk, "readonly", False) or getattr(self.meta, "readonly", False):
+            self.readonly = "; ".join(reasons)
+            logger.warning("hf_neuralcache: %s cache at %s is read-only (%s): hits are served, nothing is written",
+                           kind, self.directory, self.readonly)  # fmt: skip
 
-    def _open(self, name: str, **settings) -> diskcache.Cache:
-        """Open one diskcache database; an unreadable one is moved aside (and logged) and a new one started."""
-        path = self.directory / name
+    @property
+    def disabled(self) -> bool:
+        """Whether the folder could not be opened at all (every lookup misses)."""
+        return self.disk is None or self.meta is None
+
+    # ---- failures -----------------------------------------------------------------------------------------------
+    def failed(self, kind: str, op: str, err: BaseException) -> None:
+        """Count a failure (`kind` is "storage", "integrity" or "skipped") and log it once per kind, op and error."""
+        name = kind if kind == "skipped" else f"{kind}_errors"
+        self.errors[name] += 1
+        if self.counters is not None:
+            self.counters.add(name, 1)
+        mark = (kind, op, type(err).__name__)
+        if mark not in self._logged:
+            self._logged.add(mark)
+            logger.warning("hf_neuralcache: %s cache %s: %s failed (%s: %s); the request goes on without it "
+                           "(logged once, counted as %s in stats())", self.kind, self.directory, op,
+                           type(err).__name__, err, name)  # fmt: skip
+
+    def guarded(self, op: str, fn, *args, default=None, **kwargs):
+        """`fn(*args, **kwargs)`, or `default` when the storage fails (counted and logged, see the module docstring)."""
         try:
-            cache = diskcache.Cache(str(path), disk=SafeDisk, **settings)
-            cache.volume()  # reads the database: a corrupt file fails here, not on the first lookup
-            return cache
+            return fn(*args, **kwargs)
+        except (CorruptEntryError, UnsafeEntryError) as err:
+            self.failed("integrity", op, err)
         except sqlite3.DatabaseError as err:
-            aside = path.with_name(f"{name}.unreadable-{int(time.time())}-{os.getpid()}")
-            logger.warning("hf_neuralcache: %s is unreadable (%s); moved to %s, starting empty", path, err, aside)
-            os.replace(path, aside)
-            return diskcache.Cache(str(path), disk=SafeDisk, **settings)
+            self.failed("integrity" if is_corruption(err) else "storage", op, err)
+        except _STORAGE_FAILURES as err:
+            self.failed("storage", op, err)
+        return default
 
+    def writable(self, op: str) -> bool:
+        """Whether a write may go to the folder; a write refused because it is read-only is counted as skipped."""
+        if self.readonly is None:
+            return True
+        self.failed("skipped", op, PermissionError(f"read-only: {self.readonly}"))
+        return False
+
+    # ---- the folder ---------------------------------------------------------------------------------------------
     @classmethod
     def open_existing(cls, directory) -> TieredStore:
         """Open a folder an hf_neuralcache cache made, with its own bounds and policy (for the CLI).
 
         Raises:
-            `ValueError`: when `directory` is not such a folder.
+            `ValueError`: when `directory` does not exist or is not such a folder.
         """
-        manifest = Path(directory).expanduser() / MANIFEST
+        path = Path(directory).expanduser()
+        if not path.exists():
+            raise ValueError(f"{directory} does not exist")
         try:
-            kind = json.loads(manifest.read_text())["kind"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ValueError(f"{directory} is not an hf_neuralcache cache folder (no valid {MANIFEST})") from None
+            kind = parse_json_object(read_regular_file(path / MANIFEST, RECORD_LIMIT))["kind"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"{directory} is not an hf_neuralcache cache folder (no valid {MANIFEST}: {err})"
+            ) from None
+        if not isinstance(kind, str):
+            raise ValueError(f"{directory} is not an hf_neuralcache cache folder (bad kind in {MANIFEST})")
         return cls(directory, kind, None, 0, None)
 
-    def peek(self, key: str) -> tuple[dict, int, float | None]:
-        """`(metadata, bytes, expire_time)` of an entry from its header only (not checked: for listings)."""
-        handle, expire = self.disk.get(key, read=True, expire_time=True, retry=True)
-        if handle is None:
-            raise KeyError(key)
-        if isinstance(handle, bytes):
-            head, size = handle[: 64 << 10], len(handle)
-        else:
-            with handle:
-                head, size = handle.read(64 << 10), os.fstat(handle.fileno()).st_size
-        try:
-            (length,) = struct.unpack("<Q", head[_HEADER : _HEADER + 8])
-            header = json.loads(head[_HEADER + 8 : _HEADER + 8 + length])
-            return json.loads(header["__metadata__"]["hf_neuralcache"]), size, expire
-        except (ValueError, KeyError, TypeError, struct.error):
-            return {}, size, expire
-
-    def verify(self) -> tuple[int, int]:
-        """Remove expired entries and check every other one; returns `(expired, corrupt)` removed."""
-        expired = self.disk.expire(retry=True)
-        corrupt = self.corrupt
-        for key in list(self.keys()):
-            self.get(key)  # a bad entry is deleted and counted
-        return expired, self.corrupt - corrupt
-
     @staticmethod
-    def _claim(directory: Path, kind: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        manifest = directory / MANIFEST
-        if not manifest.exists():
-            tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps({"kind": kind, "storage_version": STORAGE_VERSION}))
-            os.replace(tmp, manifest)
+    def _claim(directory: Path, kind: str) -> str | None:
+        """Make sure `directory` is a folder of `kind` (creating it and its manifest if need be).
+
+        Returns `None`, or why the folder cannot be written (it is then used read-only).
+        """
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"cache folder {directory} exists and is not a folder; choose another path")
         try:
-            found = json.loads(manifest.read_text())
-        except ValueError as err:
-            raise ValueError(f"{manifest} is not valid JSON; remove the folder or choose another one") from err
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if not directory.is_dir():
+                raise ValueError(f"cannot create the cache folder {directory} ({err.strerror or err}); "
+                                 "choose a folder this process can write") from None  # fmt: skip
+        manifest = directory / MANIFEST
+        why = None
+        try:
+            found = parse_json_object(read_regular_file(manifest, RECORD_LIMIT))
+        except FileNotFoundError:
+            found = {"kind": kind, "storage_version": STORAGE_VERSION}
+            tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
+            try:
+                tmp.write_text(json.dumps(found))
+                os.replace(tmp, manifest)
+            except OSError as err:
+                why = f"cannot write {manifest} ({err.strerror or err})"
+        except (OSError, CorruptEntryError) as err:
+            raise ValueError(f"{manifest} is not a valid manifest ({err}); remove the folder or choose another "
+                             "one") from None  # fmt: skip
         if found.get("kind") != kind or found.get("storage_version") != STORAGE_VERSION:
             raise ValueError(
                 f"{directory} holds a {found.get('kind')!r} cache (storage version {found.get('storage_version')}), "
                 f"not a {kind!r} cache (version {STORAGE_VERSION}); use another folder."
             )
+        return why
+
+    def peek(self, key: str) -> tuple[dict, int, float | None] | None:
+        """`(metadata, bytes, expire_time)` of an entry from its header only (not checked: for listings), or `None`
+        when the row cannot be read."""
+
+        def read():
+            blob, expire = self.disk.get(key, read=False, expire_time=True, retry=True)
+            if blob is None:
+                return None
+            head = blob if isinstance(blob, bytes) else b""
+            start = _HEADER + (_MAC_BYTES if len(head) > 5 and head[5] else 0)
+            try:
+                (length,) = struct.unpack("<Q", head[start : start + 8])
+                header = parse_json_object(head[start + 8 : start + 8 + length], limit=len(head))
+                return parse_json_object(header["__metadata__"]["hf_neuralcache"]), len(head), expire
+            except (ValueError, KeyError, TypeError, struct.error):
+                return {}, len(head), expire
+
+        return None if self.disabled else self.guarded("peek", read)
+
+    def verify(self) -> tuple[int, int]:
+        """Remove expired entries and check every other one; returns `(expired, bad)` removed."""
+        if self.disabled or not self.writable("verify"):
+            return 0, 0
+        expired = self.guarded("expire", self.disk.expire, retry=True, default=0)
+        bad = self.errors["integrity_errors"]
+        for key in list(self.keys()):
+            self.get(key)  # a bad entry is deleted and counted
+        return expired, self.errors["integrity_errors"] - bad
 
     # ---- entries ------------------------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
         """Whether `key` is stored in either tier (without reading it)."""
         if self.ram is not None and key in self.ram:
             return True
-        try:
-            return key in self.disk
-        except UnsafeEntryError:
-            return False
+        return False if self.disabled else self.guarded("lookup", self.disk.__contains__, key, default=False)
 
     def where(self, key: str) -> str | None:
         """`"ram"`, `"disk"` or `None`: the fastest tier holding `key`."""
@@ -292,21 +404,23 @@ class TieredStore:
         return "disk" if self.contains(key) else None
 
     def get(self, key: str) -> Loaded | None:
-        """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted as corrupt)."""
+        """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted)."""
         start = time.perf_counter()
         if self.ram is not None:
             with self._lock:
                 value = self.ram.get(key)
             if value is not None:
                 return Loaded(value[0], value[1], "ram", time.perf_counter() - start, _tensor_bytes(value))
+        if self.disabled:
+            return None
+        blob = self.guarded("read", self.disk.get, key, default=None, retry=True)
+        if blob is None:
+            return None
         try:
-            blob = self.disk.get(key, default=None, retry=True)
-            if blob is None:
-                return None
-            tensors, meta = decode_entry(key, blob)
-        except (CorruptEntryError, UnsafeEntryError, OSError) as err:
-            self.corrupt += 1
-            logger.warning("hf_neuralcache: dropping bad %s cache entry %s: %s", self.kind, key[:16], err)
+            tensors, meta = decode_entry(key, blob, self.secret)
+        except CorruptEntryError as err:
+            self.failed("integrity", "check", err)
+            logger.info("hf_neuralcache: dropping bad %s cache entry %s: %s", self.kind, key[:16], err)
             self.delete(key)
             return None
         loaded = Loaded(tensors, meta, "disk", time.perf_counter() - start, len(blob))
@@ -314,19 +428,63 @@ class TieredStore:
         return loaded
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], expire: float | None = None):
-        """Store an entry in both tiers. Returns the bytes written to disk (0 when it exceeds the disk bound)."""
+        """Store an entry in both tiers. Returns the bytes written to disk (0 when it was not written)."""
+        if self.disabled or not self.writable("write"):
+            return 0
         if expire is not None:
             meta = {**meta, "expires_at": time.time() + expire}
-        blob = encode_entry(key, tensors, meta)
+        blob = encode_entry(key, tensors, meta, self.secret)
         if len(blob) > self.disk_bytes:
             logger.info(
                 "hf_neuralcache: %s entry of %d bytes exceeds disk_bytes=%d", self.kind, len(blob), self.disk_bytes
             )
             return 0
-        self.disk.set(key, blob, expire=expire, retry=True)
-        self.disk.cull(retry=True)
-        self._remember(key, {n: t.detach().cpu() for n, t in tensors.items()}, meta)
-        return len(blob)
+
+        def write():
+            self.disk.set(key, blob, expire=expire, retry=True)
+            self.evict(self.disk_bytes, keep=key)
+            return len(blob)
+
+        written = self.guarded("write", write, default=0)
+        if written:
+            self._remember(key, {n: t.detach().cpu() for n, t in tensors.items()}, meta)
+        return written
+
+    def used_bytes(self) -> int:
+        """Bytes the disk tier's entries take: database pages in use (free pages excluded) + value files."""
+        disk = self.disk
+        if self.disabled:
+            return 0
+        if getattr(disk, "readonly", False):
+            return disk.volume()
+        ((pages,),) = disk._sql("PRAGMA page_count").fetchall()
+        ((free,),) = disk._sql("PRAGMA freelist_count").fetchall()
+        return (pages - free) * disk._page_size + disk.reset("size")
+
+    def evict(self, limit: int, keep: str | None = None) -> int:
+        """Remove expired entries, then entries in eviction-policy order until the disk tier holds at most `limit`
+        bytes, never `keep` (the entry just written). Returns how many entries were removed."""
+        removed = self.disk.expire(retry=True)
+        query = diskcache.core.EVICTION_POLICY[self.disk.eviction_policy]["cull"]
+        if query is None:
+            return removed
+        select = query.format(fields="rowid, key, raw, filename", now=time.time())
+        while self.used_bytes() > limit:
+            victims = [row for row in self.disk._sql(select, (8,)).fetchall() if row[1] != keep]
+            if not victims:
+                break
+            for rowid, key, raw, filename in victims:
+                with self.disk.transact(retry=True):
+                    self.disk._sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+                if filename:
+                    self.disk.disk.remove(filename)
+                if self.ram is not None and raw:
+                    with self._lock:
+                        self.ram.pop(key, None)
+                removed += 1
+                if self.used_bytes() <= limit:
+                    break
+        return removed
 
     def _remember(self, key, tensors, meta) -> None:
         if self.ram is None or meta.get("expires_at") is not None:
@@ -342,10 +500,8 @@ class TieredStore:
         if self.ram is not None:
             with self._lock:
                 self.ram.pop(key, None)
-        try:
-            self.disk.delete(key, retry=True)
-        except UnsafeEntryError:  # pragma: no cover - delete does not read the value
-            pass
+        if not self.disabled and self.readonly is None:
+            self.guarded("delete", self.disk.delete, key, retry=True)
 
     def forget_ram(self) -> None:
         """Empty the RAM tier (the disk tier is kept)."""
@@ -356,60 +512,127 @@ class TieredStore:
     def clear(self) -> int:
         """Remove every entry from both tiers; returns how many disk entries were removed."""
         self.forget_ram()
-        return self.disk.clear(retry=True)
+        if self.disabled or not self.writable("clear"):
+            return 0
+        return self.guarded("clear", self.disk.clear, retry=True, default=0)
 
     def volume(self) -> int:
-        """Bytes the disk tier occupies (diskcache's estimate: database pages + value files)."""
-        return self.disk.volume()
+        """Bytes the disk tier's entries occupy (see [`used_bytes`])."""
+        return self.guarded("size", self.used_bytes, default=0)
 
     def __len__(self) -> int:
-        return len(self.disk)
+        return 0 if self.disabled else self.guarded("count", len, self.disk, default=0)
 
     def keys(self):
-        """The keys on disk, skipping any row with a pickled key."""
-        iterator = iter(self.disk)
-        while True:
+        """The keys on disk, skipping any row that cannot be read (a pickled or damaged key)."""
+        if self.disabled:
+            return
+        iterator = self.guarded("list", iter, self.disk)
+        while iterator is not None:
             try:
                 yield next(iterator)
             except StopIteration:
                 return
-            except UnsafeEntryError:
+            except (UnsafeEntryError, CorruptEntryError, UnicodeDecodeError):
                 continue
+            except (sqlite3.Error, *_STORAGE_FAILURES) as err:
+                self.failed("storage", "list", err)
+                return
 
     def close(self) -> None:
-        self.disk.close()
-        self.meta.close()
+        for database in (self.disk, self.meta):
+            if database is not None:
+                self.guarded("close", database.close)
 
-    # ---- small JSON records (statistics, measurements) ------------------------------------------------------------
+    # ---- small JSON records (statistics, measurements, labels) ---------------------------------------------------
     def read_record(self, name: str) -> dict:
+        """The JSON record `name`, or `{}` when there is none or it is unreadable (counted as an integrity error)."""
+        if self.disabled:
+            return {}
+        data = self.guarded("read record", self.meta.get, name, default=None, retry=True)
+        if data is None:
+            return {}
         try:
-            text = self.meta.get(name, default=None, retry=True)
-            return json.loads(text) if isinstance(text, str) else {}
-        except (UnsafeEntryError, ValueError):
+            return parse_json_object(data)
+        except CorruptEntryError as err:
+            self.failed("integrity", "read record", err)
             return {}
 
-    def update_record(self, name: str, update) -> dict:
-        """Apply `update(record) -> record` to the JSON record `name` atomically across processes."""
-        with self.meta.transact(retry=True):
-            record = update(self.read_record(name))
-            self.meta.set(name, json.dumps(record, sort_keys=True), retry=True)
-        return record
+    def record_names(self) -> list[str]:
+        """The names of the JSON records (rows that cannot be read are skipped)."""
+        if self.disabled:
+            return []
+        names, iterator = [], self.guarded("list records", iter, self.meta)
+        while iterator is not None:
+            try:
+                name = next(iterator)
+            except StopIteration:
+                break
+            except (UnsafeEntryError, CorruptEntryError, UnicodeDecodeError):
+                continue
+            except (sqlite3.Error, *_STORAGE_FAILURES) as err:
+                self.failed("storage", "list records", err)
+                break
+            if isinstance(name, str):
+                names.append(name)
+        return names
+
+    def update_record(self, name: str, update, also: dict[str, dict | None] | None = None) -> dict | None:
+        """Apply `update(record) -> record` to the JSON record `name` atomically across processes, and in the same
+        transaction write (or, for `None`, delete) the records of `also`. Returns the new record, or `None` when it
+        could not be written."""
+        if self.disabled or not self.writable("write record"):
+            return None
+
+        def apply():
+            with self.meta.transact(retry=True):
+                record = update(self.read_record(name))
+                self.meta.set(name, json.dumps(record, sort_keys=True).encode(), retry=True)
+                for other, value in (also or {}).items():
+                    if value is None:
+                        self.meta.delete(other, retry=True)
+                    else:
+                        self.meta.set(other, json.dumps(value, sort_keys=True).encode(), retry=True)
+            return record
+
+        return self.guarded("write record", apply)
+
+    def delete_record(self, name: str) -> None:
+        if not self.disabled and self.writable("delete record"):
+            self.guarded("delete record", self.meta.delete, name, retry=True)
+
+    def clear_records(self, keep: dict[str, dict] | None = None) -> None:
+        """Remove every record, then write `keep` (name -> record), in one transaction."""
+        if self.disabled or not self.writable("clear records"):
+            return
+
+        def apply():
+            with self.meta.transact(retry=True):
+                self.meta.clear(retry=True)
+                for name, value in (keep or {}).items():
+                    self.meta.set(name, json.dumps(value, sort_keys=True).encode(), retry=True)
+
+        self.guarded("clear records", apply)
 
 
 class Counters:
     """Statistics of one cache object, also added to the folder's persistent totals (for `hf-neuralcache cache stats`).
 
     Increments stay in memory and are flushed to the folder at most once a second, on `flush()` and when the object
-    is garbage-collected or the process exits normally, so counting costs no disk write on the hot path.
+    is garbage-collected or the process exits normally, so counting costs no disk write on the hot path. The store's
+    failure counts (`storage_errors`, `integrity_errors`, `skipped`) are counted here too.
     """
 
     def __init__(self, store: TieredStore, names: tuple[str, ...]):
         self.store = store
-        self.values: dict[str, float] = dict.fromkeys(names, 0)
-        self._unflushed: dict[str, float] = {}
+        self.values: dict[str, float] = dict.fromkeys((*names, *ERROR_KINDS), 0)
+        for name, count in store.errors.items():  # failures while the folder was opened
+            self.values[name] += count
+        self._unflushed: dict[str, float] = dict(store.errors)
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, Counters._flush_totals, store, self._unflushed, self._lock)
+        store.counters = self
 
     def add(self, name: str, amount: float = 1) -> None:
         with self._lock:
@@ -427,18 +650,16 @@ class Counters:
         with lock:
             pending = dict(unflushed)
             unflushed.clear()
-        if not pending:
+        if not pending or store.readonly is not None:
             return
 
         def add(record):
             for name, amount in pending.items():
-                record[name] = record.get(name, 0) + amount
+                old = record.get(name, 0)
+                record[name] = (old if isinstance(old, int | float) else 0) + amount
             return record
 
-        try:
-            store.update_record("stats", add)
-        except (OSError, diskcache.Timeout) as err:  # statistics must never break generation
-            logger.warning("hf_neuralcache: could not save statistics: %s", err)
+        store.update_record("stats", add)  # guarded: statistics never break generation
 
 
 class StoreBackedCache:
@@ -448,14 +669,13 @@ class StoreBackedCache:
     counters: Counters
 
     def stats(self) -> dict:
-        """This object's counters (listed in the class docstring) plus the folder's `entries`, `bytes` on disk and
-        `corrupt` (bad entries dropped)."""
-        return {
-            **self.counters.values,
-            "entries": len(self.store),
-            "bytes": self.store.volume(),
-            "corrupt": self.store.corrupt,
-        }
+        """This object's counters (listed in the class docstring; with `storage_errors`, `integrity_errors` and
+        `skipped`, see [`TieredStore`]) plus the folder's `entries` and `bytes` on disk."""
+        return {**self.counters.values, "entries": len(self.store), "bytes": self.store.volume()}
+
+    def note_failure(self, kind: str, op: str, err: BaseException) -> None:
+        """Count and log (once) a failure of this cache that happened outside its store."""
+        self.store.failed(kind, op, err)
 
     def clear(self) -> None:
         """Remove every entry (all namespaces and models) from both tiers."""

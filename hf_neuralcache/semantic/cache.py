@@ -25,7 +25,7 @@ from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
 from ..hooks.storage import Counters, StoreBackedCache, TieredStore
 from .index import VectorIndex
-from .records import LabelRecords, clear_folder
+from .records import LabelRecords, clear_folder, entry_key
 
 logger = logging.getLogger("hf_neuralcache.semantic")
 
@@ -61,9 +61,12 @@ class SemanticCache(StoreBackedCache):
         ef_construction (`int`, *optional*, defaults to 200): hnswlib's build breadth.
         ef (`int`, *optional*, defaults to 64): hnswlib's search breadth.
         candidates (`int`, *optional*, defaults to 8): Nearest neighbours examined per lookup.
+        secret (`str` or `bytes`, *optional*): Key with which every answer and the saved index are MACed and verified
+            (HMAC-SHA256), for a folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums.
 
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
-    `bypassed`, `not_cacheable`, `bytes_stored` and `seconds_saved`; `entries` is the number of indexed answers.
+    `bypassed`, `not_cacheable`, `bytes_stored` and `seconds_saved`, and the failures `storage_errors`,
+    `integrity_errors` and `skipped` (never raised); `entries` is the number of indexed answers.
 
     Example:
 
@@ -104,6 +107,7 @@ class SemanticCache(StoreBackedCache):
         ef_construction: int = 200,
         ef: int = 64,
         candidates: int = 8,
+        secret: str | bytes | None = None,
     ):
         if threshold is None:
             from .calibration import DEFAULT_THRESHOLD as threshold
@@ -135,7 +139,7 @@ class SemanticCache(StoreBackedCache):
         self.cache_sampled, self.tokenizer = cache_sampled, tokenizer
         self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
         self.candidates = candidates
-        self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used")
+        self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used", secret)
         self.counters = Counters(
             self.store, ("hits", "misses", "near_misses", "bypassed", "not_cacheable", "bytes_stored", "seconds_saved")
         )
@@ -220,11 +224,19 @@ class SemanticCache(StoreBackedCache):
                 if not self.store.contains(record["key"]):
                     self._forget(label)
 
-    def save(self) -> None:
-        """Write the index to the folder (atomically); lookups do not need it, it only speeds up the next start."""
+    def save(self, wait: bool = True) -> bool:
+        """Write the index to the folder (atomically); lookups do not need it, it only speeds up the next start.
+
+        Returns whether it was written (not when the folder is read-only, the storage fails, or, with `wait=False`,
+        another process is saving it right now).
+        """
+        if self.store.disabled or self.store.readonly is not None:
+            return False
         with self._lock:
-            self.index.save(self.store.meta)
-            self._added = 0
+            saved = self.store.guarded("save index", self.index.save, self.store.meta, wait=wait, default=False)
+            if saved:
+                self._added = 0
+            return bool(saved)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def describe(self, model, request, tokenizer=None) -> tuple[str, str] | None:
@@ -302,6 +314,8 @@ class SemanticCache(StoreBackedCache):
     def _matches(self, label: int, entry, record: dict, vector: np.ndarray) -> bool:
         """Whether `entry` answers the record's request and its stored embedding clears the threshold too."""
         same = entry.meta.get("request") == record["request"]
+        tokens = entry.tensors.get("new_tokens")
+        same = same and tokens is not None and tokens.dim() == 2 and tokens.shape[0] == 1 and tokens.dtype == torch.long
         stored = entry.tensors.get("embedding")
         if same and entry.meta.get("embedder") == self.embedder.fingerprint and stored is not None:
             same = stored.shape == vector.shape and float(stored.numpy() @ vector) >= self.threshold - 1e-5
@@ -317,7 +331,7 @@ class SemanticCache(StoreBackedCache):
         if described is None:
             return
         text, context = described
-        if not self.cacheable(text):
+        if not self.cacheable(text) or not self.store.writable("write"):
             return
         stored = entry_from_output(output)
         if stored is None:
@@ -325,7 +339,7 @@ class SemanticCache(StoreBackedCache):
         tensors, meta = stored
         sequences = tensors.pop("sequences")
         tensors["new_tokens"] = sequences[:, request.input_ids.shape[1] :]
-        key = digest("semantic-entry", context, text)
+        key = entry_key(context, text)
         if time.monotonic() - self._checked > self.refresh_seconds:
             self._refresh()
         if key in self._by_key:  # answered already (an entry without a record is overwritten)
@@ -334,6 +348,8 @@ class SemanticCache(StoreBackedCache):
         tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
         self._make_room(sum(t.numel() * t.element_size() for t in tensors.values()) + 4096)
         label = self.records.reserve(self._seen + 1)
+        if label is None:  # the folder could not be written (counted by the store)
+            return
         meta.update(seconds=seconds, label=label, request=text, embedder=self.embedder.fingerprint)
         written = self.store.put(key, tensors, meta, expire=self.ttl)
         record = {"key": key, "context": context, "request": text, "namespace": self.namespace}
@@ -347,7 +363,7 @@ class SemanticCache(StoreBackedCache):
             self._added += 1
         self._evict()
         if self._added >= self.save_every:
-            self.save()
+            self.save(wait=False)  # never stall a request behind another process's save
 
     def _evict_oldest(self) -> None:
         with self._lock:
@@ -383,7 +399,8 @@ class SemanticCache(StoreBackedCache):
 
     # ---- operations ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        self.store.disk.expire(retry=True)
+        if not self.store.disabled and self.store.readonly is None:
+            self.store.guarded("expire", self.store.disk.expire, retry=True)
         if len(self.store) < len(self._labels):
             self._sweep()
         return {**super().stats(), "entries": len(self._labels)}

@@ -6,15 +6,18 @@
   SQLite transaction, so processes never share one; a label stays pending until its record is written (or for
   `pending_seconds`, when its writer died), so that readers wait for it instead of taking it for removed.
 
-All records are JSON through the store's pickle-refusing database.
+All records are JSON through the store's pickle-refusing database, schema-checked when read: a record that is not
+what this module writes is treated as missing. A label record is also checked against its own entry key (the key is
+a digest of the context and the request), so a planted record cannot point a request at another context's answer.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 
-from ..hooks.storage import TieredStore, UnsafeEntryError
+from ..hooks.fingerprint import digest
+from ..hooks.storage import TieredStore
 
 __all__ = ["LabelRecords", "clear_folder"]
 
@@ -26,31 +29,24 @@ class LabelRecords:
     """The label records of one folder (see the module docstring)."""
 
     def __init__(self, store: TieredStore, pending_seconds: float = 60.0):
-        self.store, self.meta, self.pending_seconds = store, store.meta, pending_seconds
+        self.store, self.pending_seconds = store, pending_seconds
 
     def counter(self) -> tuple[int, set[int]]:
         """`(highest label handed out, labels still pending)`."""
-        counter = self.store.read_record(COUNTER)
+        counter = _counter(self.store.read_record(COUNTER))
         now = time.time()
-        pending = {int(k) for k, t in counter.get("pending", {}).items() if now - t < self.pending_seconds}
-        return counter.get("value", 0) - 1, pending
+        pending = {int(k) for k, t in counter["pending"].items() if now - t < self.pending_seconds}
+        return counter["value"] - 1, pending
 
     def read(self, label: int) -> dict:
-        return self.store.read_record(f"{PREFIX}{label}")
+        """The record of `label`, or `{}` when it is missing or not a valid label record."""
+        return _label_record(self.store.read_record(f"{PREFIX}{label}"))
 
     def read_all(self) -> dict[int, dict]:
-        """Every record of the folder (label -> record)."""
-        names, iterator = [], self.meta.iterkeys()
-        while True:
-            try:
-                name = next(iterator)
-            except StopIteration:
-                break
-            except UnsafeEntryError:  # a pickled key planted in the folder: skipped, never loaded
-                continue
-            if isinstance(name, str) and name.startswith(PREFIX) and name[len(PREFIX) :].isdigit():
-                names.append(name)
-        records = {int(name[len(PREFIX) :]): self.store.read_record(name) for name in names}
+        """Every valid record of the folder (label -> record)."""
+        labels = [int(n[len(PREFIX) :]) for n in self.store.record_names()
+                  if n.startswith(PREFIX) and n[len(PREFIX) :].isdigit() and len(n) < 40]  # fmt: skip
+        records = {label: self.read(label) for label in labels}
         return {label: record for label, record in records.items() if record}
 
     def reserve(self, floor: int = 0) -> int:
@@ -58,27 +54,52 @@ class LabelRecords:
         lost), marked pending until [`commit`] writes its record."""
 
         def reserve(counter):
-            now = time.time()
-            pending = {k: t for k, t in counter.get("pending", {}).items() if now - t < self.pending_seconds}
-            value = max(counter.get("value", 0), floor)
+            counter, now = _counter(counter), time.time()
+            pending = {k: t for k, t in counter["pending"].items() if now - t < self.pending_seconds}
+            value = max(counter["value"], floor)
             return {"value": value + 1, "pending": {**pending, str(value): now}}
 
-        return self.store.update_record(COUNTER, reserve)["value"] - 1
+        counter = self.store.update_record(COUNTER, reserve)
+        return None if counter is None else counter["value"] - 1
 
     def commit(self, label: int, record: dict | None) -> None:
         """Write the record of `label` (none: the store failed) and clear its pending mark, in one transaction."""
 
         def done(counter):
-            counter.get("pending", {}).pop(str(label), None)
+            counter = _counter(counter)
+            counter["pending"].pop(str(label), None)
             return counter
 
-        with self.meta.transact(retry=True):
-            if record is not None:
-                self.meta.set(f"{PREFIX}{label}", json.dumps(record, sort_keys=True), retry=True)
-            self.store.update_record(COUNTER, done)
+        self.store.update_record(COUNTER, done, also={f"{PREFIX}{label}": record} if record is not None else None)
 
     def delete(self, label: int) -> None:
-        self.meta.delete(f"{PREFIX}{label}", retry=True)
+        self.store.delete_record(f"{PREFIX}{label}")
+
+
+def entry_key(context: str, request: str) -> str:
+    """The store key of the answer to `request` in `context`."""
+    return digest("semantic-entry", context, request)
+
+
+def _label_record(record: dict) -> dict:
+    fields = ("key", "context", "request")
+    if not all(isinstance(record.get(name), str) for name in fields):
+        return {}
+    if not isinstance(record.get("namespace"), str | None) or record["key"] != entry_key(
+        record["context"], record["request"]
+    ):
+        return {}
+    return record
+
+
+def _counter(record: dict) -> dict:
+    value, pending = record.get("value", 0), record.get("pending", {})
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        value = 0
+    if not isinstance(pending, dict):
+        pending = {}
+    pending = {k: t for k, t in pending.items() if k.isdigit() and isinstance(t, int | float)}
+    return {"value": value, "pending": pending}
 
 
 def clear_folder(store: TieredStore) -> int:
@@ -87,11 +108,10 @@ def clear_folder(store: TieredStore) -> int:
     The label counter is kept, so that processes still holding the folder open never see a label number again.
     """
     removed = store.clear()
-    with store.meta.transact(retry=True):
-        value = store.read_record(COUNTER).get("value")
-        store.meta.clear(retry=True)
-        if value is not None:
-            store.meta.set(COUNTER, json.dumps({"value": value}), retry=True)
-    for name in ("index.bin", "index.json"):
-        (store.directory / name).unlink(missing_ok=True)
+    value = _counter(store.read_record(COUNTER))["value"]
+    store.clear_records(keep={COUNTER: {"value": value}})
+    if store.writable("clear index"):
+        for name in ("index.bin", "index.json"):
+            with contextlib.suppress(OSError):
+                (store.directory / name).unlink(missing_ok=True)
     return removed
