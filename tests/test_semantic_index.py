@@ -7,7 +7,11 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import sqlite3
 import struct
+import time
+from pathlib import Path
 
 import diskcache
 import hnswlib
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from hf_neuralcache.hooks.storage import SafeDisk
 from hf_neuralcache.semantic.index import VectorIndex
 
 DIM, M, EF_CONSTRUCTION = 8, 4, 16
@@ -120,8 +125,6 @@ def mutate(data: bytes, rng: np.random.Generator, header: tuple) -> bytes:
 
 def fuzz(folder: str, trials: int, seed: int, out) -> None:
     """In a child process: `trials` edited files, each loaded; a crash kills the child (a non-zero exit code)."""
-    from pathlib import Path
-
     folder = Path(folder)
     data, info = (folder / "index.bin").read_bytes(), json.loads((folder / "index.json").read_text())
     header, rng = HEADER.unpack_from(data), np.random.default_rng(seed)
@@ -276,3 +279,114 @@ def test_with_a_secret_only_an_index_with_a_valid_mac_is_loaded(tmp_path, caplog
     assert new_index(tmp_path / "s", secret=b"other key").load() is False
     with pytest.raises(ValueError, match="expected secret to be non-empty bytes"):
         new_index(tmp_path / "s", secret="text")
+
+
+def hold_lock(folder: str, ready, release) -> None:
+    """In a child process: take the save lock, say so, and keep it until `release` is set (or the child is killed)."""
+    from hf_neuralcache.semantic.index import _FolderLock
+
+    with diskcache.Cache(folder, disk=SafeDisk) as cache:
+        lock = _FolderLock(cache)
+        assert lock.acquire(5.0)
+        ready.set()
+        release.wait(60)
+        lock.release()
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start a child holding the save lock of `tmp_path / "lock"`; yields the child (killed at the end)."""
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    child = context.Process(target=hold_lock, args=(str(tmp_path / "lock"), ready, release))
+    child.start()
+    assert ready.wait(30)
+    child.release = release
+    yield child
+    child.kill()
+    child.join()
+
+
+def timed_save(index: VectorIndex, lock_folder, **kwargs) -> tuple[bool, float]:
+    with diskcache.Cache(str(lock_folder), disk=SafeDisk) as cache:
+        start = time.monotonic()
+        saved = index.save(cache, **kwargs)
+        return saved, time.monotonic() - start
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_killed_lock_holder_is_taken_over_at_once(tmp_path, holder, caplog, reaped):
+    index = new_index(tmp_path / "s")
+    (tmp_path / "s").mkdir()
+    index.add([1, 2], vectors(2))
+    os.kill(holder.pid, signal.SIGKILL)
+    if reaped:
+        holder.join()
+    else:  # killed and not waited for: a zombie, whose PID still answers kill(pid, 0)
+        while "Z" not in Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+            time.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache.semantic"):
+        saved, seconds = timed_save(index, tmp_path / "lock", wait=False)
+    assert saved and seconds < 1.0, seconds
+    assert f"PID {holder.pid}, has exited" in caplog.text
+    assert new_index(tmp_path / "s").load()
+
+
+def test_a_live_holder_makes_save_skip_or_wait_a_bounded_time(tmp_path, holder, monkeypatch):
+    index = new_index(tmp_path / "s")
+    (tmp_path / "s").mkdir()
+    saved, seconds = timed_save(index, tmp_path / "lock", wait=False)
+    assert not saved and seconds < 0.5, seconds
+    monkeypatch.setattr(VectorIndex, "lock_seconds", 0.4)
+    saved, seconds = timed_save(index, tmp_path / "lock")
+    assert not saved and 0.4 <= seconds < 1.5, seconds
+    assert not (tmp_path / "s" / "index.bin").exists()
+    holder.release.set()
+    holder.join()
+    assert timed_save(index, tmp_path / "lock")[0] and new_index(tmp_path / "s").load()
+
+
+@pytest.mark.parametrize("value", ["garbage", "pickle", "other-host", "legacy-pid"])
+def test_lock_values_not_written_by_a_live_local_holder(tmp_path, value):
+    """Garbage or a planted pickle is no lock: taken over. Another host's holder or an older version's PID: waited
+    for (the key expires)."""
+    index = new_index(tmp_path / "s")
+    (tmp_path / "s").mkdir()
+    with diskcache.Cache(str(tmp_path / "lock")) as plain:  # diskcache's default Disk: it can plant a pickle
+        planted = {"garbage": "not json", "pickle": ("a", "tuple"), "legacy-pid": os.getpid() + 1,
+                   "other-host": json.dumps({"host": "elsewhere", "ns": "", "pid": 1, "start": None})}  # fmt: skip
+        plain.set("semantic-index-save", planted[value], expire=60)
+    saved, seconds = timed_save(index, tmp_path / "lock", wait=False)
+    assert saved == (value in ("garbage", "pickle")) and seconds < 1.0
+
+
+class Failing:
+    """A lock cache whose every call fails with `error` (a full disk, a broken database, a busy one)."""
+
+    directory = "nowhere"
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise self.error
+
+        return fail
+
+
+@pytest.mark.parametrize(
+    "error", [sqlite3.OperationalError("disk I/O error"), diskcache.Timeout("busy"), OSError(28, "No space left")]
+)
+def test_storage_errors_while_saving_are_logged_not_raised(tmp_path, caplog, error):
+    index = new_index(tmp_path / "s")
+    (tmp_path / "s").mkdir()
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache.semantic"):
+        assert index.save(Failing(error), wait=False) is False
+    assert ("could not save" in caplog.text) != isinstance(error, diskcache.Timeout)  # busy: skipped, not broken
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache.semantic"):
+        gone = new_index(tmp_path / "gone")  # the folder was removed: nowhere to write
+        assert gone.save(diskcache.Cache(str(tmp_path / "lock"))) is False
+    assert "could not save" in caplog.text and not os.listdir(tmp_path / "s")
+    with diskcache.Cache(str(tmp_path / "lock")) as cache:
+        assert "semantic-index-save" not in cache  # the lock was released after the failure
