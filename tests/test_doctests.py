@@ -23,6 +23,7 @@ MODULES = [
     "hf_neuralcache.hooks.inference",
     "hf_neuralcache.hooks.prefix",
     "hf_neuralcache.semantic.cache",
+    "hf_neuralcache.semantic.index",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
     "hf_neuralcache.kernels.window_attention.dispatch",
