@@ -202,9 +202,11 @@ def test_store_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="disk_bytes must be an int >= 0"):
         TieredStore(tmp_path / "a", "prefix", -1, 0, "least-recently-used")
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "hf_neuralcache.json").write_text("{nope")
-    with pytest.raises(ValueError, match="is not a valid manifest"):
-        TieredStore(tmp_path / "b", "prefix", 1 << 20, 0, "least-recently-used")
+    (tmp_path / "b" / "hf_neuralcache.json").write_text("{nope")  # damaged: written again, the folder is used
+    assert not TieredStore(tmp_path / "b", "prefix", 1 << 20, 0, "least-recently-used").readonly
+    assert json.loads((tmp_path / "b" / "hf_neuralcache.json").read_text())["kind"] == "prefix"
+    with pytest.raises(ValueError, match="holds a 'prefix' cache"):
+        TieredStore(tmp_path / "b", "inference", 1 << 20, 0, "least-recently-used")
 
 
 def test_an_unreadable_database_is_moved_aside(model, tmp_path, caplog):

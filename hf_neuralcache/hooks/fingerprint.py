@@ -72,22 +72,33 @@ def _identity(tensors: list) -> tuple:
 _positions: dict = {}
 
 
-def _sample(tensors: list) -> list[torch.Tensor]:
-    """Up to `_SAMPLE` elements of each tensor at fixed pseudo-random positions, one flat tensor per device."""
+def _sample(tensors: list) -> bytes:
+    """Up to `_SAMPLE` elements of each tensor at fixed pseudo-random positions, as bytes."""
     per_device: dict = {}
     for tensor in tensors:
         if tensor.is_meta or tensor.numel() == 0:
             continue
-        flat = tensor.detach().reshape(-1) if tensor.is_contiguous() else tensor.detach().flatten()
+        flat = tensor.detach().reshape(-1)
         n = flat.numel()
         index = _positions.get((n, flat.device))
         if index is None:
             generator = torch.Generator().manual_seed(n)
             index = torch.randint(0, n, (min(n, _SAMPLE),), generator=generator).to(flat.device)
             _positions[(n, flat.device)] = index
-        values = flat.index_select(0, index)
-        per_device.setdefault(flat.device, []).append(values.reshape(-1).view(torch.uint8))
-    return [torch.cat(parts) for parts in per_device.values()]
+        per_device.setdefault(flat.device, []).append(flat.index_select(0, index).view(torch.uint8))
+    return b"".join(torch.cat(parts).cpu().numpy().tobytes() for parts in per_device.values())
+
+
+def _walk(model: torch.nn.Module) -> tuple[list, str | None]:
+    """One walk of the module tree: every parameter and buffer (parameters first, in `named_parameters` order) and
+    the first module with forward hooks or forward pre-hooks (or `None`)."""
+    params, buffers, hooked = [], [], None
+    for name, module in model.named_modules(remove_duplicate=False):
+        if hooked is None and (module._forward_hooks or module._forward_pre_hooks):
+            hooked = name or type(model).__name__
+        params.extend(t for t in module._parameters.values() if t is not None)
+        buffers.extend(t for t in module._buffers.values() if t is not None)
+    return params + buffers, hooked
 
 
 class _Memo:
@@ -111,16 +122,12 @@ def _hash_weights(named) -> str:
     return h.hexdigest()
 
 
-def _forward_hooks(model: torch.nn.Module) -> str | None:
-    """Why the model's outputs may depend on forward hooks (a module's own or global ones), or `None`."""
+def _global_hooks() -> str | None:
     from torch.nn.modules import module as nn_module
 
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
         if getattr(nn_module, name, None):
             return "global forward hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
-    for name, module in model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"module {name or type(model).__name__!r} has forward hooks, whose effect cannot be keyed"
     return None
 
 
@@ -140,25 +147,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     True
     ```
     """
-    hooked = _forward_hooks(model)
-    if hooked is not None:
-        raise UnkeyableModelError(hooked)
-    named = list(_tensors(model))
-    tensors = [t for _, t in named]
+    tensors, hooked = _walk(model)
+    reason = _global_hooks() or (hooked and f"module {hooked!r} has forward hooks, whose effect cannot be keyed")
+    if reason:
+        raise UnkeyableModelError(reason)
     identity = _identity(tensors)
     memo = _memo.get(model)
     with torch.no_grad():
         sample = _sample(tensors)
-        if memo is not None and memo.identity == identity and _same(memo.sample, sample):
+        if memo is not None and memo.identity == identity and memo.sample == sample:
             return memo.value
         config = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
-        value = digest("hf_neuralcache-model", STORAGE_VERSION, type(model).__qualname__, config, _hash_weights(named))
+        weights = _hash_weights(_tensors(model))
+        value = digest("hf_neuralcache-model", STORAGE_VERSION, type(model).__qualname__, config, weights)
     _memo[model] = _Memo(tensors, identity, sample, value)
     return value
-
-
-def _same(old: list[torch.Tensor], new: list[torch.Tensor]) -> bool:
-    return len(old) == len(new) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(old, new, strict=True))
 
 
 def refresh_fingerprint(model: torch.nn.Module) -> None:

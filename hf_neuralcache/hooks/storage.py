@@ -343,17 +343,19 @@ class TieredStore:
         why = None
         try:
             found = parse_json_object(read_regular_file(manifest, RECORD_LIMIT))
-        except FileNotFoundError:
+        except (FileNotFoundError, CorruptEntryError) as err:
+            if not isinstance(err, FileNotFoundError):  # damaged: the databases beside it say what the folder is
+                logger.warning("hf_neuralcache: %s is damaged (%s); writing it again", manifest, err)
             found = {"kind": kind, "storage_version": STORAGE_VERSION}
             tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
             try:
                 tmp.write_text(json.dumps(found))
-                os.replace(tmp, manifest)
-            except OSError as err:
-                why = f"cannot write {manifest} ({err.strerror or err})"
-        except (OSError, CorruptEntryError) as err:
-            raise ValueError(f"{manifest} is not a valid manifest ({err}); remove the folder or choose another "
-                             "one") from None  # fmt: skip
+                os.replace(tmp, manifest)  # replaces a link or a FIFO itself, never what it points to
+            except OSError as write_err:
+                why = f"cannot write {manifest} ({write_err.strerror or write_err})"
+        except OSError as err:
+            why = f"cannot read {manifest} ({err.strerror or err})"
+            found = {"kind": kind, "storage_version": STORAGE_VERSION}
         if found.get("kind") != kind or found.get("storage_version") != STORAGE_VERSION:
             raise ValueError(
                 f"{directory} holds a {found.get('kind')!r} cache (storage version {found.get('storage_version')}), "

@@ -144,7 +144,7 @@ class SemanticCache(StoreBackedCache):
             self.store, ("hits", "misses", "near_misses", "bypassed", "not_cacheable", "bytes_stored", "seconds_saved")
         )
         self.index = VectorIndex(self.store.directory, embedder.dim, embedder.fingerprint, M, ef_construction, ef,
-                                 self.initial_capacity)  # fmt: skip
+                                 self.initial_capacity, secret=self.store.secret)  # fmt: skip
         self.records = LabelRecords(self.store, self.pending_seconds)
         self._lock = threading.RLock()
         self._open()
