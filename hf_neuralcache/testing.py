@@ -6,6 +6,8 @@ use any cache code: it runs the model once over the whole sequence with an expli
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -131,6 +133,7 @@ class ForwardCounter:
         self.model, self.lengths = model, []
         original = model.forward
 
+        @functools.wraps(original)  # generate() reads forward's signature
         def counting(*args, **kwargs):
             ids = kwargs.get("input_ids")
             ids = ids if ids is not None else (args[0] if args else kwargs.get("inputs_embeds"))

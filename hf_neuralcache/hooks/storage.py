@@ -63,6 +63,7 @@ _HEADER = 24  # keeps the safetensors data 8-byte aligned, as safetensors aligns
 _MAC_FLAG, _MAC_BYTES = 1, 32
 MANIFEST = "hf_neuralcache.json"
 EVICTION_POLICIES = ("least-recently-used", "least-frequently-used")
+CACHE_KINDS = ("prefix", "inference", "semantic")
 RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, labels) or a manifest
 ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
 _STORAGE_FAILURES = (OSError, diskcache.Timeout)
@@ -343,6 +344,8 @@ class TieredStore:
         why = None
         try:
             found = parse_json_object(read_regular_file(manifest, RECORD_LIMIT))
+            if found.get("kind") not in CACHE_KINDS:
+                raise CorruptEntryError(f"unknown kind {str(found.get('kind'))[:40]!r}")
         except (FileNotFoundError, CorruptEntryError) as err:
             if not isinstance(err, FileNotFoundError):  # damaged: the databases beside it say what the folder is
                 logger.warning("hf_neuralcache: %s is damaged (%s); writing it again", manifest, err)
@@ -356,11 +359,10 @@ class TieredStore:
         except OSError as err:
             why = f"cannot read {manifest} ({err.strerror or err})"
             found = {"kind": kind, "storage_version": STORAGE_VERSION}
-        if found.get("kind") != kind or found.get("storage_version") != STORAGE_VERSION:
-            raise ValueError(
-                f"{directory} holds a {found.get('kind')!r} cache (storage version {found.get('storage_version')}), "
-                f"not a {kind!r} cache (version {STORAGE_VERSION}); use another folder."
-            )
+        if found["kind"] != kind:
+            raise ValueError(f"{directory} holds a {found['kind']!r} cache, not a {kind!r} cache; use another folder.")
+        if found.get("storage_version") != STORAGE_VERSION:  # each entry carries its version: they will be misses
+            why = f"its manifest names storage version {str(found.get('storage_version'))[:20]}, not {STORAGE_VERSION}"
         return why
 
     def peek(self, key: str) -> tuple[dict, int, float | None] | None:
