@@ -45,6 +45,31 @@ LOOK_ALIKES = {
     "same-words-reordered": ("In 2010 the new park opened", "The new park opened in 2010", "order differs", True),
     "voice": ("Does Alice love Bob?", "Is Alice loved by Bob?", "voice differs", True),
     "extra-words": ("How do I center a div?", "How do I center a div vertically with flexbox?", "extra words", True),
+    # issue 11: a stem that begins another ("stor" / "storm") is not the same word unless a suffix follows
+    "prefix-not-suffix": (
+        "Write a short story about a stormy submarine who lives in Hanoi.",
+        "Write a short story about a velvet submarine who lives in Hanoi.",
+        "different words: ['stormy'] vs ['velvet']",
+        False,
+    ),
+    "compound": ("How do I grow a pine in a pot?", "How do I grow a pineapple in a pot?", "different words", False),
+    "non-prefix": (
+        "How many days does February have in a leap year?",
+        "How many days does February have in a non-leap year?",
+        "negation differs: ['non-'] in the candidate only",
+        False,
+    ),
+    "non-unhyphenated": ("Is a leap year divisible by 4?", "Is a non leap year divisible by 4?", "negation", False),
+    "un-prefix": ("Is this policy American?", "Is this policy un-American?", "negation differs: ['un-']", False),
+    "anti-prefix": ("Is aspirin an inflammatory drug?", "Is aspirin an anti-inflammatory drug?", "negation", False),
+    "hyphenated-qualifier": (
+        "What are the benefits of yogurt for children?",
+        "What are the benefits of low-fat yogurt for children?",
+        "qualifier differs: ['low-fat'] in the candidate only",
+        True,
+    ),
+    "qualifier-adjective": ("Describe a sunny beach at dawn.", "Describe a stormy beach at dawn.", "different", False),
+    "qualifier-color": ("Draw a red dragon with wings.", "Draw a golden dragon with wings.", "different words", False),
 }
 PARAPHRASES = [
     ("What is the capital of France?", "Which city is the capital of France?"),
@@ -60,6 +85,13 @@ PARAPHRASES = [
     ("Convert 5km to miles", "convert 5 kilometers to miles"),
     ("Translate 'good morning' into Spanish.", "How do you say 'good morning' in Spanish?"),
     ("List the countries in Scandinavia.", "Name the Scandinavian countries."),
+    # derived forms and clipped words are still one word; a negating prefix in both texts is no difference
+    ("Write a short story about a stormy night.", "Write a short story about a stormy night, please."),
+    ("Who is the prosecutor in the trial?", "Who is prosecuting the trial?"),
+    ("Which languages are spoken in Sri Lanka?", "Which languages do Sri Lankans speak?"),
+    ("How do I merge two dicts in Python?", "How do I merge two dictionaries in Python?"),
+    ("How many days does a non-leap year have?", "How many days are in a non-leap year?"),
+    ("How do I send an e-mail with Python?", "How do I send an email with Python?"),
 ]
 
 

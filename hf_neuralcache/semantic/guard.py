@@ -34,16 +34,21 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | numbers equal (as multisets) | yes | yes |
 | each name of one text occurs in the other (any case; by stem or prefix; acronyms exactly or as initials) | yes | yes |
 | negation in both texts or in neither | yes | yes |
+| the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: two slots on opposite sides of the same marker ("X to Y" / "Y to X") | yes, vs excluded | yes |
 | no substitution: not both texts hold content words the other lacks (frame words pair only together) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
 | passive in one text only while the roles keep their places ("A loves B" / "A is loved by B") | no | yes |
+| no hyphenated qualifier in one text only ("yogurt" / "low-fat yogurt") | no | yes |
 | at most one extra content word (frame words not counted) in either text | no | yes |
 
-`"off"` accepts every candidate (plain cosine). Words match by stem, and an unmatched word of 4+ letters matches one
-it begins ("dict" / "dictionary"). The order rules stop PAWS-style swaps ("A represented B" / "B represented A"):
+`"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also matches one that is
+it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant: "travel" / "travelled"),
+but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple"). Common clipped words read
+as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphenated word matches it written as one
+("e-mail" / "email"). The order rules stop PAWS-style swaps ("A represented B" / "B represented A"):
 when two texts use the same words, only their order can tell them apart, while a reworded paraphrase may move one
 block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is loved by Alice"). The
 extra-word budget stops most specializations ("center a div" / "center a div vertically with flexbox"). All of this
@@ -81,6 +86,19 @@ _FUNCTION = _set(
 )
 _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
 _NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
+# a prefix that negates the word it is hyphenated to ("non-leap", "anti-war", "un-American"); "non" alone too
+_NEGATING_PREFIXES = _set("non un anti counter contra dis in im il ir de a")
+# clipped forms read as their full word ("dict" = "dictionary"); not "min" (minutes) nor "max" alone
+_CLIPPED = {
+    "dict": "dictionary", "dicts": "dictionary", "info": "information", "config": "configuration",
+    "repo": "repository", "repos": "repository", "app": "application", "apps": "application",
+    "spec": "specification", "specs": "specification", "stats": "statistics", "env": "environment",
+    "lib": "library", "libs": "library", "auth": "authentication", "admin": "administrator", "math": "mathematics",
+    "maths": "mathematics", "exam": "examination", "lab": "laboratory", "photo": "photograph",
+    "photos": "photograph", "doc": "document", "docs": "document", "func": "function", "param": "parameter",
+    "params": "parameter", "arg": "argument", "args": "argument", "dir": "directory", "intro": "introduction",
+    "demo": "demonstration", "temp": "temperature", "bike": "bicycle", "fridge": "refrigerator",
+}  # fmt: skip
 _FRAME_VERBS = _set(
     """tell give show explain describe define list name summarize summarise write compose provide say know find
     calculate compute recommend suggest teach help generate create make draft translate"""
@@ -124,6 +142,13 @@ _SUFFIXES = sorted(
     key=len,
     reverse=True,
 )
+# what may follow a word that another begins for the two to count as one word ("Scandinavia-n", "east-ern",
+# "prosecut-or"), also with the final "e" or "y" that the stem drops ("legislat-ur(e)"); not "stor-m" ("story" /
+# "stormy") nor compounds ("pine-apple")
+_DERIVATIONS = _set(
+    """s es n an ian ean ese ish ern er or ar ary ic ics ical al ial ist ism ite ive ure able ible ward wards ion ation
+    ition ment ness ity ous ful less ly ing ed ize ise"""
+) | frozenset(_SUFFIXES)
 _NUMBER_WORDS = {
     w: i
     for i, w in enumerate(
@@ -154,6 +179,7 @@ _IDENTIFIER = re.compile(
 )
 _TOKEN = re.compile(r"-?\d+(?:[.,]\d+)*[^\W\d_]*|%|[^\W\d_]+(?:'[^\W\d_]+)?|[.!?;:]")
 _NUMERIC = re.compile(r"-?\d+(?:[.,]\d+)*")
+_HYPHENATED = re.compile(r"(?<![\w-])([^\W\d_]+)-[^\W\d_]+")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
 _VOWEL = re.compile(r"[aeiouy]")
 _SPACES = re.compile(r"\s+")
@@ -227,6 +253,9 @@ class _Analysis:
     stems: Counter = field(default_factory=Counter)  # every word's stem, function words included
     relations: list = field(default_factory=list)  # (marker, stems before it, stems after it)
     slots: list = field(default_factory=list)  # numbers and content stems in text order
+    negators: Counter = field(default_factory=Counter)  # negating prefixes: "non-leap" -> {"non": 1}
+    hyphenated: dict = field(default_factory=dict)  # stem of a hyphenated qualifier -> the compound ("low-fat")
+    compounds: dict = field(default_factory=dict)  # stem of each part of a hyphenated word -> its joined stem
 
 
 def _words(text: str) -> tuple[list[str], list[str]]:
@@ -278,6 +307,14 @@ def _analyse(text: str) -> _Analysis:
             out.names[key] = quoted
     for match in _IDENTIFIER.finditer(text):
         out.names[match.group(0).lower()] = match.group(0)
+    for match in _HYPHENATED.finditer(text):  # "non-leap", "low-fat": the first part qualifies the second
+        first, compound = match.group(1).lower(), match.group(0).lower()
+        if first in _NEGATING_PREFIXES:
+            out.negators[first] += 1
+        else:
+            out.hyphenated[stem(_CLIPPED.get(first, first))] = compound
+            for part in compound.split("-"):  # "e-mail" is "email" written in two
+                out.compounds[stem(part)] = stem(compound.replace("-", ""))
     words, surface = _words(text)
     out.words = set(words)
     start, opener, pending = True, True, []  # sentence start; request opening; number words being combined
@@ -318,6 +355,7 @@ def _analyse(text: str) -> _Analysis:
         if prev == "how" and word in _DIMENSIONS:
             word = _DIMENSIONS[word]
         unit = _UNITS.get(word) if (prev[:1].isdigit() or len(word) > 1) else None  # "m" only after a number
+        unit = unit or _CLIPPED.get(word)
         opened = opener  # whether this word still opens the request
         for part in (unit or word).split():
             base = stem(part)
@@ -330,6 +368,12 @@ def _analyse(text: str) -> _Analysis:
                 out.kinds.add(_WH_NOUNS[nxt])
             elif part == "how":  # "how do I" / "... - how?" ask for a manner, "how far" for a degree
                 out.kinds.add("manner" if nxt in _AUX or not nxt.isalpha() else "degree")
+            negator = part == "non" and nxt.isalpha() and f"non-{nxt}" not in text.lower()  # "non leap year"
+            if negator or (part in out.negators and nxt.isalpha() and f"{part}-{nxt}" in text.lower()):
+                out.negators[part] += negator  # a hyphenated one was counted above
+                out.slots.append(f"{part}-")  # not a content word, but its place counts ("non-X ... X" / "X ... non-X")
+                out.stems[f"{part}-"] += 1
+                continue
             if part in _FUNCTION or part in _NEGATIONS or part in _DIRECTIONS:
                 opened = opened and part in _OPENERS
                 continue
@@ -388,7 +432,8 @@ def _relations(words: list[str]) -> list[tuple[str, frozenset, frozenset]]:
     out, start = [], 0
     for end in [*(i for i, w in enumerate(words) if w in ".!?;:"), len(words)]:
         sentence = words[start:end]
-        slots = [(j, stem(_UNITS.get(w, w))) for j, w in enumerate(sentence) if w not in _FUNCTION | _DIRECTIONS]
+        slots = [(j, stem(_UNITS.get(w) or _CLIPPED.get(w, w))) for j, w in enumerate(sentence)
+                 if w not in _FUNCTION | _DIRECTIONS]  # fmt: skip
         for j, word in enumerate(sentence):
             if word in _DIRECTIONS:
                 before = frozenset(s for k, s in slots if k < j)
@@ -472,6 +517,10 @@ class LookAlikeGuard:
                 return _no(f"names differ: {missing} not in the {where}")
         if a.negated != b.negated:
             return _no(f"negation in the {'query' if a.negated else 'candidate'} only")
+        if a.negators != b.negators:
+            where = "query" if (a.negators - b.negators) else "candidate"
+            prefixes = sorted(f"{p}-" for p in (a.negators - b.negators) + (b.negators - a.negators))
+            return _no(f"negation differs: {prefixes} in the {where} only")
         if a.kinds and b.kinds and not a.kinds & b.kinds:
             return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
         for marker, before_a, after_a in a.relations:
@@ -491,6 +540,12 @@ class LookAlikeGuard:
         if breaks > 3 and not voice:  # passive vs active reverses the roles' order: expected, not a swap
             return _no("order differs: shared words swap roles")
         if strict:
+            for x, y, extra, where in ((a, b, only_a, "query"), (b, a, only_b, "candidate")):
+                hyphenated = [s for s in extra if s in x.hyphenated]  # a hyphenated qualifier is not an extra word
+                joined = {s: stem(x.hyphenated[s].replace("-", "")) for s in hyphenated}  # "e-mail" / "email"
+                qualifiers = sorted(x.hyphenated[s] for s in hyphenated if joined[s] not in y.stems)
+                if qualifiers:
+                    return _no(f"qualifier differs: {qualifiers} in the {where} only")
             if breaks and _overlap(a, b) >= 0.9:
                 return _no("order differs: the same words in another order")
             if not breaks and voice and len(set(a.slots) & set(b.slots)) >= 2:
@@ -528,9 +583,20 @@ def _has_name(text: _Analysis, key: str, acronym: bool) -> bool:
     return key.isalpha() and 2 <= len(key) <= 6 and _spells(text.content, key)
 
 
+def _derived(short: str, long: str) -> bool:
+    """Whether stem `long` is stem `short` (4+ letters) and a suffix: "scandinavia" / "scandinavian", "east" /
+    "eastern", "travel" / "travell"; not "stor" / "storm" ("story" / "stormy") nor "pine" / "pineappl"."""
+    if len(short) < 4 or len(long) <= len(short) or not long.startswith(short):
+        return False
+    rest = long[len(short) :]
+    if rest[0] == short[-1]:  # a doubled consonant: "travel" / "travelled", "program" / "programmer"
+        rest = rest[1:]
+    return not rest or rest in _DERIVATIONS or f"{rest}e" in _DERIVATIONS or f"{rest}y" in _DERIVATIONS
+
+
 def _prefixed(word: str, others) -> bool:
-    """Whether `word` begins one of `others` or one of `others` (4+ letters) begins it: "dict" / "dictionar"."""
-    return any(w.startswith(word) or (len(w) >= 4 and word.startswith(w)) for w in others)
+    """Whether `word` and one of `others` are one word, one of them with a suffix the other lacks (see `_derived`)."""
+    return any(_derived(word, w) or _derived(w, word) for w in others)
 
 
 def _unmatched(x: _Analysis, y: _Analysis) -> set[str]:
@@ -540,6 +606,7 @@ def _unmatched(x: _Analysis, y: _Analysis) -> set[str]:
         for j in range(len(x.content) - len(acronym) + 1):
             if "".join(w[0] for w in x.content[j : j + len(acronym)]) == acronym:
                 covered.update(x.content[j : j + len(acronym)])
+    covered.update(w for w in x.content if w in y.compounds.values() or x.compounds.get(w) in y.stems)
     out = set()
     for word in set(x.content) - set(y.stems) - covered:
         if word in x.acronyms:
