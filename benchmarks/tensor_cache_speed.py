@@ -84,8 +84,8 @@ def timer(device: str, iters: int):
     return measure
 
 
-def decode_row(window, b, hq, hkv, d, sinks, rand, measure, device) -> str:
-    """One row of the decode table: times of window-only, fused, unfused and SDPA for `sinks + window` keys."""
+def decode_times(window, b, hq, hkv, d, sinks, rand, measure, device) -> dict:
+    """Seconds of window-only, fused, unfused and SDPA for `sinks + window` keys; the byte floor; the fused error."""
     import torch
     import torch.nn.functional as F
     from hf_neuralcache.kernels.fast_weight import moment_decode, moment_state, naive
@@ -122,10 +122,17 @@ def decode_row(window, b, hq, hkv, d, sinks, rand, measure, device) -> str:
     t_sdpa = measure(lambda: F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True))
     kv_bytes = 2 * k * d * key.element_size()
     state_bytes = 2 * 4 * (1 + 2 * d + d * d)  # moments read and written, float32
+    floor = (kv_bytes + state_bytes) / kv_bytes
+    return dict(window=t_window, fused=t_fused, unfused=t_unfused, sdpa=t_sdpa, byte_floor=floor, max_err=error)
+
+
+def decode_row(window, b, hq, hkv, d, sinks, rand, measure, device) -> str:
+    """One row of the decode table (see `decode_times`), microseconds per layer step."""
+    t = decode_times(window, b, hq, hkv, d, sinks, rand, measure, device)
     return (
-        f"| {window} | {t_window * 1e6:.1f} | {t_fused * 1e6:.1f} | {t_fused / t_window:.2f}x | "
-        f"{t_unfused * 1e6:.1f} | {t_unfused / t_window:.2f}x | {t_sdpa * 1e6:.1f} | {t_window / t_sdpa:.2f}x | "
-        f"{(kv_bytes + state_bytes) / kv_bytes:.2f}x | {error:.1e} |"
+        f"| {window} | {t['window'] * 1e6:.1f} | {t['fused'] * 1e6:.1f} | {t['fused'] / t['window']:.2f}x | "
+        f"{t['unfused'] * 1e6:.1f} | {t['unfused'] / t['window']:.2f}x | {t['sdpa'] * 1e6:.1f} | "
+        f"{t['window'] / t['sdpa']:.2f}x | {t['byte_floor']:.2f}x | {t['max_err']:.1e} |"
     )
 
 
