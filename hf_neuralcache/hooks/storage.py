@@ -220,8 +220,9 @@ class TieredStore:
 
     Raises:
         `ValueError`: for bad arguments, a path that is a file or cannot be created, or a folder of another kind.
-        Nothing else: a folder that cannot be written is used read-only, one that cannot be read at all is a store
-        whose every lookup misses (both logged and shown by `readonly` / `disabled`).
+
+    Nothing else raises: a folder that cannot be written is used read-only, one that cannot be read at all is a store
+    whose every lookup misses (both logged and shown by `readonly` / `disabled`).
     """
 
     def __init__(
