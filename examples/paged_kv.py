@@ -11,6 +11,7 @@ import argparse
 import torch
 
 import hf_neuralcache  # noqa: F401  (registers cache_implementation="paged_kv")
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.cli import cache_memory_bytes
 from hf_neuralcache.models import load_embedded_model, tiny_model
 
@@ -49,13 +50,13 @@ def main(argv=None) -> None:
         paged = model.generate(
             **inputs, cache_implementation="paged_kv", cache_config={"page_size": args.page_size}, **kwargs
         )
-    cache = paged.past_key_values
+    cache = paged[CACHE_KWARG]
     same = torch.equal(paged.sequences, dynamic.sequences)
     print(f"prompt: {prompt_len} tokens, {args.beams} beams, {args.max_new_tokens} new tokens")
     if tokenizer is not None:
         print("answer:", tokenizer.decode(paged.sequences[0, prompt_len:], skip_special_tokens=True))
     print(f"identical to DynamicCache: {same}")
-    print(f"DynamicCache holds {cache_memory_bytes(dynamic.past_key_values):,} bytes")
+    print(f"DynamicCache holds {cache_memory_bytes(dynamic[CACHE_KWARG]):,} bytes")
     print(
         f"paged_kv holds {cache_memory_bytes(cache):,} bytes: {cache.pages.pages_in_use} pages of {args.page_size} "
         f"tokens in use per layer (the prompt alone is {-(-prompt_len // args.page_size)} pages)"

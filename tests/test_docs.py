@@ -60,3 +60,58 @@ def test_reference_imports(identifier):
             obj = getattr(obj, attr)
         return
     pytest.fail(f"no module of {identifier!r} imports")
+
+
+def _nav_pages() -> list[str]:
+    return re.findall(r":\s+([\w/]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), flags=re.MULTILINE)
+
+
+def test_index_next_steps_link_every_page():
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    next_steps = index.split("## Where to go next", 1)[1]
+    missing = [page for page in _nav_pages() if page != "index.md" and f"({page})" not in next_steps]
+    assert not missing, f"docs/index.md 'Where to go next' misses {missing}"
+
+
+def test_readme_lists_every_docs_page():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [page for page in _nav_pages() if f"(docs/{page})" not in readme]
+    assert not missing, f"README.md's documentation list misses {missing}"
+
+
+def test_which_cache_page_covers_every_backend_and_hook():
+    import hf_neuralcache
+
+    page = (ROOT / "docs" / "choosing.md").read_text(encoding="utf-8")
+    assert "| Goal | Use | Cost | Exact? |" in page
+    for name in [*hf_neuralcache.available_caches(), "prefix cache", "inference cache", "semantic cache"]:
+        assert name in page, f"docs/choosing.md does not mention {name}"
+
+
+def test_tensor_cache_page_has_an_options_table_and_says_experimental():
+    from hf_neuralcache import TensorCache
+
+    page = (ROOT / "docs" / "tensor_cache.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(\w+)` \|", page, flags=re.MULTILINE))
+    assert set(TensorCache.options) <= rows, f"docs/tensor_cache.md has no row for {set(TensorCache.options) - rows}"
+    assert "Experimental" in page
+    for path in ("README.md", "docs/index.md"):
+        (row,) = [line for line in (ROOT / path).read_text().splitlines() if line.startswith("| `tensor_cache` |")]
+        assert "experimental" in row, f"{path}: tensor_cache is not marked experimental"
+
+
+def test_pages_do_not_call_available_features_planned():
+    stale = {
+        "docs/models.md": ["planned semantic cache"],
+        "docs/cli.md": ["[`PrefixCache`](prefix_cache.md) or an\n[`InferenceCache`](inference_cache.md);"],
+    }
+    for path, phrases in stale.items():
+        text = (ROOT / path).read_text(encoding="utf-8")
+        for phrase in phrases:
+            assert phrase not in text, f"{path} still says {phrase!r}"
+    assert "SemanticCache" in (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+
+
+def test_docs_show_the_current_cache_keyword():
+    quickstart = (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    assert "CACHE_KWARG" in quickstart and "past_key_values=cache" not in quickstart

@@ -8,6 +8,7 @@ from hf_neuralcache.kernels.paged_attention import gather_pages
 from transformers import DynamicCache
 
 import hf_neuralcache
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.caches.paged import PageBudgetExceededError, PagedKVCache
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits, reference_logits
@@ -37,8 +38,8 @@ def test_greedy_equals_dynamic_cache(attn, page_size):
     out = assert_same_generation(
         model, IDS, 12, 1e-5, cache_implementation="paged_kv", cache_config={"page_size": page_size}
     )
-    assert isinstance(out.past_key_values, PagedKVCache)
-    assert_consistent(out.past_key_values)
+    assert isinstance(out[CACHE_KWARG], PagedKVCache)
+    assert_consistent(out[CACHE_KWARG])
 
 
 @pytest.mark.parametrize("arch, attn", [("gemma2", "neuralcache"), ("gemma3_text", "sdpa")])
@@ -61,7 +62,7 @@ def test_beam_search_and_return_sequences_equal_dynamic_cache(attn):
     out = model.generate(IDS, cache_implementation="paged_kv", cache_config={"page_size": 4}, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     assert_close(out.sequences_scores, ref.sequences_scores, 1e-5, "beam scores")
-    assert_consistent(out.past_key_values)
+    assert_consistent(out[CACHE_KWARG])
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "neuralcache"])
@@ -115,20 +116,20 @@ def test_shared_prompt_copy_on_write_and_crop():
     model = tiny_model("llama")
     cache = paged(model, page_size=4)
     with torch.no_grad():
-        model(IDS[:1, :6], past_key_values=cache)  # pages: [full, half]
+        model(IDS[:1, :6], **{CACHE_KWARG: cache})  # pages: [full, half]
         cache.batch_repeat_interleave(3)
         assert cache.pages.pages_in_use == 2 and cache.pages.refs.tolist() == [3, 3]
         pools = cache.layers[0].k_pages.data_ptr()
         cache.reorder_cache(torch.tensor([2, 0, 0]))  # a table update, no K/V moved
         assert cache.layers[0].k_pages.data_ptr() == pools and cache.pages.refs.tolist() == [3, 3]
-        model(NEW, past_key_values=cache)  # three different tokens into the shared half page
+        model(NEW, **{CACHE_KWARG: cache})  # three different tokens into the shared half page
     # two rows copied the half page, the last holder wrote into it in place; the full page stays shared
     assert cache.pages.pages_in_use == 4 and cache.pages.refs[0] == 3
     assert_consistent(cache)
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(IDS[:1, :6].expand(3, -1), past_key_values=reference)
-        model(NEW, past_key_values=reference)
+        model(IDS[:1, :6].expand(3, -1), **{CACHE_KWARG: reference})
+        model(NEW, **{CACHE_KWARG: reference})
     for layer, ref in zip(cache.layers, reference.layers, strict=True):
         assert_close(gather_pages(layer.k_pages, cache.pages.table, 7), ref.keys, 1e-6, "keys")
         assert_close(gather_pages(layer.v_pages, cache.pages.table, 7), ref.values, 1e-6, "values")
@@ -149,9 +150,9 @@ def test_beams_share_the_prompt_memory():
     out = model.generate(prompt, cache_implementation="paged_kv", **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     dynamic = sum(
-        t.numel() * t.element_size() for layer in ref.past_key_values.layers for t in (layer.keys, layer.values)
+        t.numel() * t.element_size() for layer in ref[CACHE_KWARG].layers for t in (layer.keys, layer.values)
     )
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     pages = cache.pages
     # 16 prompt pages held once, at most 2 pages of new tokens per beam: well under 8 prompts
     assert pages.pages_in_use <= 16 + 8 * 2
@@ -162,10 +163,10 @@ def test_budget_error_says_what_was_needed_and_leaves_the_cache_unchanged():
     model = tiny_model("llama")
     cache = paged(model, page_size=4, max_pages=9)
     with torch.no_grad():
-        model(IDS[:1, :30], past_key_values=cache)  # 8 pages, the last one half full
+        model(IDS[:1, :30], **{CACHE_KWARG: cache})  # 8 pages, the last one half full
         table = cache.pages.table.clone()
         with pytest.raises(PageBudgetExceededError, match=r"needs 2 more pages.*max_pages=9.*at least 10 pages"):
-            model(IDS[:1, 30:37], past_key_values=cache)  # 2 tokens fill page 8, 5 more need 2 new pages
+            model(IDS[:1, 30:37], **{CACHE_KWARG: cache})  # 2 tokens fill page 8, 5 more need 2 new pages
     assert cache.get_seq_length() == 30 and torch.equal(cache.pages.table, table)
     with pytest.raises(PageBudgetExceededError, match="max_pages=2"):
         model.generate(IDS, cache_implementation="paged_kv", cache_config={"page_size": 16, "max_pages": 2})
@@ -211,7 +212,7 @@ def test_neuralcache_attention_with_autograd_gathers_and_stays_exact():
     for grad in (False, True):
         cache = paged(model, page_size=4)
         with torch.set_grad_enabled(grad):
-            logits[grad] = [model(IDS[:, a:b], past_key_values=cache).logits.detach() for a, b in chunks]
+            logits[grad] = [model(IDS[:, a:b], **{CACHE_KWARG: cache}).logits.detach() for a, b in chunks]
         assert cache.pages.in_place is not grad
     for step, (plain, with_grad) in enumerate(zip(logits[False], logits[True], strict=True)):
         assert_close(with_grad, plain, 1e-5, f"chunk {step}")

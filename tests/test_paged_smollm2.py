@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close, assert_same_generation
 
@@ -59,7 +60,7 @@ def test_beam_search(smollm, prompt):
     out = model.generate(prompt, **PAGED, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     assert_close(out.sequences_scores, ref.sequences_scores, 1e-4, "beam scores")
-    pages = out.past_key_values.pages
+    pages = out[CACHE_KWARG].pages
     assert pages.pages_in_use <= 3 + 3 * 2  # the prompt's 3 pages once, not once per beam
 
 

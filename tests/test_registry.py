@@ -18,7 +18,10 @@ from transformers.generation import configuration_utils
 from transformers.generation.utils import GenerationMixin
 
 import hf_neuralcache
-from hf_neuralcache import registry
+from hf_neuralcache import (
+    CACHE_KWARG,  # "cache" from transformers 5.24, else "past_key_values"
+    registry,
+)
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close
 
@@ -152,9 +155,9 @@ def test_create_cache_is_what_generate_builds():
         return_dict_in_generate=True,
     )
     built = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=5, sink_tokens=1)
-    assert type(out.past_key_values) is type(built)
+    assert type(out[CACHE_KWARG]) is type(built)
     assert [repr(layer) for layer in built.layers] == [
-        repr(type(layer)(layer.window, layer.sink_tokens)) for layer in out.past_key_values.layers
+        repr(type(layer)(layer.window, layer.sink_tokens)) for layer in out[CACHE_KWARG].layers
     ]
 
 
@@ -166,7 +169,7 @@ def test_generation_config_survives_save_and_load(tmp_path):
     assert GenerationConfig.from_pretrained(tmp_path).cache_config == {"window": 6, "sink_tokens": 2}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     out = loaded.generate(IDS, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     assert isinstance(cache, hf_neuralcache.SlidingWindowKVCache) and cache.layers[0].window == 6
     explicit = model.generate(
         IDS,
@@ -239,12 +242,12 @@ def test_manual_loop_with_create_cache_equals_generate():
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     seq, steps = IDS[:1], []
     with torch.no_grad():
-        logits = model(seq, past_key_values=cache).logits[:, -1]
+        logits = model(seq, **{CACHE_KWARG: cache}).logits[:, -1]
         for _ in range(15):
             steps.append(logits)
             token = logits.argmax(-1, keepdim=True)
             seq = torch.cat([seq, token], 1)
-            logits = model(token, past_key_values=cache).logits[:, -1]
+            logits = model(token, **{CACHE_KWARG: cache}).logits[:, -1]
     out = model.generate(
         IDS[:1],
         max_new_tokens=15,

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_neuralcache
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.models import TINY_ARCHITECTURES, tiny_model
 from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits, reference_logits
 
@@ -23,7 +24,7 @@ def test_large_window_generate_equals_dynamic_cache(arch):
     model = tiny_model(arch)
     kwargs = dict(cache_implementation="sliding_window_kv", cache_config={"window": 64})
     out = assert_same_generation(model, _ids(2, 12), 24, 1e-4, **kwargs)
-    assert isinstance(out.past_key_values, hf_neuralcache.SlidingWindowKVCache)
+    assert isinstance(out[CACHE_KWARG], hf_neuralcache.SlidingWindowKVCache)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,7 +70,7 @@ def test_half_precision_allocates_in_the_model_dtype():
         cache_implementation="sliding_window_kv",
         cache_config={"window": 6},
     )
-    assert out.past_key_values.layers[0].keys.dtype == torch.bfloat16
+    assert out[CACHE_KWARG].layers[0].keys.dtype == torch.bfloat16
 
 
 def test_native_sliding_layers_keep_their_window():
@@ -139,11 +140,11 @@ def test_crop_restores_the_window_exactly():
     ids = _ids(2, 30)
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     with torch.no_grad():
-        model(ids[:, :12], past_key_values=cache)
+        model(ids[:, :12], **{CACHE_KWARG: cache})
         snapshot = [(layer.keys.clone(), layer.values.clone(), layer.sink_slots.clone()) for layer in cache.layers]
         cache.activate_past_recording()
-        model(ids[:, 12:22], past_key_values=cache)  # evicts everything the window held
-        model(ids[:, 22:25], past_key_values=cache)
+        model(ids[:, 12:22], **{CACHE_KWARG: cache})  # evicts everything the window held
+        model(ids[:, 22:25], **{CACHE_KWARG: cache})
         cache.crop(-13)
     assert cache.get_seq_length() == 12
     for layer, (keys, values, sinks) in zip(cache.layers, snapshot, strict=True):
@@ -154,9 +155,9 @@ def test_crop_restores_the_window_exactly():
     # and the continuation equals a cache that never saw the removed tokens
     fresh = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     with torch.no_grad():
-        model(ids[:, :12], past_key_values=fresh)
-        a = model(ids[:, 25:27], past_key_values=cache).logits
-        b = model(ids[:, 25:27], past_key_values=fresh).logits
+        model(ids[:, :12], **{CACHE_KWARG: fresh})
+        a = model(ids[:, 25:27], **{CACHE_KWARG: cache}).logits
+        b = model(ids[:, 25:27], **{CACHE_KWARG: fresh}).logits
     assert_close(a, b, 1e-6, "after crop")
 
 
@@ -164,10 +165,10 @@ def test_crop_without_recording_raises_after_eviction():
     model = tiny_model("llama")
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4, sink_tokens=1)
     with torch.no_grad():
-        model(_ids(1, 3), past_key_values=cache)
+        model(_ids(1, 3), **{CACHE_KWARG: cache})
         cache.crop(-1)  # nothing evicted yet: fine
         assert cache.get_seq_length() == 2
-        model(_ids(1, 10), past_key_values=cache)
+        model(_ids(1, 10), **{CACHE_KWARG: cache})
     with pytest.raises(RuntimeError, match="activate_past_recording"):
         cache.crop(-2)
     with pytest.raises(ValueError, match="negative"):
@@ -180,9 +181,9 @@ def test_reorder_equals_recomputing_the_reordered_sequences():
     beam_idx = torch.tensor([2, 0, 0])
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=6, sink_tokens=2)
     with torch.no_grad():
-        model(ids[:, :15], past_key_values=cache)
+        model(ids[:, :15], **{CACHE_KWARG: cache})
         cache.reorder_cache(beam_idx)
-        got = model(ids[beam_idx, 15:], past_key_values=cache).logits
+        got = model(ids[beam_idx, 15:], **{CACHE_KWARG: cache}).logits
     ref = reference_logits(model, ids[beam_idx], torch.ones(3, 20, dtype=torch.bool), 6, 2)[:, 15:]
     assert_close(got, ref, 1e-5, "reordered")
 
@@ -232,8 +233,8 @@ def test_memory_stops_growing_once_the_window_is_full():
     sizes, dynamic_sizes = [], []
     with torch.no_grad():
         for chunk in _ids(1, 120).split(10, dim=1):
-            model(chunk, past_key_values=cache)
-            model(chunk, past_key_values=dynamic)
+            model(chunk, **{CACHE_KWARG: cache})
+            model(chunk, **{CACHE_KWARG: dynamic})
             sizes.append(cache.memory_bytes())
             dynamic_sizes.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in dynamic.layers))
     # per layer: (4 sinks + 16 window) x 2 kv heads x 16 dims x (keys + values) x 4 bytes, plus the position table;
@@ -318,8 +319,8 @@ def test_causal_prefill_builds_no_mask_and_keeps_no_per_forward_state():
     build = cache.attention_mask
     cache.attention_mask = lambda *a, **k: masks.append(build(*a, **k)) or masks[-1]
     with torch.no_grad():
-        model(_ids(2, 40), past_key_values=cache)  # no padding, shorter than the window: SDPA's is_causal
-        model(_ids(2, 1), past_key_values=cache)  # the buffer has empty entries: a [B, 1, 1, K] boolean mask
+        model(_ids(2, 40), **{CACHE_KWARG: cache})  # no padding, shorter than the window: SDPA's is_causal
+        model(_ids(2, 1), **{CACHE_KWARG: cache})  # the buffer has empty entries: a [B, 1, 1, K] boolean mask
     assert masks[0] is None
     assert masks[1].dtype == torch.bool and masks[1].shape == (2, 1, 1, 4 + 64)
     assert cache._step is None  # the forward's masks are not kept alive by the cache
@@ -338,13 +339,13 @@ def test_recording_left_on_stays_bounded():
         cache_implementation="sliding_window_kv",
         cache_config=config,
     )
-    cache = out.past_key_values
+    cache = out[CACHE_KWARG]
     assert all(layer.record_past for layer in cache.layers)
     entry = 2 * 16 * 2 * 4  # kv heads x head dim x (keys + values) x fp32
     bound = len(cache.layers) * (2 + 6 + 10) * (entry + 8)  # + a position per entry (table and journal)
     with torch.no_grad():
         for token in _ids(1, 200, seed=9).split(1, dim=1):
-            model(token, past_key_values=cache)
+            model(token, **{CACHE_KWARG: cache})
             assert cache.memory_bytes() <= bound
     with pytest.raises(RuntimeError, match="max_rollback=10"):
         cache.crop(-11)
@@ -352,7 +353,7 @@ def test_recording_left_on_stays_bounded():
     kept = torch.cat([out.sequences[:, :-1], _ids(1, 200, seed=9)], 1)[:, :-10]
     probe = _ids(1, 3, seed=11)
     with torch.no_grad():
-        got = model(probe, past_key_values=cache).logits
+        got = model(probe, **{CACHE_KWARG: cache}).logits
     full = torch.cat([kept, probe], 1)
     ref = reference_logits(model, full, torch.ones_like(full, dtype=torch.bool), 6, 2)[:, -3:]
     assert_close(got, ref, 1e-5, "after a crop with recording left on")
@@ -363,7 +364,7 @@ def test_long_prompt_under_recording_journals_at_most_max_rollback():
     cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, max_rollback=5)
     cache.activate_past_recording()
     with torch.no_grad():
-        model(_ids(1, 300), past_key_values=cache)
+        model(_ids(1, 300), **{CACHE_KWARG: cache})
     assert all(layer.journal[1].shape[2] == 5 for layer in cache.layers)
 
 
@@ -376,8 +377,8 @@ def test_a_finished_cache_is_freed_without_the_garbage_collector():
     try:
         cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4)
         with torch.no_grad():
-            model(_ids(1, 6), past_key_values=cache)
-            model(_ids(1, 1), past_key_values=cache)  # decode: the tag sits on the layer's own buffer
+            model(_ids(1, 6), **{CACHE_KWARG: cache})
+            model(_ids(1, 1), **{CACHE_KWARG: cache})  # decode: the tag sits on the layer's own buffer
         buffer = weakref.ref(cache.layers[0].keys)
         del cache
         assert buffer() is None
@@ -393,3 +394,12 @@ def test_direct_construction_checks_options_too():
         SlidingWindowKVCache(config, window=0)
     with pytest.raises(ValueError, match=r"Invalid cache_config\['sink_tokens'\] = -1"):
         SlidingWindowKVCache(config, sink_tokens=-1)
+
+
+def test_more_sinks_than_window_is_refused():
+    model = tiny_model("llama")
+    message = r"sliding_window_kv'.*sink_tokens=5 is larger than window=4; expected sink_tokens <= window"
+    with pytest.raises(ValueError, match=message):
+        model.generate(_ids(1, 5), max_new_tokens=2, cache_implementation="sliding_window_kv",
+                       cache_config={"window": 4, "sink_tokens": 5})
+    assert hf_neuralcache.create_cache("sliding_window_kv", model.config, window=4, sink_tokens=4).sink_tokens == 4

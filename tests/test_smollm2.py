@@ -9,7 +9,10 @@ import torch
 from transformers import pipeline
 
 import hf_neuralcache
-from hf_neuralcache import registry
+from hf_neuralcache import (
+    CACHE_KWARG,  # "cache" from transformers 5.24, else "past_key_values"
+    registry,
+)
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits, reference_logits
 
@@ -65,7 +68,7 @@ def test_bytes_held_are_bounded(smollm, text_ids):
     held = []
     prompt = text_ids[:, :40]
     for new in (30, 60):
-        model.generate(prompt, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        model.generate(prompt, **{CACHE_KWARG: cache}, max_new_tokens=new, min_new_tokens=new, do_sample=False)
         held.append(cache.memory_bytes())
         prompt = torch.cat([prompt, text_ids[:, 40 + new : 41 + new]], 1)
         cache = hf_neuralcache.create_cache("sliding_window_kv", config, window=32, sink_tokens=4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hf_neuralcache
+from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.caches.tensor_cache import TensorCache, TensorCacheLayer
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close, assert_same_generation, cached_logits
@@ -41,8 +42,8 @@ def _states(cache):
 def test_large_window_generate_equals_dynamic_cache(arch):
     kwargs = dict(cache_implementation="tensor_cache", cache_config={"window": 64})
     out = assert_same_generation(_model(arch), _ids(2, 12), 24, 1e-4, **kwargs)
-    assert isinstance(out.past_key_values, TensorCache)
-    assert all(int(layer.state.count.sum()) == 0 for layer in out.past_key_values.layers if hasattr(layer, "state"))
+    assert isinstance(out[CACHE_KWARG], TensorCache)
+    assert all(int(layer.state.count.sum()) == 0 for layer in out[CACHE_KWARG].layers if hasattr(layer, "state"))
 
 
 def test_smollm2_large_window_equals_dynamic_cache(smollm):
@@ -159,19 +160,19 @@ def test_crop_undoes_memory_writes_exactly(name):
     cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     fresh = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     with torch.no_grad():
-        model(ids[:, :12], past_key_values=cache)
+        model(ids[:, :12], **{CACHE_KWARG: cache})
         cache.activate_past_recording()
-        model(ids[:, 12:16], past_key_values=cache)
-        model(ids[:, 16:22], past_key_values=cache)
-        model(ids[:, 22:25], past_key_values=cache)
+        model(ids[:, 12:16], **{CACHE_KWARG: cache})
+        model(ids[:, 16:22], **{CACHE_KWARG: cache})
+        model(ids[:, 22:25], **{CACHE_KWARG: cache})
         cache.crop(-11)  # lands inside the second recorded forward
-        model(ids[:, :14], past_key_values=fresh)
+        model(ids[:, :14], **{CACHE_KWARG: fresh})
     assert cache.get_seq_length() == 14
     for a, b in zip(_states(cache), _states(fresh), strict=True):
         assert_close(a[2], b[2], 1e-6, "memory after crop")
     with torch.no_grad():
-        got = model(ids[:, 25:28], past_key_values=cache).logits
-        ref = model(ids[:, 25:28], past_key_values=fresh).logits
+        got = model(ids[:, 25:28], **{CACHE_KWARG: cache}).logits
+        ref = model(ids[:, 25:28], **{CACHE_KWARG: fresh}).logits
     assert_close(got, ref, 1e-5, "after crop")
 
 
@@ -179,7 +180,7 @@ def test_crop_without_recording_raises_after_memory_writes():
     model = _model()
     cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=4, sink_tokens=1)
     with torch.no_grad():
-        model(_ids(1, 10), past_key_values=cache)
+        model(_ids(1, 10), **{CACHE_KWARG: cache})
     with pytest.raises(RuntimeError, match="activate_past_recording"):
         cache.crop(-2)
     with pytest.raises(ValueError, match="negative"):
@@ -210,11 +211,11 @@ def test_reorder_moves_window_and_memory():
     cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=6, sink_tokens=2)
     reordered = hf_neuralcache.create_cache("tensor_cache", model.config, window=6, sink_tokens=2)
     with torch.no_grad():
-        model(ids[:, :18], past_key_values=cache)
+        model(ids[:, :18], **{CACHE_KWARG: cache})
         cache.reorder_cache(beam_idx)
-        got = model(ids[beam_idx, 18:], past_key_values=cache).logits
-        model(ids[beam_idx, :18], past_key_values=reordered)
-        ref = model(ids[beam_idx, 18:], past_key_values=reordered).logits
+        got = model(ids[beam_idx, 18:], **{CACHE_KWARG: cache}).logits
+        model(ids[beam_idx, :18], **{CACHE_KWARG: reordered})
+        ref = model(ids[beam_idx, 18:], **{CACHE_KWARG: reordered}).logits
     assert_close(got, ref, 1e-5, "reordered")
 
 
@@ -240,7 +241,7 @@ def test_memory_is_constant_once_the_window_is_full():
     sizes = []
     with torch.no_grad():
         for chunk in _ids(1, 200).split(10, dim=1):
-            model(chunk, past_key_values=cache)
+            model(chunk, **{CACHE_KWARG: cache})
             sizes.append(cache.memory_bytes())
     heads, dim = 2, 16
     window = (4 + 16) * heads * dim * 2 * 4 + (4 + 16) * 8  # keys + values in fp32, the position table
@@ -267,6 +268,7 @@ def test_refuses_other_attention_implementations():
         ({"rule": "delta"}, r"apply to mode='paper' only"),
         ({"mode": "paper", "memory": "mean"}, r"applies to mode='training_free' only"),
         ({"windw": 3}, r"Unknown cache_config key"),
+        ({"window": 2, "sink_tokens": 4}, r"sink_tokens=4 is larger than window=2; expected sink_tokens <= window"),
     ],
 )
 def test_option_errors(config, message):

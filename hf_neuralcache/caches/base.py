@@ -20,7 +20,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..kernels.window_attention import window_visibility
 
-__all__ = ["AttentionState", "BatchOps", "NeuralCache", "Option", "check_options", "compiling"]
+__all__ = ["AttentionState", "BatchOps", "NeuralCache", "Option", "check_options", "check_sinks_fit", "compiling"]
 
 MASK_TAG = "_neuralcache_mask"  # set on the masks our hook builds, so that they pass through it again unchanged
 
@@ -82,6 +82,16 @@ def check_options(cache_name: str, spec: dict[str, Option], given: dict[str, Any
             )
         values[key] = value
     return values
+
+
+def check_sinks_fit(cache_name: str, window: int, sink_tokens: int) -> None:
+    """Raise a `ValueError` when `sink_tokens` exceeds `window` (the sinks are a few first tokens kept beside the
+    window, as in StreamingLLM's 4 sinks next to a window of hundreds or thousands)."""
+    if sink_tokens > window:
+        raise ValueError(
+            f"Invalid cache_config for cache_implementation={cache_name!r}: sink_tokens={sink_tokens} is larger than "
+            f"window={window}; expected sink_tokens <= window (StreamingLLM: 4 sinks beside a window of 256 or more)."
+        )
 
 
 @dataclass

@@ -222,10 +222,11 @@ class PagedKVCache(NeuralCache):
     ```python
     >>> import torch
     >>> import hf_neuralcache
+    >>> from hf_neuralcache import CACHE_KWARG  # "cache" (transformers >= 5.24) or "past_key_values"
     >>> from hf_neuralcache.models import tiny_model
     >>> model = tiny_model("llama")
     >>> cache = hf_neuralcache.create_cache("paged_kv", model.config, page_size=16)
-    >>> out = model(torch.arange(20).unsqueeze(0), past_key_values=cache)
+    >>> out = model(torch.arange(20).unsqueeze(0), **{CACHE_KWARG: cache})
     >>> cache.get_seq_length(), cache.pages.pages_in_use
     (20, 2)
     ```

@@ -20,7 +20,7 @@ import weakref
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .base import AttentionState, BatchOps, Layout, NeuralCache, Option, Step, check_options, compiling
+from .base import AttentionState, BatchOps, Layout, NeuralCache, Option, Step, check_options, check_sinks_fit, compiling
 
 __all__ = ["SinkWindowLayer", "SlidingWindowKVCache"]
 
@@ -363,10 +363,11 @@ class SlidingWindowKVCache(NeuralCache):
     ```python
     >>> import torch
     >>> import hf_neuralcache
+    >>> from hf_neuralcache import CACHE_KWARG  # "cache" (transformers >= 5.24) or "past_key_values"
     >>> from hf_neuralcache.models import tiny_model
     >>> model = tiny_model("llama")
     >>> cache = hf_neuralcache.create_cache("sliding_window_kv", model.config, window=8, sink_tokens=2)
-    >>> out = model(torch.arange(20).unsqueeze(0), past_key_values=cache)
+    >>> out = model(torch.arange(20).unsqueeze(0), **{CACHE_KWARG: cache})
     >>> cache.get_seq_length(), cache.layers[0].capacity
     (20, 8)
     ```
@@ -388,6 +389,7 @@ class SlidingWindowKVCache(NeuralCache):
 
         given = {"window": window, "sink_tokens": sink_tokens, "max_rollback": max_rollback}
         check_options(self.cache_name, self.options, given)  # also when constructed directly, not by name
+        check_sinks_fit(self.cache_name, window, sink_tokens)
         self.window, self.sink_tokens = window, sink_tokens
         layers = []
         for layer_type, native_window in decoder_layer_types(config, self.cache_name):

@@ -42,7 +42,7 @@ from ..kernels.fast_weight import (
     moment_write,
     window_attention_lse,
 )
-from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, compiling
+from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, check_sinks_fit, compiling
 from .sliding_window import SinkWindowLayer
 
 __all__ = ["TensorCache", "TensorCacheLayer"]
@@ -407,10 +407,11 @@ class TensorCache(NeuralCache):
     ```python
     >>> import torch
     >>> import hf_neuralcache
+    >>> from hf_neuralcache import CACHE_KWARG  # "cache" (transformers >= 5.24) or "past_key_values"
     >>> from hf_neuralcache.models import tiny_model
     >>> model = tiny_model("llama", attn_implementation="neuralcache")
     >>> cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=8, sink_tokens=2)
-    >>> out = model(torch.arange(3, 43).unsqueeze(0), past_key_values=cache)
+    >>> out = model(torch.arange(3, 43).unsqueeze(0), **{CACHE_KWARG: cache})
     >>> cache.get_seq_length(), cache.layers[0].ring.capacity, int(cache.layers[0].state.count[0, 0])
     (40, 8, 30)
     ```
@@ -469,6 +470,7 @@ class TensorCache(NeuralCache):
             max_rollback=max_rollback,
         )
         check_options(self.cache_name, self.options, given)
+        check_sinks_fit(self.cache_name, window, sink_tokens)
         paper_only = [k for k in ("rule", "write_rate", "gate", "paper_params") if given[k] is not None]
         if mode == "training_free" and paper_only:
             raise ValueError(

@@ -3,7 +3,8 @@
 `naive.py` is the PyTorch reference; `decode.py` (split-K decode), `prefill.py` (several queries per sequence) and
 `write.py` (new K/V into pages) are the Triton kernels. The functions here pick one: the Triton kernels for CUDA
 tensors, and also on the CPU while Triton's interpreter is on (`TRITON_INTERPRET=1`, how the tests run them);
-the reference otherwise. The Triton modules are imported on first use, so a CPU-only install never needs Triton.
+the reference otherwise (and always without Triton installed). The Triton modules are imported on first use, so a
+CPU-only install never needs Triton.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import triton_available, triton_interpreting
 from .naive import gather_pages, paged_attention_naive, paged_visibility, write_pages_naive
 
 __all__ = [
@@ -26,17 +28,15 @@ __all__ = [
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, read by Triton itself)."""
-    try:
-        import triton
-    except ImportError:  # pragma: no cover - triton is optional on the CPU
-        return False
-    return bool(triton.knobs.runtime.interpret)
+    """Whether Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, read by Triton itself); `False`
+    without Triton."""
+    return triton_interpreting()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for `tensor`: on CUDA, or on the CPU under Triton's interpreter."""
-    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+    """Whether the Triton kernels run for `tensor`: on CUDA, or on the CPU under Triton's interpreter (never
+    without Triton installed)."""
+    return (tensor.is_cuda and triton_available()) or (tensor.device.type == "cpu" and interpreting())
 
 
 def write_pages(
