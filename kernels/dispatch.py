@@ -2,9 +2,10 @@
 
 The Triton modules are imported on first use, not with the package: `triton.jit` decides at decoration time
 whether a kernel is compiled or interpreted, and a CPU-only run never needs them. Triton itself is optional (it
-has no macOS or Windows wheels), and the kernels need Triton >= 3.9 (`KERNELS_TRITON`: the oldest release under
-which their tests pass; older ones, down to the 3.2 that torch 2.6 pins, install but fail some kernels): without
-it, or with an older one, every op takes its PyTorch reference, on CUDA tensors too.
+has no macOS or Windows wheels). Compiled for CUDA the kernels need Triton >= 3.2 (`KERNELS_TRITON`, what torch 2.6
+pins; `make gpu-check` reports how the installed release does); under Triton's CPU interpreter they need >= 3.9
+(`INTERPRETER_TRITON`: older interpreters fail some kernels' tests). Without a suitable Triton every op takes its
+PyTorch reference, on CUDA tensors too.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 
 from ..env import triton_interpret
 
-__all__ = ["KERNELS_TRITON", "triton_available", "triton_interpreting", "use_triton"]
+__all__ = ["INTERPRETER_TRITON", "KERNELS_TRITON", "triton_available", "triton_interpreting", "use_triton"]
 
-KERNELS_TRITON = (3, 9)
+KERNELS_TRITON = (3, 2)
+INTERPRETER_TRITON = (3, 9)
 
 
 @functools.cache
@@ -55,7 +57,7 @@ def triton_interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter: `triton.knobs.runtime.interpret` (Triton >= 3.4, which
     also sees a value set in code), else `TRITON_INTERPRET=1`; `False` without a Triton the kernels can use."""
     version = _triton_version()
-    if version is None or version < KERNELS_TRITON:
+    if version is None or version < INTERPRETER_TRITON:
         return False
     import triton
 
@@ -65,5 +67,7 @@ def triton_interpreting() -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """`True` when a Triton the kernels can use is installed and `tensor` is on a CUDA device, or
-    `TRITON_INTERPRET=1` is set (tests on the CPU)."""
-    return (tensor.is_cuda or triton_interpret()) and triton_available()
+    `TRITON_INTERPRET=1` is set with a Triton whose interpreter runs them (tests on the CPU)."""
+    if tensor.is_cuda:
+        return triton_available()
+    return triton_interpret() and triton_available() and _triton_version() >= INTERPRETER_TRITON

@@ -71,12 +71,18 @@ def test_an_old_triton_takes_the_pytorch_path_with_one_warning(monkeypatch):
     from hf_neuralcache.kernels import paged_attention
 
     cuda_like = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    cpu_like = types.SimpleNamespace(is_cuda=False, device=torch.device("cpu"))
     dispatch.triton_available.cache_clear()
-    monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 8))
+    monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
-        with pytest.warns(RuntimeWarning, match=r"need triton >= 3\.9, found 3\.8: using the PyTorch path"):
+        with pytest.warns(RuntimeWarning, match=r"need triton >= 3\.2, found 3\.1: using the PyTorch path"):
             assert not dispatch.use_triton(cuda_like)
         assert not paged_attention.use_triton(cuda_like)
+        assert not dispatch.triton_interpreting()
+        monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 6))  # compiled kernels yes, interpreter no
+        dispatch.triton_available.cache_clear()
+        assert dispatch.use_triton(cuda_like) and not dispatch.use_triton(cpu_like)
         assert not dispatch.triton_interpreting()
         monkeypatch.setattr(dispatch, "_triton_version", lambda: None)  # not installed
         dispatch.triton_available.cache_clear()
