@@ -56,7 +56,8 @@ def test_prune_removes_bad_entries_and_shrinks(tmp_path, folders, capsys):
     db.commit()
     db.close()
     assert main(["cache", "prune", str(copy)]) == 0
-    assert "removed 0 expired, 1 bad and 0 evicted entries (policy least-recently-used); 5 left" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "removed 0 expired, 1 bad and 0 evicted entries (policy least-recently-used); 5 left" in out
     assert main(["cache", "prune", str(copy), "--max-bytes", "0"]) == 0
     assert "0 left" in capsys.readouterr().out
     assert main(["cache", "clear", str(copy)]) == 0

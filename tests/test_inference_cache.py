@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -101,16 +102,35 @@ def test_every_setting_that_changes_the_output_is_in_the_key(model, cache):
     assert cache.stats()["hits"] == 1
 
 
-def test_sampling_is_cached_only_when_asked(model, tmp_path):
+def test_sampled_calls_keep_k_answers_then_serve_one_at_random(model, tmp_path, caplog):
     prompt = ids(seed=4)
-    plain = InferenceCache(tmp_path / "plain")
-    model.generate(prompt, max_new_tokens=4, do_sample=True, inference_cache=plain)
-    model.generate(prompt, max_new_tokens=4, do_sample=True, inference_cache=plain)
-    assert plain.stats()["bypassed"] == 2 and plain.stats()["entries"] == 0
-    sampled = InferenceCache(tmp_path / "sampled", cache_sampled=True)
-    first = model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=sampled)
-    again = [model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=sampled) for _ in range(3)]
-    assert all(torch.equal(first, a) for a in again)  # the stored sample, every time
+    cache = InferenceCache(tmp_path / "sampled", sampled_answers=3)
+    torch.manual_seed(0)
+    drawn = [model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=cache) for _ in range(3)]
+    assert cache.stats()["misses"] == 3 and cache.stats()["entries"] == 3  # the first k calls ran the model
+    assert len({tuple(d[0].tolist()) for d in drawn}) > 1  # sampled, not a constant
+    with ForwardCounter(model) as forwards:
+        served = [model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=cache) for _ in range(12)]
+    assert forwards.count == 0 and cache.stats()["hits"] == 12
+    stored = {tuple(d[0].tolist()) for d in drawn}
+    assert {tuple(s[0].tolist()) for s in served} <= stored and len({tuple(s[0].tolist()) for s in served}) > 1
+    torch.manual_seed(7)
+    a = model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=cache)
+    torch.manual_seed(7)
+    assert torch.equal(a, model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=cache))
+    one = InferenceCache(tmp_path / "one", cache_sampled=True, sampled_answers=1)  # the older switch: one sample
+    first = model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=one)
+    assert all(torch.equal(first, model.generate(prompt, max_new_tokens=8, do_sample=True, inference_cache=one))
+               for _ in range(3))  # fmt: skip
+    never = InferenceCache(tmp_path / "never", sampled_answers=0)
+    with caplog.at_level(logging.INFO, logger="hf_neuralcache"):
+        for _ in range(2):
+            model.generate(prompt, max_new_tokens=4, do_sample=True, inference_cache=never)
+    assert never.stats()["bypassed"] == 2 and never.stats()["entries"] == 0
+    assert never.stats()["bypassed_by"] == {"sampling with sampled_answers=0": 2}
+    assert caplog.text.count("sampling with sampled_answers=0") == 1  # logged once per reason
+    with pytest.raises(ValueError, match="sampled_answers must be an int from 0 to 64"):
+        InferenceCache(tmp_path / "bad", sampled_answers=-1)
 
 
 def test_unkeyable_arguments_bypass(model, cache):
@@ -121,6 +141,7 @@ def test_unkeyable_arguments_bypass(model, cache):
     for _ in range(2):
         model.generate(prompt, max_new_tokens=4, logits_processor=processors, inference_cache=cache)
     assert cache.stats()["bypassed"] == 2 and cache.stats()["hits"] == 0
+    assert cache.stats()["bypassed_by"] == {"logits_processor given": 2}
 
 
 def test_ttl_expires_entries(model, tmp_path):

@@ -9,6 +9,7 @@ import torch
 from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
+from hf_neuralcache.hooks.samples import SampleSlots
 from hf_neuralcache.models import tiny_model
 
 
@@ -48,18 +49,38 @@ def test_context_settings_and_namespace_must_match_exactly(model, tmp_path):
     assert cache.stats()["hits"] == 1
 
 
-def test_what_is_never_cached(model, tmp_path):
+def test_what_is_never_cached(model, tmp_path, caplog):
     cache = make(tmp_path / "s")
     for _ in range(2):
         ask(model, cache, "what is the capital of france today")
     assert cache.stats()["not_cacheable"] == 2 and cache.stats()["entries"] == 0
-    ask(model, cache, "explain how cache works", do_sample=True)
     two = torch.cat([chat("what is the capital of france")] * 2)
     model.generate(two, max_new_tokens=3, semantic_cache=cache)
+    ask(model, cache, "explain how cache works", num_beams=2, num_return_sequences=2)
     assert cache.stats()["bypassed"] == 2 and cache.stats()["entries"] == 0
+    assert cache.stats()["bypassed_by"] == {"a batch of several prompts": 1, "num_return_sequences > 1": 1}
     no_tokenizer = make(tmp_path / "t", tokenizer=None)
-    ask(model, no_tokenizer, "what is the capital of france")
-    assert no_tokenizer.stats()["bypassed"] == 1
+    with caplog.at_level(logging.WARNING, logger="hf_neuralcache"):
+        ask(model, no_tokenizer, "what is the capital of france")
+        ask(model, no_tokenizer, "what is the capital of germany")
+    assert no_tokenizer.stats()["bypassed"] == 2 and caplog.text.count("no tokenizer") == 1
+
+
+def test_sampled_requests_keep_k_answers_then_one_is_served_at_random(model, tmp_path):
+    cache = make(tmp_path / "s", sampled_answers=2)
+    torch.manual_seed(0)
+    drawn = [ask(model, cache, "what is the capital of france", do_sample=True, max_new_tokens=6) for _ in range(2)]
+    assert cache.stats()["misses"] == 2 and cache.stats()["entries"] == 1  # one request, two answers
+    with Forwards(model) as forwards:
+        served = [ask(model, cache, "whats the capital of france", do_sample=True, max_new_tokens=6)
+                  for _ in range(8)]  # fmt: skip
+    assert forwards.count == 0 and cache.stats()["hits"] == 8
+    tails = {tuple(d[0, -6:].tolist()) for d in drawn}
+    assert {tuple(s[0, -6:].tolist()) for s in served} <= tails
+    (key,) = [record["key"] for record in cache._labels.values()]
+    assert sum(cache.store.contains(k) for k in SampleSlots.all_keys(key)) == 2
+    assert cache.delete("what is the capital of france") == 1
+    assert not any(cache.store.contains(k) for k in SampleSlots.all_keys(key))  # every answer of the request
 
 
 def test_persisted_index_reloads_and_a_corrupt_one_is_rebuilt(model, tmp_path, caplog):
@@ -255,3 +276,30 @@ def test_stock_pipeline_through_attach_with_a_plain_prompt(tmp_path):
     assert hit == "whats the capital of france" + first[len("what is the capital of france") :]
     assert (cache.stats()["hits"], cache.stats()["near_misses"]) == (1, 1)
     assert cache.records.read_all()[0]["request"] == "what is the capital of france"  # [CLS] and [SEP] are context
+
+
+def test_a_sampling_pipeline_is_served_once_k_answers_are_stored(tmp_path):
+    """A stock pipeline on a model whose generation config samples (as SmolLM2's does): hits, not silent bypasses."""
+    from transformers import AutoTokenizer, pipeline
+
+    from hf_neuralcache import InferenceCache
+    from hf_neuralcache.semantic.embedders import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.generation_config.do_sample = True
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    inference = InferenceCache(tmp_path / "i", sampled_answers=2)
+    semantic = make(tmp_path / "s", tokenizer=None, sampled_answers=2)
+    hf_neuralcache.attach(model, inference_cache=inference, semantic_cache=semantic, tokenizer=tokenizer)
+    try:
+        answers = [pipe("what is the capital of france", max_new_tokens=4)[0]["generated_text"] for _ in range(2)]
+        with Forwards(model) as forwards:
+            again = [pipe("what is the capital of france", max_new_tokens=4)[0]["generated_text"] for _ in range(4)]
+            paraphrase = pipe("whats the capital of france", max_new_tokens=4)[0]["generated_text"]
+    finally:
+        hf_neuralcache.detach(model)
+    assert forwards.count == 0 and set(again) <= set(answers)
+    assert inference.stats()["hits"] == 4 and semantic.stats()["hits"] == 1
+    tails = {answer[len("what is the capital of france") :] for answer in answers}
+    assert paraphrase[len("whats the capital of france") :] in tails

@@ -8,8 +8,9 @@ object passed in, hidden states or attentions requested) bypasses the cache.
 
 What is never cached:
 
-- sampled outputs (`do_sample=True`), unless `cache_sampled=True`: a hit then returns *a stored sample*, the same
-  one every time, not a new draw;
+- more than `sampled_answers` answers of a sampled call (`do_sample=True`): the first `sampled_answers` calls (4 by
+  default) run the model and are stored, later ones get one of those answers at random (see `samples.py`); with
+  `sampled_answers=0` sampled calls bypass the cache;
 - prompts the `cacheable` predicate refuses; the default, [`is_time_dependent`], refuses prompts that ask about the
   present ("What day is today?", "latest news", "current price", ...). It sees the last user turn of a chat prompt
   (the whole prompt otherwise) and needs the text: pass `tokenizer=` (or use `attach` with a tokenizer); without one
@@ -27,6 +28,7 @@ from transformers.generation import utils as generation_utils
 
 from .fingerprint import digest, model_fingerprint
 from .generate import last_user_turn
+from .samples import DEFAULT_SAMPLED_ANSWERS, SampleSlots, sampled_answers_setting
 from .storage import Counters, StoreBackedCache, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.hooks")
@@ -171,8 +173,10 @@ class InferenceCache(StoreBackedCache):
         namespace (`str`, *optional*): Separates tenants completely.
         ttl (`float` or `Callable[[str | None], float | None]`, *optional*): Seconds an entry lives; a callable gets
             the prompt text (or `None`) and returns the TTL of that entry. `None`: entries live until evicted.
-        cache_sampled (`bool`, *optional*, defaults to `False`): Also cache `do_sample=True` calls (a hit then
-            returns the stored sample).
+        sampled_answers (`int`, *optional*, defaults to 4): Answers kept per sampled (`do_sample=True`) request;
+            once that many are stored, a call gets one of them at random. `0`: sampled calls bypass the cache.
+        cache_sampled (`bool`, *optional*): The older switch: `False` is `sampled_answers=0`, `True` keeps at
+            least one.
         cacheable (`Callable[[str | None], bool]`, *optional*): Whether a prompt may be cached; defaults to
             `not is_time_dependent(text)`.
         tokenizer (*optional*): Decodes prompts for `cacheable` and `ttl` when the call brings no tokenizer.
@@ -182,7 +186,8 @@ class InferenceCache(StoreBackedCache):
         secret (`str` or `bytes`, *optional*): Key with which every entry is MACed and verified (HMAC-SHA256), for a
             folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums only.
 
-    `stats()` counts `hits`, `misses`, `bypassed` (calls that cannot be keyed), `not_cacheable`, `bytes_stored` and
+    `stats()` counts `hits`, `misses`, `bypassed` (calls that cannot be keyed; `bypassed_by` gives the reasons, each
+    also logged once), `not_cacheable`, `bytes_stored` and
     `seconds_saved` (the generate time the hits would have cost), and the failures `storage_errors`,
     `integrity_errors` and `skipped` (never raised).
 
@@ -202,7 +207,8 @@ class InferenceCache(StoreBackedCache):
         directory,
         namespace: str | None = None,
         ttl: float | Callable | None = None,
-        cache_sampled: bool = False,
+        sampled_answers: int = DEFAULT_SAMPLED_ANSWERS,
+        cache_sampled: bool | None = None,
         cacheable: Callable[[str | None], bool] | None = None,
         tokenizer=None,
         disk_bytes: int = _GiB,
@@ -217,7 +223,7 @@ class InferenceCache(StoreBackedCache):
         self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy, secret)
         self.namespace = namespace
         self.ttl = ttl
-        self.cache_sampled = cache_sampled
+        self.sampled_answers = sampled_answers_setting(sampled_answers, cache_sampled)
         self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
         self.tokenizer = tokenizer
         self.counters = Counters(
@@ -228,11 +234,14 @@ class InferenceCache(StoreBackedCache):
     def key(self, model, request) -> str | None:
         """The key of `request` (a parsed generate() call), or `None` when the call must bypass the cache."""
         if request.uncacheable:
+            self.bypass(request.uncacheable)
             return None
         config = request.generation_config
-        if config.do_sample and not self.cache_sampled:
+        if config.do_sample and not self.sampled_answers:
+            self.bypass("sampling with sampled_answers=0")
             return None
         if any(getattr(config, f"output_{name}", False) for name in ("hidden_states", "attentions")):
+            self.bypass("hidden states or attentions requested")
             return None
         ids = request.input_ids.cpu()
         mask = request.attention_mask.cpu()
@@ -251,8 +260,12 @@ class InferenceCache(StoreBackedCache):
     def get(self, key: str | None, request):
         """The stored output for `key` rebuilt as generate() returns it, streamed to `request.streamer`, or `None`."""
         if key is None:
-            self.counters.add("bypassed", 1)
             return None
+        if request.generation_config.do_sample:
+            key = SampleSlots(self.store, key, self.sampled_answers).pick()
+            if key is None:  # still collecting this request's answers
+                self.counters.add("misses", 1)
+                return None
         entry = self.store.get(key)
         if entry is None:
             self.counters.add("misses", 1)
@@ -281,6 +294,10 @@ class InferenceCache(StoreBackedCache):
             return
         tensors, meta = stored
         meta["seconds"] = seconds
+        if request.generation_config.do_sample:
+            key = SampleSlots(self.store, key, self.sampled_answers).free()
+            if key is None:  # every slot filled meanwhile (another process)
+                return
         ttl = self.ttl(text) if callable(self.ttl) else self.ttl
         self.counters.add("bytes_stored", self.store.put(key, tensors, meta, expire=ttl))
 

@@ -66,6 +66,7 @@ EVICTION_POLICIES = ("least-recently-used", "least-frequently-used")
 CACHE_KINDS = ("prefix", "inference", "semantic")
 RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, labels) or a manifest
 ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
+_BYPASS = "bypassed:"  # counter names of the bypass reasons
 _STORAGE_FAILURES = (OSError, diskcache.Timeout)
 
 
@@ -675,8 +676,23 @@ class StoreBackedCache:
 
     def stats(self) -> dict:
         """This object's counters (listed in the class docstring; with `storage_errors`, `integrity_errors` and
-        `skipped`, see [`TieredStore`]) plus the folder's `entries` and `bytes` on disk."""
-        return {**self.counters.values, "entries": len(self.store), "bytes": self.store.volume()}
+        `skipped`, see [`TieredStore`]; `bypassed_by`: the bypassed calls by reason) plus the folder's `entries` and
+        `bytes` on disk."""
+        values = {name: v for name, v in self.counters.values.items() if not name.startswith(_BYPASS)}
+        by = {name[len(_BYPASS) :]: v for name, v in self.counters.values.items() if name.startswith(_BYPASS)}
+        return {**values, "bypassed_by": by, "entries": len(self.store), "bytes": self.store.volume()}
+
+    def bypass(self, reason: str, warn: bool = False) -> None:
+        """Count a call that this cache does not take part in, by `reason`, and log each reason once (INFO, or
+        WARNING when `warn`: a setting the user probably wants to change)."""
+        self.counters.add("bypassed", 1)
+        self.counters.add(f"{_BYPASS}{reason}", 1)
+        logged = self.__dict__.setdefault("_bypass_logged", set())
+        if reason not in logged:
+            logged.add(reason)
+            logger.log(logging.WARNING if warn else logging.INFO, "hf_neuralcache: %s cache %s bypassed a call: %s "
+                       "(logged once per reason; counted in stats()['bypassed_by'])", self.store.kind,
+                       self.store.directory, reason)  # fmt: skip
 
     def note_failure(self, kind: str, op: str, err: BaseException) -> None:
         """Count and log (once) a failure of this cache that happened outside its store."""

@@ -23,6 +23,7 @@ import torch
 from ..hooks.fingerprint import digest, model_fingerprint
 from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
+from ..hooks.samples import DEFAULT_SAMPLED_ANSWERS, SampleSlots, sampled_answers_setting
 from ..hooks.storage import Counters, StoreBackedCache, TieredStore
 from .index import VectorIndex
 from .records import LabelRecords, clear_folder, entry_key
@@ -53,7 +54,10 @@ class SemanticCache(StoreBackedCache):
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
         ttl (`float`, *optional*): Seconds an answer lives.
-        cache_sampled (`bool`, *optional*, defaults to `False`): Also store answers of `do_sample=True` calls.
+        sampled_answers (`int`, *optional*, defaults to 4): Answers kept per sampled (`do_sample=True`) request;
+            once that many are stored, a matching call gets one of them at random. `0`: sampled calls bypass.
+        cache_sampled (`bool`, *optional*): The older switch: `False` is `sampled_answers=0`, `True` keeps at
+            least one.
         cacheable (`Callable[[str], bool]`, *optional*): Whether a request may be cached (and looked up); defaults
             to `not is_time_dependent(text)`, as the inference cache.
         tokenizer (*optional*): Decodes prompts when the call and `attach` bring none (a tokenizer is required).
@@ -65,7 +69,8 @@ class SemanticCache(StoreBackedCache):
             (HMAC-SHA256), for a folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums.
 
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
-    `bypassed`, `not_cacheable`, `bytes_stored` and `seconds_saved`, and the failures `storage_errors`,
+    `bypassed` (by reason in `bypassed_by`, each logged once), `not_cacheable`, `bytes_stored` and `seconds_saved`,
+    and the failures `storage_errors`,
     `integrity_errors` and `skipped` (never raised); `entries` is the number of indexed answers.
 
     Example:
@@ -100,7 +105,8 @@ class SemanticCache(StoreBackedCache):
         max_entries: int = 100_000,
         disk_bytes: int = _GiB,
         ttl: float | None = None,
-        cache_sampled: bool = False,
+        sampled_answers: int = DEFAULT_SAMPLED_ANSWERS,
+        cache_sampled: bool | None = None,
         cacheable: Callable[[str | None], bool] | None = None,
         tokenizer=None,
         M: int = 16,  # noqa: N803 - hnswlib's name
@@ -136,7 +142,8 @@ class SemanticCache(StoreBackedCache):
             )
         self.threshold = float(threshold)
         self.namespace, self.max_entries, self.ttl = namespace, max_entries, ttl
-        self.cache_sampled, self.tokenizer = cache_sampled, tokenizer
+        self.sampled_answers = sampled_answers_setting(sampled_answers, cache_sampled)
+        self.tokenizer = tokenizer
         self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
         self.candidates = candidates
         self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used", secret)
@@ -239,14 +246,27 @@ class SemanticCache(StoreBackedCache):
             return bool(saved)
 
     # ---- requests -----------------------------------------------------------------------------------------------
+    def why_not(self, request, tokenizer=None) -> str | None:
+        """Why a call cannot take part (a short reason), or `None` when it can."""
+        if (request.tokenizer or tokenizer or self.tokenizer) is None:
+            return "no tokenizer: pass tokenizer= to generate(), attach() or SemanticCache()"
+        if request.uncacheable:
+            return request.uncacheable
+        if request.input_ids.shape[0] != 1:
+            return "a batch of several prompts"
+        config = request.generation_config
+        if config.do_sample and not self.sampled_answers:
+            return "sampling with sampled_answers=0"
+        if (config.num_return_sequences or 1) > 1:
+            return "num_return_sequences > 1"
+        return None
+
     def describe(self, model, request, tokenizer=None) -> tuple[str, str] | None:
         """`(request_text, context_key)` of a call, or `None` when it cannot take part (see the class docstring)."""
+        if self.why_not(request, tokenizer) is not None:
+            return None
         tokenizer = request.tokenizer or tokenizer or self.tokenizer
-        if tokenizer is None or request.uncacheable or request.input_ids.shape[0] != 1:
-            return None
         config = request.generation_config
-        if (config.do_sample and not self.cache_sampled) or (config.num_return_sequences or 1) > 1:
-            return None
         full = tokenizer.decode(request.input_ids[0][request.attention_mask[0].bool()])
         cut = max((full.rfind(m) + len(m) for m in _CHAT_USER_MARKERS if m in full), default=0)
         turn = full[cut:]
@@ -267,9 +287,13 @@ class SemanticCache(StoreBackedCache):
     # ---- lookups and stores -------------------------------------------------------------------------------------
     def get(self, model, request, tokenizer=None):
         """The stored answer for a request that means the same as this one, or `None`."""
+        reason = self.why_not(request, tokenizer)
+        if reason is not None:
+            self.bypass(reason, warn=reason.startswith("no tokenizer"))
+            return None
         described = self.describe(model, request, tokenizer)
         if described is None:
-            self.counters.add("bypassed", 1)
+            self.bypass("no text in the last user turn")
             return None
         text, context = described
         if not self.cacheable(text):
@@ -293,9 +317,15 @@ class SemanticCache(StoreBackedCache):
             if not self.guard.check(text, record["request"]).ok:
                 rejected = True
                 continue
-            entry = self.store.get(record["key"])
+            key = record["key"]
+            if request.generation_config.do_sample:  # one of the request's answers, once all are stored
+                key = SampleSlots(self.store, key, self.sampled_answers).pick()
+                if key is None:
+                    break  # still collecting answers: a miss (put() fills the next slot)
+            entry = self.store.get(key)
             if entry is None:  # evicted, expired or bad since it was indexed
-                self._forget(label)
+                if key == record["key"]:
+                    self._forget(label)
                 continue
             if not self._matches(label, entry, record, vector):
                 continue
@@ -343,6 +373,14 @@ class SemanticCache(StoreBackedCache):
         if time.monotonic() - self._checked > self.refresh_seconds:
             self._refresh()
         if key in self._by_key:  # answered already (an entry without a record is overwritten)
+            if request.generation_config.do_sample:  # another answer of a sampled request, in its next slot
+                slot = SampleSlots(self.store, key, self.sampled_answers).free()
+                if slot is not None:
+                    vector = self.embedder.encode([text])[0]
+                    tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+                    meta.update(seconds=seconds, label=self._by_key[key], request=text,
+                                embedder=self.embedder.fingerprint)  # fmt: skip
+                    self.counters.add("bytes_stored", self.store.put(slot, tensors, meta, expire=self.ttl))
             return
         vector = self.embedder.encode([text])[0]
         tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
@@ -368,8 +406,13 @@ class SemanticCache(StoreBackedCache):
     def _evict_oldest(self) -> None:
         with self._lock:
             oldest = min(self._labels)
-            self.store.delete(self._labels[oldest]["key"])
+            self._delete_answers(self._labels[oldest]["key"])
             self._forget(oldest)
+
+    def _delete_answers(self, key: str) -> None:
+        """Remove the answer under `key` and the other answers of its sampled request."""
+        for slot in SampleSlots.all_keys(key)[: max(self.sampled_answers, 1)]:
+            self.store.delete(slot)
 
     def _make_room(self, nbytes: int) -> None:
         """Evict the oldest answers until `nbytes` more fit the byte bound (the store's own cull drops them in tens)."""
@@ -392,7 +435,7 @@ class SemanticCache(StoreBackedCache):
             self._refresh()
             for label, record in list(self._labels.items()):
                 if record["request"] == text.strip() and record.get("namespace") == self.namespace:
-                    self.store.delete(record["key"])
+                    self._delete_answers(record["key"])
                     self._forget(label)
                     removed += 1
         return removed
