@@ -63,6 +63,34 @@ class PagedLayer(CacheLayerMixin):
     def policy(self) -> tuple[str, int]:
         return "paged", self.window
 
+    # ---- a read-only contiguous view, for code that reads `layer.keys` / `layer.values` -----------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Every held key, gathered from the pages into a new contiguous `[B, Hkv, seen, D]` tensor (as
+        `DynamicLayer.keys`); `None` before the first `update`. A copy: writing into it does not change the cache."""
+        return self._gathered(self.k_pages)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Every held value as a new contiguous `[B, Hkv, seen, Dv]` tensor; see [`keys`]."""
+        return self._gathered(self.v_pages)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _refuse_write(value)
+
+    @values.setter
+    def values(self, value) -> None:
+        _refuse_write(value)
+
+    def _gathered(self, pool: torch.Tensor | None) -> torch.Tensor | None:
+        if pool is None:
+            return None
+        table = self.pages.table
+        if table.shape[1] == 0:  # nothing written yet
+            return pool.new_zeros(table.shape[0], pool.shape[1], 0, pool.shape[-1])
+        return gather_pages(pool, table.to(pool.device), self.seen)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, dim = key_states.shape
         size = self.pages.page_size
@@ -195,6 +223,14 @@ class PagedLayer(CacheLayerMixin):
 
     def __repr__(self):
         return f"PagedLayer(page_size={self.pages.page_size}, seen={self.seen}, pages={self.pages.capacity})"
+
+
+def _refuse_write(value) -> None:
+    if value is not None:  # CacheLayerMixin.__init__ sets None
+        raise AttributeError(
+            "PagedLayer.keys / .values are read-only views gathered from the page pools; write through "
+            "`update()` (or edit `k_pages` / `v_pages` at the slots of `cache.pages.table`)."
+        )
 
 
 def _max_pages_ok(value) -> bool:
