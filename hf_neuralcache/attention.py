@@ -21,7 +21,10 @@ from .caches.base import AttentionState
 from .kernels.dispatch import use_triton
 from .kernels.window_attention import attend, window_attention
 
-__all__ = ["neuralcache_attention_forward", "attention_state"]
+__all__ = ["ATTENTION_NAME", "attention_state", "neuralcache_attention_forward"]
+
+
+ATTENTION_NAME = "neuralcache"
 
 
 def attention_state(key: torch.Tensor) -> AttentionState | None:
@@ -65,7 +68,7 @@ def neuralcache_attention_forward(
         out = layer.attention(query, key, value, state, scaling, softcap=kwargs.get("softcap"))
         return out.transpose(1, 2).contiguous(), None
     layout = state.layout
-    if use_triton(query):  # Triton over the layout itself: no dense [B, q, K] mask
+    if use_triton(query) and not layout.overlaid:  # Triton over the layout itself: no dense [B, q, K] mask
         out = attend(query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window,
                      scaling, softcap=kwargs.get("softcap"))  # fmt: skip
     else:

@@ -1,13 +1,15 @@
 """The one place that touches transformers internals.
 
-`register()` (called by `import hf_neuralcache`, idempotent) does four things:
+`register()` (called by `import hf_neuralcache`, idempotent) does these things:
 
 1. adds our cache names to `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`, the allow-list that
    `GenerationConfig.validate` checks;
 2. wraps `GenerationMixin._prepare_cache_for_generation` so that `generate` builds our cache for our names (and
    calls the original for every other name);
-3. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, so
-   that a forward with one of our caches gets the mask the cache computes (any other forward is untouched);
+3. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, and
+   the mask functions of `"sdpa"`, `"eager"`, `"flex_attention"` and `"neuralcache"`, so that a forward with one
+   of our caches gets the mask the cache computes, with the model's own overlays (image blocks) applied; any other
+   forward is untouched;
 4. registers the `"neuralcache"` attention function and, as its mask function, transformers' SDPA mask.
 
 If transformers lacks any of these, `register()` raises [`IncompatibleTransformersError`] naming the supported
@@ -23,8 +25,10 @@ import torch
 import transformers
 from packaging.version import Version
 
+from .attention import ATTENTION_NAME, neuralcache_attention_forward
 from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
+from .registry_masks import MASK_IMPLEMENTATIONS, wrap_mask_function, wrap_preprocess_mask
 
 __all__ = [
     "CACHE_KWARG",
@@ -39,7 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
-ATTENTION_NAME = "neuralcache"
 
 
 def _cache_kwarg() -> str:
@@ -147,6 +150,9 @@ def create_cache(name: str, config, **cache_config):
 def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]:
     """`(layer type, native sliding window or None)` for each decoder layer of `config`.
 
+    For a composite model (Gemma 3, LLaVA, Qwen2-VL...) these are the layers of its text decoder, the one part that
+    uses the generation cache.
+
     Raises:
         `ValueError`: for encoder-decoder models and layer types our caches do not handle.
     """
@@ -155,14 +161,7 @@ def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]
             f"cache_implementation={cache_name!r} supports decoder-only models; {config.model_type!r} is an "
             "encoder-decoder model. Use transformers' own caches for it."
         )
-    text = config.get_text_config(decoder=True)
-    if text is not config:
-        # e.g. Gemma 3 with images: its masks add overlays (bidirectional image blocks) that our mask does not apply
-        raise ValueError(
-            f"cache_implementation={cache_name!r} supports text-only decoder models; {config.model_type!r} is a "
-            f"composite (multimodal) model. Load its text model alone (for example with AutoModelForCausalLM on a "
-            f"{text.model_type!r} checkpoint) or use transformers' own caches."
-        )
+    text = config.get_text_config(decoder=True)  # the text decoder of a composite (vision-language) model
     n_layers = getattr(text, "num_hidden_layers", None)
     if not isinstance(n_layers, int):
         raise ValueError(
@@ -223,11 +222,7 @@ def _internals():
         GenerationMixin,
         masking_utils,
         ALL_MASK_ATTENTION_FUNCTIONS,
-        (
-            AttentionInterface,
-            AttentionMaskInterface,
-            sdpa_mask,
-        ),
+        (AttentionInterface, AttentionMaskInterface, sdpa_mask),
     )
 
 
@@ -276,41 +271,16 @@ def _wrap_generate(original):
     return generate
 
 
-def _wrap_preprocess_mask(original, mask_functions):
-    # transformers returns this tuple (all but the first two entries None) for a ready 4D mask; our mask is one
-    early_exit = original(None, None, torch.zeros(1, 1, 1, 1), None, None, None)
-    if not (isinstance(early_exit, tuple) and early_exit[0] is True):
-        raise _incompatible("the early exit of `masking_utils._preprocess_mask_arguments` for 4D masks")
-
-    @functools.wraps(original)
-    def _preprocess_mask_arguments(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs):
-        from .caches.base import MASK_TAG, NeuralCache
-
-        if not isinstance(past_key_values, NeuralCache):
-            return original(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs)
-        if getattr(attention_mask, MASK_TAG, False):  # ours, built before the forward (generate, compileable cache)
-            return (True, attention_mask, *early_exit[2:])
-        layer_idx = kwargs.get("layer_idx", args[1] if len(args) > 1 else None) or 0
-        impl = config._attn_implementation
-        interface = mask_functions._global_mapping.get(impl)
-        if interface is None or "flash" in impl:
-            raise ValueError(
-                f"cache_implementation={past_key_values.cache_name!r} builds its own attention mask, which "
-                f"attn_implementation={impl!r} cannot take; "
-                f"use 'sdpa', 'eager', 'flex_attention' or '{ATTENTION_NAME}'."
-            )
-        mask = past_key_values.attention_mask(config, inputs_embeds, attention_mask, layer_idx, interface)
-        return (True, mask, *early_exit[2:])
-
-    _preprocess_mask_arguments.__neuralcache_original__ = original
-    return _preprocess_mask_arguments
+def _wrap_once(owner, attr: str, wrap, *args) -> None:
+    current = getattr(owner, attr)
+    if not hasattr(current, "__neuralcache_original__"):
+        setattr(owner, attr, wrap(current, *args))
 
 
 def register() -> None:
     """Register our cache names, the generate and mask hooks and the `"neuralcache"` attention. Idempotent."""
-    from .attention import neuralcache_attention_forward
-
-    configuration_utils, GenerationMixin, masking_utils, mask_functions, (attn, attn_mask, sdpa_mask) = _internals()
+    configuration_utils, GenerationMixin, masking_utils, mask_functions, interfaces = _internals()
+    attn, attn_mask, sdpa_mask = interfaces
     if transformers.__version__ and not Version(transformers.__version__) >= Version("5.17"):
         raise _incompatible("the generation and masking internals of 5.17")
     if Version(transformers.__version__) >= Version("6"):
@@ -318,15 +288,19 @@ def register() -> None:
 
     missing = tuple(name for name in _CACHES if name not in configuration_utils.ALL_CACHE_IMPLEMENTATIONS)
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = configuration_utils.ALL_CACHE_IMPLEMENTATIONS + missing
-    if not hasattr(GenerationMixin._prepare_cache_for_generation, "__neuralcache_original__"):
-        GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(
-            GenerationMixin._prepare_cache_for_generation
-        )
-    if not hasattr(GenerationMixin.generate, "__neuralcache_original__"):
-        GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
-    if not hasattr(masking_utils._preprocess_mask_arguments, "__neuralcache_original__"):
-        masking_utils._preprocess_mask_arguments = _wrap_preprocess_mask(
-            masking_utils._preprocess_mask_arguments, mask_functions
-        )
+    _wrap_once(GenerationMixin, "_prepare_cache_for_generation", _wrap_prepare_cache)
+    _wrap_once(GenerationMixin, "generate", _wrap_generate)
+    preprocess = masking_utils._preprocess_mask_arguments
+    if not hasattr(preprocess, "__neuralcache_original__"):
+        # transformers returns this tuple (all but the first two entries None) for a ready 4D mask; ours is one
+        early_exit = preprocess(None, None, torch.zeros(1, 1, 1, 1), None, None, None)
+        if not (isinstance(early_exit, tuple) and early_exit[0] is True):
+            raise _incompatible("the early exit of `masking_utils._preprocess_mask_arguments` for 4D masks")
+        masking_utils._preprocess_mask_arguments = wrap_preprocess_mask(preprocess, mask_functions, early_exit)
     attn.register(ATTENTION_NAME, neuralcache_attention_forward)
-    attn_mask.register(ATTENTION_NAME, sdpa_mask)
+    if ATTENTION_NAME not in mask_functions._global_mapping:
+        attn_mask.register(ATTENTION_NAME, sdpa_mask)
+    for name in MASK_IMPLEMENTATIONS:
+        function = mask_functions._global_mapping.get(name)
+        if function is not None and not hasattr(function, "__neuralcache_original__"):
+            attn_mask.register(name, wrap_mask_function(function))

@@ -99,11 +99,30 @@ class Layout:
     q_slots: torch.Tensor
     window: int
     _visible: torch.Tensor | None = None
+    overlaid: bool = False  # `visible` carries a model's mask overlay (image tokens): kernels must read `visible`
 
     @property
     def visible(self) -> torch.Tensor:
         if self._visible is None:
             self._visible = window_visibility(self.q_slots, self.slots, self.valid, self.sink, self.window)
+        return self._visible
+
+    def overlay(self, mask_function: Callable) -> torch.Tensor:
+        """Apply a transformers mask function (`(batch, head, q_pos, kv_pos) -> bool`, index-based) to `visible`.
+
+        transformers composes a model's own mask as `(causal | or_overlay) & and_overlay` over absolute positions, for
+        example bidirectional attention inside an image block (Gemma 3). Keys this cache holds stay visible where that
+        function allows them; held keys *after* a query become visible where the function says so.
+        """
+        batch = self.slots.shape[0]
+        device = self.slots.device
+        b = torch.arange(batch, device=device).view(-1, 1, 1)  # [B, 1, 1]
+        q = self.q_slots.to(device).view(1, -1, 1)  # [1, q, 1]
+        k = self.slots.clamp(min=0).unsqueeze(1)  # [B, 1, K]
+        allowed = torch.as_tensor(mask_function(b, torch.zeros((), dtype=torch.long, device=device), q, k))
+        future = self.valid.unsqueeze(1) & (k > q)  # [B, q, K]
+        self._visible = (self.visible | future) & allowed.to(device=device, dtype=torch.bool)
+        self.overlaid = True
         return self._visible
 
 
@@ -292,22 +311,28 @@ class NeuralCache(Cache):
         attention_mask: torch.Tensor | None,
         layer_idx: int,
         mask_interface: Callable,
+        mask_function: Callable | None = None,
     ):
         """The attention mask for the layers that share `layer_idx`'s policy, in `mask_interface`'s format.
 
         Returns `None` when every returned key is visible to the (single) query, so SDPA can skip the mask (not
         under torch.compile, where that test would be data-dependent).
+
+        Args:
+            mask_function (`Callable`, *optional*):
+                The model's own mask function, given when it overlays the causal mask (for example bidirectional
+                image blocks in Gemma 3); see [`Layout.overlay`].
         """
         q_length = inputs_embeds.shape[1]
         self.observe_forward(attention_mask, q_length)
         layer = self.layers[layer_idx]
         step = self.step(self._seen_for(q_length, layer_idx), q_length)
         layout = layer.layout(step, inputs_embeds.shape[0], inputs_embeds.device)
-        visible = layout.visible
+        visible = layout.visible if mask_function is None else layout.overlay(mask_function)
         if mask_interface is sdpa_mask:  # boolean format: hand over the mask itself, or nothing when SDPA can skip it
-            if q_length == 1 and not compiling() and bool(visible.all()):
+            if mask_function is None and q_length == 1 and not compiling() and bool(visible.all()):
                 return None
-            if 1 < q_length <= layer.window and step.seen == 0 and step.padding is None:
+            if mask_function is None and 1 < q_length <= layer.window and step.seen == 0 and step.padding is None:
                 return None  # a plain causal prefill: SDPA's is_causal, no [q, q] mask
             return _tagged(visible.unsqueeze(1))
         return _tagged(

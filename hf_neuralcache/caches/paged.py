@@ -171,7 +171,7 @@ class PagedLayer(CacheLayerMixin):
         if step.seen == 0:
             return self._prompt_attention(query, key, value, state, scaling, softcap)
         on = plan.on(query.device)
-        if plan.kv_start is None:  # padding after real tokens: the exact mask on gathered keys
+        if plan.kv_start is None or state.layout.overlaid:  # padding after real tokens, a model's overlay: exact mask
             keys, values = (
                 gather_pages(self.k_pages, on["table"], self.seen),
                 gather_pages(self.v_pages, on["table"], self.seen),
@@ -193,7 +193,7 @@ class PagedLayer(CacheLayerMixin):
     def _prompt_attention(self, query, key, value, state, scaling, softcap):
         if softcap is not None:
             return window_attention(query, key, value, state.layout.visible.to(query.device), scaling, softcap)
-        if state.step.padding is None and self.sliding_window is None:
+        if state.step.padding is None and self.sliding_window is None and not state.layout.overlaid:
             causal = query.shape[2] > 1
             return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, enable_gqa=True)
         visible = state.layout.visible.to(query.device)  # [B, q, K]
@@ -283,17 +283,18 @@ class PagedKVCache(NeuralCache):
         layers = [PagedLayer(self.pages, window) for _, window in decoder_layer_types(config, self.cache_name)]
         super().__init__(layers)
 
-    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface):
+    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function=None):
         """No mask for the `"neuralcache"` attention (the kernels mask by position); else the exact mask."""
         from ..registry import ATTENTION_NAME
 
-        # in place only without autograd: a training forward with dropout would send the new keys alone to SDPA
+        # in place only without autograd: a training forward with dropout would send the new keys alone to SDPA;
+        # and not with a model's mask overlay (image blocks), which needs the exact mask
         in_place = getattr(config, "_attn_implementation", None) == ATTENTION_NAME and not torch.is_grad_enabled()
-        self.pages.in_place = in_place
+        self.pages.in_place = in_place and mask_function is None
         if self.pages.in_place:
             self.observe_forward(attention_mask, inputs_embeds.shape[1])
             return None
-        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface)
+        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function)
 
     # ---- batch operations and rollback: page-table updates ----------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor):

@@ -239,7 +239,8 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
         shift = 0 if self.mode == "training_free" else -1
         prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
-        kernel = use_triton(query)  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
+        # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask; a model's mask overlay needs `visible`
+        kernel = use_triton(query) and not layout.overlaid
         window = (query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window, scaling)
         pairs = (before, ev_k, ev_v, weights)
         if kernel and self.mode == "training_free" and self.memory != "gaussian":
@@ -507,7 +508,7 @@ class TensorCache(NeuralCache):
             layers.append(layer)
         super().__init__(layers)
 
-    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface):
+    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function=None):
         impl = getattr(config, "_attn_implementation", None)
         if impl != "neuralcache":
             raise ValueError(
@@ -516,7 +517,7 @@ class TensorCache(NeuralCache):
                 "memory. Load the model with attn_implementation='neuralcache' "
                 "(or call model.set_attn_implementation('neuralcache'))."
             )
-        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface)
+        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function)
 
     def memory_bytes_per_layer(self) -> list[int]:
         """Bytes each layer holds now (window, memory and journals)."""
