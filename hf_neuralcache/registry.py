@@ -10,7 +10,10 @@
    the mask functions of `"sdpa"`, `"eager"`, `"flex_attention"` and `"neuralcache"`, so that a forward with one
    of our caches gets the mask the cache computes, with the model's own overlays (image blocks) applied; any other
    forward is untouched;
-4. registers the `"neuralcache"` attention function and, as its mask function, transformers' SDPA mask.
+4. registers the `"neuralcache"` attention function (its mask function: transformers' SDPA mask, or eager's for a
+   model that soft-caps logits, see `hf_neuralcache.attention.neuralcache_mask`), and wraps
+   `AttentionInterface.get_interface` so that the keys of layers that compute their own attention (`tensor_cache`)
+   reach them whatever attention implementation the model uses (`hf_neuralcache.attention.routed_attention`).
 
 If transformers lacks any of these, `register()` raises [`IncompatibleTransformersError`] naming the supported
 range.
@@ -25,7 +28,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from .attention import ATTENTION_NAME, neuralcache_attention_forward
+from .attention import ATTENTION_NAME, neuralcache_attention_forward, neuralcache_mask, routed_attention
 from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
 from .registry_masks import MASK_IMPLEMENTATIONS, wrap_mask_function, wrap_preprocess_mask
@@ -214,6 +217,7 @@ def _internals():
         (configuration_utils, "ALL_CACHE_IMPLEMENTATIONS"),
         (GenerationMixin, "_prepare_cache_for_generation"),
         (masking_utils, "_preprocess_mask_arguments"),
+        (AttentionInterface, "get_interface"),
     ):
         if not hasattr(owner, attr):
             raise _incompatible(f"`{owner.__name__}.{attr}`")
@@ -271,6 +275,15 @@ def _wrap_generate(original):
     return generate
 
 
+def _wrap_get_interface(original):
+    @functools.wraps(original)
+    def get_interface(self, attn_implementation, default):
+        return routed_attention(original(self, attn_implementation, default), default)
+
+    get_interface.__neuralcache_original__ = original
+    return get_interface
+
+
 def _wrap_once(owner, attr: str, wrap, *args) -> None:
     current = getattr(owner, attr)
     if not hasattr(current, "__neuralcache_original__"):
@@ -280,7 +293,7 @@ def _wrap_once(owner, attr: str, wrap, *args) -> None:
 def register() -> None:
     """Register our cache names, the generate and mask hooks and the `"neuralcache"` attention. Idempotent."""
     configuration_utils, GenerationMixin, masking_utils, mask_functions, interfaces = _internals()
-    attn, attn_mask, sdpa_mask = interfaces
+    attn, attn_mask, _ = interfaces
     if transformers.__version__ and not Version(transformers.__version__) >= Version("5.17"):
         raise _incompatible("the generation and masking internals of 5.17")
     if Version(transformers.__version__) >= Version("6"):
@@ -297,9 +310,10 @@ def register() -> None:
         if not (isinstance(early_exit, tuple) and early_exit[0] is True):
             raise _incompatible("the early exit of `masking_utils._preprocess_mask_arguments` for 4D masks")
         masking_utils._preprocess_mask_arguments = wrap_preprocess_mask(preprocess, mask_functions, early_exit)
+    _wrap_once(attn, "get_interface", _wrap_get_interface)
     attn.register(ATTENTION_NAME, neuralcache_attention_forward)
     if ATTENTION_NAME not in mask_functions._global_mapping:
-        attn_mask.register(ATTENTION_NAME, sdpa_mask)
+        attn_mask.register(ATTENTION_NAME, neuralcache_mask)
     for name in MASK_IMPLEMENTATIONS:
         function = mask_functions._global_mapping.get(name)
         if function is not None and not hasattr(function, "__neuralcache_original__"):

@@ -19,7 +19,7 @@ import inspect
 
 import torch
 
-from .attention import ATTENTION_NAME
+from .attention import ATTENTION_NAME, mask_format, neuralcache_mask
 from .caches.base import MASK_TAG, NeuralCache
 
 __all__ = ["MASK_IMPLEMENTATIONS", "wrap_mask_function", "wrap_preprocess_mask"]
@@ -57,7 +57,7 @@ def wrap_preprocess_mask(original, mask_functions, early_exit: tuple):
                 f"attn_implementation={impl!r} cannot take; "
                 f"use 'sdpa', 'eager', 'flex_attention' or '{ATTENTION_NAME}'."
             )
-        original_interface = getattr(interface, "__neuralcache_original__", interface)
+        original_interface = _concrete(getattr(interface, "__neuralcache_original__", interface), config)
         q_length = inputs_embeds.shape[1]
         if q_length == 1 or not hasattr(interface, "__neuralcache_original__"):  # decode step: no image to overlay
             mask = cache.attention_mask(config, inputs_embeds, attention_mask, layer_idx, original_interface)
@@ -76,6 +76,11 @@ def wrap_preprocess_mask(original, mask_functions, early_exit: tuple):
     return _preprocess_mask_arguments
 
 
+def _concrete(mask_function, config):
+    """transformers' own mask function behind `mask_function` (`"neuralcache"`'s picks SDPA's or eager's format)."""
+    return mask_format(config) if mask_function is neuralcache_mask else mask_function
+
+
 def wrap_mask_function(original):
     """A mask function of transformers (`sdpa_mask`, `eager_mask`...) that sends our caches' requests to the cache."""
 
@@ -87,7 +92,9 @@ def wrap_mask_function(original):
         cache, layer_idx, inputs_embeds, attention_mask = request
         # transformers allows skipping the causal mask unless the model overlays it (or asks for the full mask)
         overlay = None if kwargs.get("allow_is_causal_skip", True) else kwargs["mask_function"]
-        return cache.attention_mask(kwargs["config"], inputs_embeds, attention_mask, layer_idx, original, overlay)
+        config = kwargs["config"]
+        concrete = _concrete(original, config)
+        return cache.attention_mask(config, inputs_embeds, attention_mask, layer_idx, concrete, overlay)
 
     mask_function.__neuralcache_original__ = original
     return mask_function

@@ -31,6 +31,45 @@ def plain_python(code: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+# ---- point 5: tensor_cache with any attention implementation ------------------------------------------------------
+@pytest.mark.parametrize(
+    "arch, attention",
+    [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "sdpa"), ("gemma2", "eager"),
+     ("gemma3_text", "sdpa")],
+)  # fmt: skip
+def test_tensor_cache_reads_its_memory_with_any_attention_implementation(arch, attention):
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, cache_config={"window": 4, "sink_tokens": 1})  # fmt: skip
+    fused = tiny_model(arch, attn_implementation="neuralcache").generate(
+        IDS, cache_implementation="tensor_cache", **kwargs
+    )
+    model = tiny_model(arch, attn_implementation=attention)
+    got = model.generate(IDS, cache_implementation="tensor_cache", **kwargs)
+    assert torch.equal(got.sequences, fused.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, fused.logits, strict=True)):
+        assert_close(a, b, 1e-5, f"{arch} {attention} step {step}")
+    window_only = model.generate(IDS, cache_implementation="sliding_window_kv", **kwargs)
+    assert not all(torch.allclose(a, b) for a, b in zip(got.logits, window_only.logits, strict=True))  # memory read
+
+
+# ---- point 9: the "neuralcache" implementation without our caches is the model's default ---------------------------
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_neuralcache_attention_without_our_cache_is_what_the_model_runs_by_default(arch):
+    ours, default = tiny_model(arch, attn_implementation="neuralcache"), tiny_model(arch)  # gemma2: eager (softcap)
+    with torch.no_grad():
+        assert torch.equal(ours(IDS).logits, default(IDS).logits)
+        assert torch.equal(ours(IDS, use_cache=False).logits, default(IDS, use_cache=False).logits)
+        cache = {CACHE_KWARG: DynamicCache(config=ours.config)}
+        assert torch.equal(ours(IDS, **cache).logits, default(IDS, **cache_like(default)).logits)
+    for name in ("dynamic", "static"):
+        kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation=name)
+        assert torch.equal(ours.generate(IDS, **kwargs), default.generate(IDS, **kwargs)), name
+
+
+def cache_like(model):
+    return {CACHE_KWARG: DynamicCache(config=model.config)}
+
+
 # ---- point 9: importing hf_neuralcache changes no model that does not use our caches -------------------------------
 def test_import_changes_no_model_that_does_not_use_our_caches():
     names = COMPOSITE + TEXT_ONLY
@@ -61,7 +100,7 @@ def test_mask_hook_takes_the_cache_by_keyword():
 @pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("name", COMPOSITE)
 def test_composite_models_generate_dynamic_cache_tokens(name, cache):
-    model = tiny(name, attn_implementation="neuralcache" if cache == "tensor_cache" else "sdpa")
+    model = tiny(name)
     assert greedy(model, name, cache_implementation=cache) == greedy(model, name)
 
 
@@ -72,10 +111,6 @@ def test_gemma3_image_blocks_stay_bidirectional_with_our_caches(attention):
         expected = model(**x, **cache_like(model)).logits
         causal_only = model(**{k: v for k, v in x.items() if k != "token_type_ids"}, **cache_like(model)).logits
         assert not torch.allclose(causal_only, expected, atol=1e-3)  # the image block's overlay matters here
-        for name in CACHES if attention == "neuralcache" else ("paged_kv", "sliding_window_kv"):
+        for name in CACHES:
             got = model(**x, **{CACHE_KWARG: hf_neuralcache.create_cache(name, model.config)}).logits
             assert_close(got, expected, 1e-5, f"{attention} {name}")
-
-
-def cache_like(model):
-    return {CACHE_KWARG: DynamicCache(config=model.config)}

@@ -182,6 +182,12 @@ class AttentionState:
     layout: Layout
     step: Step
 
+    @property
+    def owns_attention(self) -> bool:
+        """Whether the layer must compute attention itself (its memory changes the output), whatever the model's
+        attention implementation: then `hf_neuralcache.registry` routes the attention call to the layer."""
+        return bool(getattr(self.layer(), "owns_attention", False))
+
 
 def _tagged(mask):
     """Mark a mask our hook built: generate builds the masks of a compileable cache before calling the model, and
