@@ -4,13 +4,15 @@
 
 1. adds our cache names to `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`, the allow-list that
    `GenerationConfig.validate` checks;
-2. wraps `GenerationMixin._prepare_cache_for_generation` so that `generate` builds our cache for our names (and
-   calls the original for every other name);
-3. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, and
+2. wraps `GenerationMixin._prepare_cache_for_generation` so that `generate` builds our cache for our names, or for
+   the settings a checkpoint saved under `generation_config.hf_neuralcache` (and calls the original otherwise);
+3. wraps `GenerationConfig.save_pretrained` so that a checkpoint keeps our settings under that key, never in
+   transformers' own `cache_implementation` (see `hf_neuralcache.saved_settings`): plain transformers loads it;
+4. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, and
    the mask functions of `"sdpa"`, `"eager"`, `"flex_attention"` and `"neuralcache"`, so that a forward with one
    of our caches gets the mask the cache computes, with the model's own overlays (image blocks) applied; any other
    forward is untouched;
-4. registers the `"neuralcache"` attention function (its mask function: transformers' SDPA mask, or eager's for a
+5. registers the `"neuralcache"` attention function (its mask function: transformers' SDPA mask, or eager's for a
    model that soft-caps logits, see `hf_neuralcache.attention.neuralcache_mask`), and wraps
    `AttentionInterface.get_interface` so that the keys of layers that compute their own attention (`tensor_cache`)
    reach them whatever attention implementation the model uses (`hf_neuralcache.attention.routed_attention`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 import transformers
@@ -32,6 +35,7 @@ from .attention import ATTENTION_NAME, neuralcache_attention_forward, neuralcach
 from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
 from .registry_masks import MASK_IMPLEMENTATIONS, wrap_mask_function, wrap_preprocess_mask
+from .saved_settings import for_saving, saved_settings
 
 __all__ = [
     "CACHE_KWARG",
@@ -206,7 +210,7 @@ def _incompatible(what: str) -> IncompatibleTransformersError:
 def _internals():
     """Import everything we hook into, or raise one clear error."""
     try:
-        from transformers import masking_utils
+        from transformers import GenerationConfig, masking_utils
         from transformers.generation import configuration_utils
         from transformers.generation.utils import GenerationMixin
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
@@ -218,23 +222,46 @@ def _internals():
         (GenerationMixin, "_prepare_cache_for_generation"),
         (masking_utils, "_preprocess_mask_arguments"),
         (AttentionInterface, "get_interface"),
+        (GenerationConfig, "save_pretrained"),
     ):
         if not hasattr(owner, attr):
             raise _incompatible(f"`{owner.__name__}.{attr}`")
     return (
         configuration_utils,
         GenerationMixin,
+        GenerationConfig,
         masking_utils,
         ALL_MASK_ATTENTION_FUNCTIONS,
         (AttentionInterface, AttentionMaskInterface, sdpa_mask),
     )
 
 
+def _settings_for_call(generation_config) -> str | None:
+    """The cache name for this generate call: the call's (or the model's) `cache_implementation`, else the one a
+    checkpoint saved under `generation_config.hf_neuralcache` (applied to this call's copy of the config)."""
+    name = generation_config.cache_implementation
+    saved = saved_settings(generation_config)
+    if name is None and saved is not None:
+        name, cache_config = saved
+        generation_config.cache_implementation = name
+        if generation_config.cache_config is None:
+            generation_config.cache_config = cache_config
+    elif name is None and generation_config.cache_config is not None and generation_config.use_cache is not False:
+        warnings.warn(
+            f"cache_config={generation_config.cache_config!r} is ignored: no cache_implementation is set, so "
+            "generate() uses transformers' default cache. Pass cache_implementation= with it, for example "
+            f"cache_implementation='sliding_window_kv' (hf_neuralcache's caches: {sorted(_CACHES)}).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return name
+
+
 def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        name = generation_config.cache_implementation
         given = model_kwargs.get(CACHE_KWARG)
+        name = generation_config.cache_implementation if given is not None else _settings_for_call(generation_config)
         if given is not None and generation_config.is_assistant and getattr(given, "cache_name", None) == name:
             return  # an assistant model's next round of candidates reuses the cache this hook built for it
         if name not in _CACHES or given is not None or generation_config.use_cache is False:
@@ -263,9 +290,26 @@ def _wrap_prepare_cache(original):
     return _prepare_cache_for_generation
 
 
+def _with_saved_settings(model, kwargs: dict) -> dict:
+    """`kwargs` of a generate call, plus the cache settings the model's checkpoint saved (see `saved_settings`) when
+    the call sets neither a cache nor a generation config, so that the hooks see the cache generate will build."""
+    saved = saved_settings(getattr(model, "generation_config", None))
+    cache_given = any(kwargs.get(name) is not None for name in (CACHE_KWARG, "past_key_values"))
+    if saved is None or cache_given or kwargs.get("use_cache") is False or "generation_config" in kwargs:
+        return kwargs
+    if kwargs.get("cache_implementation") is not None or model.generation_config.cache_implementation is not None:
+        return kwargs
+    name, cache_config = saved
+    extra = {"cache_implementation": name}
+    if kwargs.get("cache_config") is None and model.generation_config.cache_config is None and cache_config:
+        extra["cache_config"] = cache_config
+    return {**kwargs, **extra}
+
+
 def _wrap_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
+        kwargs = _with_saved_settings(self, kwargs)
         hooks = hooks_for_call(self, kwargs)
         if hooks is None:
             return original(self, *args, **kwargs)
@@ -273,6 +317,15 @@ def _wrap_generate(original):
 
     generate.__neuralcache_original__ = original
     return generate
+
+
+def _wrap_save_pretrained(original):
+    @functools.wraps(original)
+    def save_pretrained(self, *args, **kwargs):
+        return original(for_saving(self, tuple(_CACHES)), *args, **kwargs)
+
+    save_pretrained.__neuralcache_original__ = original
+    return save_pretrained
 
 
 def _wrap_get_interface(original):
@@ -291,8 +344,8 @@ def _wrap_once(owner, attr: str, wrap, *args) -> None:
 
 
 def register() -> None:
-    """Register our cache names, the generate and mask hooks and the `"neuralcache"` attention. Idempotent."""
-    configuration_utils, GenerationMixin, masking_utils, mask_functions, interfaces = _internals()
+    """Register our cache names, the generate, save and mask hooks and the `"neuralcache"` attention. Idempotent."""
+    configuration_utils, GenerationMixin, GenerationConfig, masking_utils, mask_functions, interfaces = _internals()
     attn, attn_mask, _ = interfaces
     if transformers.__version__ and not Version(transformers.__version__) >= Version("5.17"):
         raise _incompatible("the generation and masking internals of 5.17")
@@ -303,6 +356,7 @@ def register() -> None:
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = configuration_utils.ALL_CACHE_IMPLEMENTATIONS + missing
     _wrap_once(GenerationMixin, "_prepare_cache_for_generation", _wrap_prepare_cache)
     _wrap_once(GenerationMixin, "generate", _wrap_generate)
+    _wrap_once(GenerationConfig, "save_pretrained", _wrap_save_pretrained)
     preprocess = masking_utils._preprocess_mask_arguments
     if not hasattr(preprocess, "__neuralcache_original__"):
         # transformers returns this tuple (all but the first two entries None) for a ready 4D mask; ours is one

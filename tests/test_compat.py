@@ -14,6 +14,7 @@ from composite_helpers import COMPOSITE, TEXT_ONLY, greedy, inputs, tiny
 from transformers import DynamicCache, masking_utils
 
 import hf_neuralcache
+from hf_neuralcache import registry
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.registry import CACHE_KWARG
 from hf_neuralcache.testing import assert_close
@@ -29,6 +30,74 @@ def plain_python(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=TESTS, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout.strip().splitlines()[-1]
+
+
+# ---- point 4: a checkpoint saved with our settings ----------------------------------------------------------------
+def test_checkpoint_with_our_settings_loads_and_generates_in_plain_transformers(tmp_path):
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    model.generation_config.cache_implementation = "sliding_window_kv"
+    model.generation_config.cache_config = {"window": 6, "sink_tokens": 2}
+    model.save_pretrained(tmp_path)
+    assert model.generation_config.cache_implementation == "sliding_window_kv"  # the model's own config is kept
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert "cache_implementation" not in saved and "cache_config" not in saved
+    assert saved["hf_neuralcache"]["cache_implementation"] == "sliding_window_kv"
+    assert "hf_neuralcache" in saved["hf_neuralcache"]["note"]  # the reason, findable in the file
+    assert "neuralcache" not in (tmp_path / "config.json").read_text()  # transformers never saves the attention
+
+    line = plain_python(
+        f"""
+import json, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+out = model.generate(torch.tensor({IDS.tolist()}), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                     return_dict_in_generate=True)
+settings = model.generation_config.hf_neuralcache
+print(json.dumps([type(out.past_key_values).__name__, model.config._attn_implementation,
+                  settings["cache_implementation"], out.sequences.tolist()]))
+"""
+    )
+    cache_type, attention, saved_name, tokens = json.loads(line)
+    assert (cache_type, attention, saved_name) == ("DynamicCache", "sdpa", "sliding_window_kv")
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert tokens == tiny_model("llama").generate(IDS, **kwargs).tolist()
+    window = dict(cache_implementation="sliding_window_kv", cache_config={"window": 6, "sink_tokens": 2})
+    assert tokens != tiny_model("llama").generate(IDS, **kwargs, **window).tolist()  # so the cache made a difference
+
+
+def test_saved_settings_are_used_once_imported_and_a_call_can_override_them(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    model.generation_config.cache_implementation = "tensor_cache"
+    model.generation_config.cache_config = {"window": 4, "sink_tokens": 1}
+    model.save_pretrained(tmp_path / "a")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    out = loaded.generate(IDS, **kwargs)
+    assert isinstance(out.past_key_values, hf_neuralcache.TensorCache) and out.past_key_values.window == 4
+    explicit = model.generate(IDS, cache_implementation="tensor_cache", cache_config={"window": 4, "sink_tokens": 1},
+                              **kwargs)  # fmt: skip
+    assert torch.equal(out.sequences, explicit.sequences)
+    assert isinstance(loaded.generate(IDS, cache_implementation="dynamic", **kwargs).past_key_values, DynamicCache)
+    other = loaded.generate(IDS, cache_config={"window": 8}, **kwargs).past_key_values  # the saved name, new options
+    assert isinstance(other, hf_neuralcache.TensorCache) and other.window == 8
+    # generate's hooks (the prefix cache's regime) see the saved cache as if the call had passed it
+    saved_call = {"cache_implementation": "tensor_cache", "cache_config": {"window": 4, "sink_tokens": 1}}
+    assert registry._with_saved_settings(loaded, {}) == saved_call
+    cache = DynamicCache(config=loaded.config)
+    assert registry._with_saved_settings(loaded, {CACHE_KWARG: cache}) == {CACHE_KWARG: cache}
+    loaded.save_pretrained(tmp_path / "b")  # saving it again keeps the settings
+    saved = json.loads((tmp_path / "b" / "generation_config.json").read_text())
+    assert saved["hf_neuralcache"]["cache_config"] == {"window": 4, "sink_tokens": 1}
+
+
+# ---- point 7: cache_config without cache_implementation -----------------------------------------------------------
+def test_cache_config_without_cache_implementation_warns():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"cache_config=\{'window': 4\} is ignored: no cache_implementation.*"
+                                         r"cache_implementation='sliding_window_kv'"):  # fmt: skip
+        model.generate(IDS, cache_config={"window": 4}, max_new_tokens=2)
 
 
 # ---- point 5: tensor_cache with any attention implementation ------------------------------------------------------

@@ -163,7 +163,9 @@ def test_generation_config_survives_save_and_load(tmp_path):
     model.generation_config.cache_implementation = "sliding_window_kv"
     model.generation_config.cache_config = {"window": 6, "sink_tokens": 2}
     model.save_pretrained(tmp_path)
-    assert GenerationConfig.from_pretrained(tmp_path).cache_config == {"window": 6, "sink_tokens": 2}
+    saved = GenerationConfig.from_pretrained(tmp_path)  # under our own key: plain transformers loads it too
+    assert saved.cache_implementation is None and saved.cache_config is None
+    assert saved.hf_neuralcache["cache_config"] == {"window": 6, "sink_tokens": 2}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     out = loaded.generate(IDS, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
