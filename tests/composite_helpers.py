@@ -31,7 +31,8 @@ TEXT_ONLY = ("llama", "qwen2", "gemma2", "gemma3_text")
 
 def _config(name: str):
     if name == "gemma3":
-        text = {**TEXT, "num_hidden_layers": 4, "sliding_window": 4, "layer_types": None}
+        layer_types = ["sliding_attention", "full_attention"] * 2
+        text = {**TEXT, "num_hidden_layers": 4, "sliding_window": 4, "layer_types": layer_types}
         return AutoConfig.for_model(
             "gemma3", text_config=text, vision_config=VISION, mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN,
             boi_token_index=8, eoi_token_index=9,

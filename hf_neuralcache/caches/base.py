@@ -213,6 +213,7 @@ class NeuralCache(Cache):
         # (version, q_length, seen or None for a decode step, the new token's realness [B] or None)
         self._observed: tuple | None = None
         self._observed_padding: torch.Tensor | None = None  # the whole 2D mask: eager code only
+        self._observed_source: torch.Tensor | None = None  # the caller's 2D mask it was read from
 
     # ---- the per-forward step -------------------------------------------------------------------------------------
     def observe_forward(self, attention_mask: torch.Tensor | None, q_length: int) -> None:
@@ -221,8 +222,12 @@ class NeuralCache(Cache):
         Under torch.compile, and for a one-token forward, only tensors are recorded (the new token's column of the
         mask), so that the decode step has no data-dependent Python.
         """
-        if attention_mask is None and self._observed is not None and self._observed[:2] == (self._version, q_length):
-            return  # this forward was observed already (generate builds the masks before calling the model)
+        observed = self._observed is not None and self._observed[:2] == (self._version, q_length)
+        if observed and (attention_mask is None or attention_mask is self._observed_source):
+            # this forward was observed already: generate builds the masks before calling the model, and a model
+            # with several layer types builds one mask per type (keep the step: its layouts may carry an overlay)
+            return
+        source = attention_mask
         self._step = None
         seen = self._seen_for(q_length)
         padding = real = None
@@ -246,7 +251,7 @@ class NeuralCache(Cache):
             elif not bool(attention_mask[:, : seen + q_length].all()):
                 padding = attention_mask
         self._observed = (self._version, q_length, None if q_length == 1 else seen, real)
-        self._observed_padding = padding
+        self._observed_padding, self._observed_source = padding, source
 
     def _seen_for(self, q_length: int, layer_idx: int = 0) -> int | torch.Tensor:
         """Tokens held before a forward of `q_length`: for a decode step, a copy of the layer's `length` tensor once
@@ -277,7 +282,7 @@ class NeuralCache(Cache):
         """Forget per-forward state; called after anything that changes the cache outside a forward."""
         self._version += 1
         self._step = None
-        self._observed = self._observed_padding = None
+        self._observed = self._observed_padding = self._observed_source = None
 
     # ---- transformers' Cache API ----------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -286,7 +291,7 @@ class NeuralCache(Cache):
         step = self.step(self._seen_for(q_length, layer_idx), q_length)
         out = layer.update(key_states, value_states, step=step)
         if layer_idx == len(self.layers) - 1:  # the forward is done with the step: do not keep its masks alive
-            self._step = self._observed = self._observed_padding = None
+            self._step = self._observed = self._observed_padding = self._observed_source = None
         return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
