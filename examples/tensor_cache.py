@@ -1,6 +1,7 @@
 """Generate with `tensor_cache` (a small window plus a fixed-size memory) next to `sliding_window_kv` and full KV.
 
-The model must use `attn_implementation="neuralcache"`: the memory's share of the attention is computed there.
+Any attention implementation works (the registry routes the memory's share of the attention to the cache);
+`attn_implementation="neuralcache"` adds the fused Triton kernels on CUDA.
 With the window at least as long as the text both bounded caches are exact; past it, `tensor_cache` keeps a
 summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost.
 

@@ -1,14 +1,21 @@
 """The one place that touches transformers internals.
 
-`register()` (called by `import hf_neuralcache`, idempotent) does four things:
+`register()` (called by `import hf_neuralcache`, idempotent) does these things:
 
 1. adds our cache names to `generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`, the allow-list that
    `GenerationConfig.validate` checks;
-2. wraps `GenerationMixin._prepare_cache_for_generation` so that `generate` builds our cache for our names (and
-   calls the original for every other name);
-3. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, so
-   that a forward with one of our caches gets the mask the cache computes (any other forward is untouched);
-4. registers the `"neuralcache"` attention function and, as its mask function, transformers' SDPA mask.
+2. wraps `GenerationMixin._prepare_cache_for_generation` so that `generate` builds our cache for our names, or for
+   the settings a checkpoint saved under `generation_config.hf_neuralcache` (and calls the original otherwise);
+3. wraps `GenerationConfig.save_pretrained` so that a checkpoint keeps our settings under that key, never in
+   transformers' own `cache_implementation` (see `hf_neuralcache.saved_settings`): plain transformers loads it;
+4. wraps `masking_utils._preprocess_mask_arguments`, through which every mask creator of transformers passes, and
+   the mask functions of `"sdpa"`, `"eager"`, `"flex_attention"` and `"neuralcache"`, so that a forward with one
+   of our caches gets the mask the cache computes, with the model's own overlays (image blocks) applied; any other
+   forward is untouched;
+5. registers the `"neuralcache"` attention function (its mask function: transformers' SDPA mask, or eager's for a
+   model that soft-caps logits, see `hf_neuralcache.attention.neuralcache_mask`), and wraps
+   `AttentionInterface.get_interface` so that the keys of layers that compute their own attention (`tensor_cache`)
+   reach them whatever attention implementation the model uses (`hf_neuralcache.attention.routed_attention`).
 
 If transformers lacks any of these, `register()` raises [`IncompatibleTransformersError`] naming the supported
 range.
@@ -18,13 +25,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 import transformers
 from packaging.version import Version
 
+from .attention import ATTENTION_NAME, neuralcache_attention_forward, neuralcache_mask, routed_attention
 from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
+from .registry_masks import MASK_IMPLEMENTATIONS, wrap_mask_function, wrap_preprocess_mask
+from .saved_settings import for_saving, saved_settings
 
 __all__ = [
     "CACHE_KWARG",
@@ -39,7 +50,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
-ATTENTION_NAME = "neuralcache"
 
 
 def _cache_kwarg() -> str:
@@ -147,6 +157,9 @@ def create_cache(name: str, config, **cache_config):
 def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]:
     """`(layer type, native sliding window or None)` for each decoder layer of `config`.
 
+    For a composite model (Gemma 3, LLaVA, Qwen2-VL...) these are the layers of its text decoder, the one part that
+    uses the generation cache.
+
     Raises:
         `ValueError`: for encoder-decoder models and layer types our caches do not handle.
     """
@@ -155,14 +168,7 @@ def decoder_layer_types(config, cache_name: str) -> list[tuple[str, int | None]]
             f"cache_implementation={cache_name!r} supports decoder-only models; {config.model_type!r} is an "
             "encoder-decoder model. Use transformers' own caches for it."
         )
-    text = config.get_text_config(decoder=True)
-    if text is not config:
-        # e.g. Gemma 3 with images: its masks add overlays (bidirectional image blocks) that our mask does not apply
-        raise ValueError(
-            f"cache_implementation={cache_name!r} supports text-only decoder models; {config.model_type!r} is a "
-            f"composite (multimodal) model. Load its text model alone (for example with AutoModelForCausalLM on a "
-            f"{text.model_type!r} checkpoint) or use transformers' own caches."
-        )
+    text = config.get_text_config(decoder=True)  # the text decoder of a composite (vision-language) model
     n_layers = getattr(text, "num_hidden_layers", None)
     if not isinstance(n_layers, int):
         raise ValueError(
@@ -204,7 +210,7 @@ def _incompatible(what: str) -> IncompatibleTransformersError:
 def _internals():
     """Import everything we hook into, or raise one clear error."""
     try:
-        from transformers import masking_utils
+        from transformers import GenerationConfig, masking_utils
         from transformers.generation import configuration_utils
         from transformers.generation.utils import GenerationMixin
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
@@ -215,27 +221,47 @@ def _internals():
         (configuration_utils, "ALL_CACHE_IMPLEMENTATIONS"),
         (GenerationMixin, "_prepare_cache_for_generation"),
         (masking_utils, "_preprocess_mask_arguments"),
+        (AttentionInterface, "get_interface"),
+        (GenerationConfig, "save_pretrained"),
     ):
         if not hasattr(owner, attr):
             raise _incompatible(f"`{owner.__name__}.{attr}`")
     return (
         configuration_utils,
         GenerationMixin,
+        GenerationConfig,
         masking_utils,
         ALL_MASK_ATTENTION_FUNCTIONS,
-        (
-            AttentionInterface,
-            AttentionMaskInterface,
-            sdpa_mask,
-        ),
+        (AttentionInterface, AttentionMaskInterface, sdpa_mask),
     )
+
+
+def _settings_for_call(generation_config) -> str | None:
+    """The cache name for this generate call: the call's (or the model's) `cache_implementation`, else the one a
+    checkpoint saved under `generation_config.hf_neuralcache` (applied to this call's copy of the config)."""
+    name = generation_config.cache_implementation
+    saved = saved_settings(generation_config)
+    if name is None and saved is not None:
+        name, cache_config = saved
+        generation_config.cache_implementation = name
+        if generation_config.cache_config is None:
+            generation_config.cache_config = cache_config
+    elif name is None and generation_config.cache_config is not None and generation_config.use_cache is not False:
+        warnings.warn(
+            f"cache_config={generation_config.cache_config!r} is ignored: no cache_implementation is set, so "
+            "generate() uses transformers' default cache. Pass cache_implementation= with it, for example "
+            f"cache_implementation='sliding_window_kv' (hf_neuralcache's caches: {sorted(_CACHES)}).",
+            UserWarning,
+            stacklevel=4,
+        )
+    return name
 
 
 def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        name = generation_config.cache_implementation
         given = model_kwargs.get(CACHE_KWARG)
+        name = generation_config.cache_implementation if given is not None else _settings_for_call(generation_config)
         if given is not None and generation_config.is_assistant and getattr(given, "cache_name", None) == name:
             return  # an assistant model's next round of candidates reuses the cache this hook built for it
         if name not in _CACHES or given is not None or generation_config.use_cache is False:
@@ -264,9 +290,26 @@ def _wrap_prepare_cache(original):
     return _prepare_cache_for_generation
 
 
+def _with_saved_settings(model, kwargs: dict) -> dict:
+    """`kwargs` of a generate call, plus the cache settings the model's checkpoint saved (see `saved_settings`) when
+    the call sets neither a cache nor a generation config, so that the hooks see the cache generate will build."""
+    saved = saved_settings(getattr(model, "generation_config", None))
+    cache_given = any(kwargs.get(name) is not None for name in (CACHE_KWARG, "past_key_values"))
+    if saved is None or cache_given or kwargs.get("use_cache") is False or "generation_config" in kwargs:
+        return kwargs
+    if kwargs.get("cache_implementation") is not None or model.generation_config.cache_implementation is not None:
+        return kwargs
+    name, cache_config = saved
+    extra = {"cache_implementation": name}
+    if kwargs.get("cache_config") is None and model.generation_config.cache_config is None and cache_config:
+        extra["cache_config"] = cache_config
+    return {**kwargs, **extra}
+
+
 def _wrap_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
+        kwargs = _with_saved_settings(self, kwargs)
         hooks = hooks_for_call(self, kwargs)
         if hooks is None:
             return original(self, *args, **kwargs)
@@ -276,41 +319,34 @@ def _wrap_generate(original):
     return generate
 
 
-def _wrap_preprocess_mask(original, mask_functions):
-    # transformers returns this tuple (all but the first two entries None) for a ready 4D mask; our mask is one
-    early_exit = original(None, None, torch.zeros(1, 1, 1, 1), None, None, None)
-    if not (isinstance(early_exit, tuple) and early_exit[0] is True):
-        raise _incompatible("the early exit of `masking_utils._preprocess_mask_arguments` for 4D masks")
-
+def _wrap_save_pretrained(original):
     @functools.wraps(original)
-    def _preprocess_mask_arguments(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs):
-        from .caches.base import MASK_TAG, NeuralCache
+    def save_pretrained(self, *args, **kwargs):
+        return original(for_saving(self, tuple(_CACHES)), *args, **kwargs)
 
-        if not isinstance(past_key_values, NeuralCache):
-            return original(config, inputs_embeds, attention_mask, past_key_values, *args, **kwargs)
-        if getattr(attention_mask, MASK_TAG, False):  # ours, built before the forward (generate, compileable cache)
-            return (True, attention_mask, *early_exit[2:])
-        layer_idx = kwargs.get("layer_idx", args[1] if len(args) > 1 else None) or 0
-        impl = config._attn_implementation
-        interface = mask_functions._global_mapping.get(impl)
-        if interface is None or "flash" in impl:
-            raise ValueError(
-                f"cache_implementation={past_key_values.cache_name!r} builds its own attention mask, which "
-                f"attn_implementation={impl!r} cannot take; "
-                f"use 'sdpa', 'eager', 'flex_attention' or '{ATTENTION_NAME}'."
-            )
-        mask = past_key_values.attention_mask(config, inputs_embeds, attention_mask, layer_idx, interface)
-        return (True, mask, *early_exit[2:])
+    save_pretrained.__neuralcache_original__ = original
+    return save_pretrained
 
-    _preprocess_mask_arguments.__neuralcache_original__ = original
-    return _preprocess_mask_arguments
+
+def _wrap_get_interface(original):
+    @functools.wraps(original)
+    def get_interface(self, attn_implementation, default):
+        return routed_attention(original(self, attn_implementation, default), default)
+
+    get_interface.__neuralcache_original__ = original
+    return get_interface
+
+
+def _wrap_once(owner, attr: str, wrap, *args) -> None:
+    current = getattr(owner, attr)
+    if not hasattr(current, "__neuralcache_original__"):
+        setattr(owner, attr, wrap(current, *args))
 
 
 def register() -> None:
-    """Register our cache names, the generate and mask hooks and the `"neuralcache"` attention. Idempotent."""
-    from .attention import neuralcache_attention_forward
-
-    configuration_utils, GenerationMixin, masking_utils, mask_functions, (attn, attn_mask, sdpa_mask) = _internals()
+    """Register our cache names, the generate, save and mask hooks and the `"neuralcache"` attention. Idempotent."""
+    configuration_utils, GenerationMixin, GenerationConfig, masking_utils, mask_functions, interfaces = _internals()
+    attn, attn_mask, _ = interfaces
     if transformers.__version__ and not Version(transformers.__version__) >= Version("5.17"):
         raise _incompatible("the generation and masking internals of 5.17")
     if Version(transformers.__version__) >= Version("6"):
@@ -318,15 +354,21 @@ def register() -> None:
 
     missing = tuple(name for name in _CACHES if name not in configuration_utils.ALL_CACHE_IMPLEMENTATIONS)
     configuration_utils.ALL_CACHE_IMPLEMENTATIONS = configuration_utils.ALL_CACHE_IMPLEMENTATIONS + missing
-    if not hasattr(GenerationMixin._prepare_cache_for_generation, "__neuralcache_original__"):
-        GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(
-            GenerationMixin._prepare_cache_for_generation
-        )
-    if not hasattr(GenerationMixin.generate, "__neuralcache_original__"):
-        GenerationMixin.generate = _wrap_generate(GenerationMixin.generate)
-    if not hasattr(masking_utils._preprocess_mask_arguments, "__neuralcache_original__"):
-        masking_utils._preprocess_mask_arguments = _wrap_preprocess_mask(
-            masking_utils._preprocess_mask_arguments, mask_functions
-        )
+    _wrap_once(GenerationMixin, "_prepare_cache_for_generation", _wrap_prepare_cache)
+    _wrap_once(GenerationMixin, "generate", _wrap_generate)
+    _wrap_once(GenerationConfig, "save_pretrained", _wrap_save_pretrained)
+    preprocess = masking_utils._preprocess_mask_arguments
+    if not hasattr(preprocess, "__neuralcache_original__"):
+        # transformers returns this tuple (all but the first two entries None) for a ready 4D mask; ours is one
+        early_exit = preprocess(None, None, torch.zeros(1, 1, 1, 1), None, None, None)
+        if not (isinstance(early_exit, tuple) and early_exit[0] is True):
+            raise _incompatible("the early exit of `masking_utils._preprocess_mask_arguments` for 4D masks")
+        masking_utils._preprocess_mask_arguments = wrap_preprocess_mask(preprocess, mask_functions, early_exit)
+    _wrap_once(attn, "get_interface", _wrap_get_interface)
     attn.register(ATTENTION_NAME, neuralcache_attention_forward)
-    attn_mask.register(ATTENTION_NAME, sdpa_mask)
+    if ATTENTION_NAME not in mask_functions._global_mapping:
+        attn_mask.register(ATTENTION_NAME, neuralcache_mask)
+    for name in MASK_IMPLEMENTATIONS:
+        function = mask_functions._global_mapping.get(name)
+        if function is not None and not hasattr(function, "__neuralcache_original__"):
+            attn_mask.register(name, wrap_mask_function(function))

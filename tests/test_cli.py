@@ -159,13 +159,17 @@ def test_example_sliding_window_tiny():
     assert "tokens (before the window is exceeded) agree: True" in out
 
 
-@pytest.mark.parametrize("argv", [["--window", "16"], ["--cache", "dynamic"]], ids=["sliding-window-16", "dynamic"])
+@pytest.mark.parametrize(
+    "argv",
+    [["--window", "16"], ["--cache", "dynamic"], ["--cache", "tensor_cache"]],
+    ids=["sliding-window-16", "dynamic", "tensor-cache-default-attention"],
+)
 def test_demo_on_embedded_model(embedded_model_dir, capsys, argv):
     assert main(["demo", "--max-new-tokens", "8", *argv]) == 0
     out = capsys.readouterr().out
     answer = out.split("Answer:\n", 1)[1].split("\n\n", 1)[0]
     assert answer.strip(), out
-    cache = "sliding_window_kv (window=16, sink_tokens=4)" if "--window" in argv else "dynamic"
+    cache = "sliding_window_kv (window=16, sink_tokens=4)" if "--window" in argv else argv[1]
     assert f"cache: {cache}, memory " in out
     assert "bytes) after " in out
     assert "generated 8 tokens in " in out and " tokens/s" in out

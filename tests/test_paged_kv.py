@@ -216,3 +216,18 @@ def test_neuralcache_attention_with_autograd_gathers_and_stays_exact():
         assert cache.pages.in_place is not grad
     for step, (plain, with_grad) in enumerate(zip(logits[False], logits[True], strict=True)):
         assert_close(with_grad, plain, 1e-5, f"chunk {step}")
+
+
+def test_paged_layers_expose_keys_and_values_as_dynamic_cache_does():
+    model = tiny_model("llama")
+    paged = hf_neuralcache.create_cache("paged_kv", model.config, page_size=4)
+    dynamic = DynamicCache(config=model.config)
+    assert paged.layers[0].keys is None
+    with torch.no_grad():
+        for chunk in (IDS[:, :20], IDS[:, 20:21], IDS[:, 21:]):
+            model(chunk, past_key_values=paged)
+            model(chunk, past_key_values=dynamic)
+    for ours, theirs in zip(paged.layers, dynamic.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    with pytest.raises(AttributeError, match="read-only views gathered from the page pools"):
+        paged.layers[0].keys = torch.zeros(1)

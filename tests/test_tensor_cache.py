@@ -251,12 +251,6 @@ def test_memory_is_constant_once_the_window_is_full():
     assert cache.layers[0].state_bytes() == memory
 
 
-def test_refuses_other_attention_implementations():
-    model = tiny_model("llama")  # sdpa
-    with pytest.raises(ValueError, match="neuralcache"):
-        model.generate(_ids(1, 5), max_new_tokens=2, cache_implementation="tensor_cache")
-
-
 @pytest.mark.parametrize(
     "config, message",
     [

@@ -109,11 +109,30 @@ class Layout:
     q_slots: torch.Tensor
     window: int
     _visible: torch.Tensor | None = None
+    overlaid: bool = False  # `visible` carries a model's mask overlay (image tokens): kernels must read `visible`
 
     @property
     def visible(self) -> torch.Tensor:
         if self._visible is None:
             self._visible = window_visibility(self.q_slots, self.slots, self.valid, self.sink, self.window)
+        return self._visible
+
+    def overlay(self, mask_function: Callable) -> torch.Tensor:
+        """Apply a transformers mask function (`(batch, head, q_pos, kv_pos) -> bool`, index-based) to `visible`.
+
+        transformers composes a model's own mask as `(causal | or_overlay) & and_overlay` over absolute positions, for
+        example bidirectional attention inside an image block (Gemma 3). Keys this cache holds stay visible where that
+        function allows them; held keys *after* a query become visible where the function says so.
+        """
+        batch = self.slots.shape[0]
+        device = self.slots.device
+        b = torch.arange(batch, device=device).view(-1, 1, 1)  # [B, 1, 1]
+        q = self.q_slots.to(device).view(1, -1, 1)  # [1, q, 1]
+        k = self.slots.clamp(min=0).unsqueeze(1)  # [B, 1, K]
+        allowed = torch.as_tensor(mask_function(b, torch.zeros((), dtype=torch.long, device=device), q, k))
+        future = self.valid.unsqueeze(1) & (k > q)  # [B, q, K]
+        self._visible = (self.visible | future) & allowed.to(device=device, dtype=torch.bool)
+        self.overlaid = True
         return self._visible
 
 
@@ -173,6 +192,12 @@ class AttentionState:
     layout: Layout
     step: Step
 
+    @property
+    def owns_attention(self) -> bool:
+        """Whether the layer must compute attention itself (its memory changes the output), whatever the model's
+        attention implementation: then `hf_neuralcache.registry` routes the attention call to the layer."""
+        return bool(getattr(self.layer(), "owns_attention", False))
+
 
 def _tagged(mask):
     """Mark a mask our hook built: generate builds the masks of a compileable cache before calling the model, and
@@ -198,6 +223,7 @@ class NeuralCache(Cache):
         # (version, q_length, seen or None for a decode step, the new token's realness [B] or None)
         self._observed: tuple | None = None
         self._observed_padding: torch.Tensor | None = None  # the whole 2D mask: eager code only
+        self._observed_source: torch.Tensor | None = None  # the caller's 2D mask it was read from
 
     # ---- the per-forward step -------------------------------------------------------------------------------------
     def observe_forward(self, attention_mask: torch.Tensor | None, q_length: int) -> None:
@@ -206,8 +232,12 @@ class NeuralCache(Cache):
         Under torch.compile, and for a one-token forward, only tensors are recorded (the new token's column of the
         mask), so that the decode step has no data-dependent Python.
         """
-        if attention_mask is None and self._observed is not None and self._observed[:2] == (self._version, q_length):
-            return  # this forward was observed already (generate builds the masks before calling the model)
+        observed = self._observed is not None and self._observed[:2] == (self._version, q_length)
+        if observed and (attention_mask is None or attention_mask is self._observed_source):
+            # this forward was observed already: generate builds the masks before calling the model, and a model
+            # with several layer types builds one mask per type (keep the step: its layouts may carry an overlay)
+            return
+        source = attention_mask
         self._step = None
         seen = self._seen_for(q_length)
         padding = real = None
@@ -231,7 +261,7 @@ class NeuralCache(Cache):
             elif not bool(attention_mask[:, : seen + q_length].all()):
                 padding = attention_mask
         self._observed = (self._version, q_length, None if q_length == 1 else seen, real)
-        self._observed_padding = padding
+        self._observed_padding, self._observed_source = padding, source
 
     def _seen_for(self, q_length: int, layer_idx: int = 0) -> int | torch.Tensor:
         """Tokens held before a forward of `q_length`: for a decode step, a copy of the layer's `length` tensor once
@@ -262,7 +292,7 @@ class NeuralCache(Cache):
         """Forget per-forward state; called after anything that changes the cache outside a forward."""
         self._version += 1
         self._step = None
-        self._observed = self._observed_padding = None
+        self._observed = self._observed_padding = self._observed_source = None
 
     # ---- transformers' Cache API ----------------------------------------------------------------------------------
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -271,7 +301,7 @@ class NeuralCache(Cache):
         step = self.step(self._seen_for(q_length, layer_idx), q_length)
         out = layer.update(key_states, value_states, step=step)
         if layer_idx == len(self.layers) - 1:  # the forward is done with the step: do not keep its masks alive
-            self._step = self._observed = self._observed_padding = None
+            self._step = self._observed = self._observed_padding = self._observed_source = None
         return out
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -302,22 +332,28 @@ class NeuralCache(Cache):
         attention_mask: torch.Tensor | None,
         layer_idx: int,
         mask_interface: Callable,
+        mask_function: Callable | None = None,
     ):
         """The attention mask for the layers that share `layer_idx`'s policy, in `mask_interface`'s format.
 
         Returns `None` when every returned key is visible to the (single) query, so SDPA can skip the mask (not
         under torch.compile, where that test would be data-dependent).
+
+        Args:
+            mask_function (`Callable`, *optional*):
+                The model's own mask function, given when it overlays the causal mask (for example bidirectional
+                image blocks in Gemma 3); see [`Layout.overlay`].
         """
         q_length = inputs_embeds.shape[1]
         self.observe_forward(attention_mask, q_length)
         layer = self.layers[layer_idx]
         step = self.step(self._seen_for(q_length, layer_idx), q_length)
         layout = layer.layout(step, inputs_embeds.shape[0], inputs_embeds.device)
-        visible = layout.visible
+        visible = layout.visible if mask_function is None else layout.overlay(mask_function)
         if mask_interface is sdpa_mask:  # boolean format: hand over the mask itself, or nothing when SDPA can skip it
-            if q_length == 1 and not compiling() and bool(visible.all()):
+            if mask_function is None and q_length == 1 and not compiling() and bool(visible.all()):
                 return None
-            if 1 < q_length <= layer.window and step.seen == 0 and step.padding is None:
+            if mask_function is None and 1 < q_length <= layer.window and step.seen == 0 and step.padding is None:
                 return None  # a plain causal prefill: SDPA's is_causal, no [q, q] mask
             return _tagged(visible.unsqueeze(1))
         return _tagged(

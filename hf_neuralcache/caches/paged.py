@@ -63,6 +63,34 @@ class PagedLayer(CacheLayerMixin):
     def policy(self) -> tuple[str, int]:
         return "paged", self.window
 
+    # ---- a read-only contiguous view, for code that reads `layer.keys` / `layer.values` -----------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Every held key, gathered from the pages into a new contiguous `[B, Hkv, seen, D]` tensor (as
+        `DynamicLayer.keys`); `None` before the first `update`. A copy: writing into it does not change the cache."""
+        return self._gathered(self.k_pages)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Every held value as a new contiguous `[B, Hkv, seen, Dv]` tensor; see [`keys`]."""
+        return self._gathered(self.v_pages)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _refuse_write(value)
+
+    @values.setter
+    def values(self, value) -> None:
+        _refuse_write(value)
+
+    def _gathered(self, pool: torch.Tensor | None) -> torch.Tensor | None:
+        if pool is None:
+            return None
+        table = self.pages.table
+        if table.shape[1] == 0:  # nothing written yet
+            return pool.new_zeros(table.shape[0], pool.shape[1], 0, pool.shape[-1])
+        return gather_pages(pool, table.to(pool.device), self.seen)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, dim = key_states.shape
         size = self.pages.page_size
@@ -143,7 +171,7 @@ class PagedLayer(CacheLayerMixin):
         if step.seen == 0:
             return self._prompt_attention(query, key, value, state, scaling, softcap)
         on = plan.on(query.device)
-        if plan.kv_start is None:  # padding after real tokens: the exact mask on gathered keys
+        if plan.kv_start is None or state.layout.overlaid:  # padding after real tokens, a model's overlay: exact mask
             keys, values = (
                 gather_pages(self.k_pages, on["table"], self.seen),
                 gather_pages(self.v_pages, on["table"], self.seen),
@@ -165,7 +193,7 @@ class PagedLayer(CacheLayerMixin):
     def _prompt_attention(self, query, key, value, state, scaling, softcap):
         if softcap is not None:
             return window_attention(query, key, value, state.layout.visible.to(query.device), scaling, softcap)
-        if state.step.padding is None and self.sliding_window is None:
+        if state.step.padding is None and self.sliding_window is None and not state.layout.overlaid:
             causal = query.shape[2] > 1
             return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling, enable_gqa=True)
         visible = state.layout.visible.to(query.device)  # [B, q, K]
@@ -195,6 +223,14 @@ class PagedLayer(CacheLayerMixin):
 
     def __repr__(self):
         return f"PagedLayer(page_size={self.pages.page_size}, seen={self.seen}, pages={self.pages.capacity})"
+
+
+def _refuse_write(value) -> None:
+    if value is not None:  # CacheLayerMixin.__init__ sets None
+        raise AttributeError(
+            "PagedLayer.keys / .values are read-only views gathered from the page pools; write through "
+            "`update()` (or edit `k_pages` / `v_pages` at the slots of `cache.pages.table`)."
+        )
 
 
 def _max_pages_ok(value) -> bool:
@@ -248,17 +284,18 @@ class PagedKVCache(NeuralCache):
         layers = [PagedLayer(self.pages, window) for _, window in decoder_layer_types(config, self.cache_name)]
         super().__init__(layers)
 
-    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface):
+    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function=None):
         """No mask for the `"neuralcache"` attention (the kernels mask by position); else the exact mask."""
         from ..registry import ATTENTION_NAME
 
-        # in place only without autograd: a training forward with dropout would send the new keys alone to SDPA
+        # in place only without autograd: a training forward with dropout would send the new keys alone to SDPA;
+        # and not with a model's mask overlay (image blocks), which needs the exact mask
         in_place = getattr(config, "_attn_implementation", None) == ATTENTION_NAME and not torch.is_grad_enabled()
-        self.pages.in_place = in_place
+        self.pages.in_place = in_place and mask_function is None
         if self.pages.in_place:
             self.observe_forward(attention_mask, inputs_embeds.shape[1])
             return None
-        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface)
+        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface, mask_function)
 
     # ---- batch operations and rollback: page-table updates ----------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor):

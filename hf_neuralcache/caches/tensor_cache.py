@@ -6,9 +6,11 @@ Per layer and KV head the cache holds
 
 The window is a [`SinkWindowLayer`] (composed, not inherited). Every key/value pair that leaves the ring (sinks and
 padding excepted) is written into the memory, whose size does not depend on the sequence length. The memory
-changes the attention output, which transformers computes in its attention function, so it needs
-`attn_implementation="neuralcache"`: `update` returns the window's keys tagged with this layer, and the attention
-function calls [`TensorCacheLayer.attention`], which reads the memory and merges it with the window.
+changes the attention output, which transformers computes in its attention function: `update` returns the
+window's keys tagged with this layer, and whatever attention implementation the model was loaded with
+(`"sdpa"`, `"eager"`, `"flex_attention"` or `"neuralcache"`), `hf_neuralcache.registry` routes the call for those keys
+to [`TensorCacheLayer.attention`], which reads the memory and merges it with the window. `"neuralcache"` adds the
+fused Triton kernels on CUDA.
 
 Two modes (`cache_config["mode"]`):
 
@@ -70,6 +72,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
     is_compileable = True
     is_croppable = True
     is_sliding = False
+    owns_attention = True  # the memory changes the attention output: attention calls [`attention`], always
 
     def __init__(
         self,
@@ -224,7 +227,9 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
     ) -> torch.Tensor:
         """Window softmax merged with the memory, for the keys `update` just returned. Returns `[B, Hq, q, Dv]`.
 
-        Called once per forward by the `"neuralcache"` attention function.
+        Called once per forward by the attention function (any implementation: `hf_neuralcache.registry` routes the
+        call here). A mask overlay (only ever on a forward of several tokens, never a fused decode step) takes the
+        dense-mask path.
         """
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
@@ -239,7 +244,8 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
         shift = 0 if self.mode == "training_free" else -1
         prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
-        kernel = use_triton(query)  # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask
+        # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask; a model's mask overlay needs `visible`
+        kernel = use_triton(query) and not layout.overlaid
         window = (query, key, value, layout.slots, layout.valid, layout.sink, layout.q_slots, layout.window, scaling)
         pairs = (before, ev_k, ev_v, weights)
         if kernel and self.mode == "training_free" and self.memory != "gaussian":
@@ -382,9 +388,10 @@ class TensorCache(NeuralCache):
     """Tensor Cache: per layer and KV head an exact window of the last `window` tokens (plus sinks) and a fixed-size
     memory fed only by the pairs that leave it. Memory is constant in the sequence length.
 
-    Needs `attn_implementation="neuralcache"` (the memory changes the attention output, which only our attention
-    function computes); any other implementation raises a `ValueError`. With `window` at least the sequence length
-    the memory stays empty and the cache is exact (the same outputs as `DynamicCache`).
+    Works with any attention implementation the model was loaded with: the attention of this cache's keys is
+    routed to the layer, which merges the window with the memory (`attn_implementation="neuralcache"` adds the fused
+    Triton kernels on CUDA). With `window` at least the sequence length the memory stays empty and the cache is exact
+    (the same outputs as `DynamicCache`).
 
     Args:
         config (`PreTrainedConfig`): The model's config.
@@ -409,7 +416,7 @@ class TensorCache(NeuralCache):
     >>> import hf_neuralcache
     >>> from hf_neuralcache import CACHE_KWARG  # "cache" (transformers >= 5.24) or "past_key_values"
     >>> from hf_neuralcache.models import tiny_model
-    >>> model = tiny_model("llama", attn_implementation="neuralcache")
+    >>> model = tiny_model("llama")
     >>> cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=8, sink_tokens=2)
     >>> out = model(torch.arange(3, 43).unsqueeze(0), **{CACHE_KWARG: cache})
     >>> cache.get_seq_length(), cache.layers[0].ring.capacity, int(cache.layers[0].state.count[0, 0])
@@ -508,17 +515,6 @@ class TensorCache(NeuralCache):
             layer.is_sliding = sliding
             layers.append(layer)
         super().__init__(layers)
-
-    def attention_mask(self, config, inputs_embeds, attention_mask, layer_idx, mask_interface):
-        impl = getattr(config, "_attn_implementation", None)
-        if impl != "neuralcache":
-            raise ValueError(
-                f"cache_implementation='tensor_cache' computes its memory's share of the attention in the "
-                f"'neuralcache' attention function; got attn_implementation={impl!r}, which would silently drop the "
-                "memory. Load the model with attn_implementation='neuralcache' "
-                "(or call model.set_attn_implementation('neuralcache'))."
-            )
-        return super().attention_mask(config, inputs_embeds, attention_mask, layer_idx, mask_interface)
 
     def memory_bytes_per_layer(self) -> list[int]:
         """Bytes each layer holds now (window, memory and journals)."""
