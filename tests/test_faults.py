@@ -454,3 +454,13 @@ def test_random_damage_never_fails_or_changes_a_request(model, populated, data):
                 log.write(json.dumps({"kind": kind, "damages": damages, "same": same, "hits": stats["hits"],
                                       "integrity_errors": stats["integrity_errors"]}) + "\n")  # fmt: skip
         assert same
+
+
+def test_transformers_output_capturing_hooks_do_not_bypass_the_caches(model, tmp_path):
+    m = _edited(model)
+    m(input_ids=ids(), output_hidden_states=True)  # transformers leaves its (observe-only) capturing hooks behind
+    assert any(module._forward_hooks for module in m.modules())
+    cache = open_cache("inference", tmp_path / "i")
+    call(m, "inference", cache)
+    assert torch.equal(call(m, "inference", cache), reference(m, "inference"))
+    assert cache.stats()["hits"] == 1 and cache.stats()["skipped"] == 0

@@ -89,12 +89,22 @@ def _sample(tensors: list) -> bytes:
     return b"".join(torch.cat(parts).cpu().numpy().tobytes() for parts in per_device.values())
 
 
+_OBSERVERS = ("transformers.utils.output_capturing",)  # transformers' own hooks that only record outputs
+
+
+def _changing_hooks(module: torch.nn.Module) -> bool:
+    """Whether `module` has forward (pre-)hooks other than transformers' output-capturing ones, which record
+    hidden states and attentions for `output_hidden_states=True` and never change an output."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return any(getattr(hook, "__module__", None) not in _OBSERVERS for hook in hooks)
+
+
 def _walk(model: torch.nn.Module) -> tuple[list, str | None]:
     """One walk of the module tree: every parameter and buffer (parameters first, in `named_parameters` order) and
     the first module with forward hooks or forward pre-hooks (or `None`)."""
     params, buffers, hooked = [], [], None
     for name, module in model.named_modules(remove_duplicate=False):
-        if hooked is None and (module._forward_hooks or module._forward_pre_hooks):
+        if hooked is None and _changing_hooks(module):
             hooked = name or type(model).__name__
         params.extend(t for t in module._parameters.values() if t is not None)
         buffers.extend(t for t in module._buffers.values() if t is not None)
