@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn-implementation",
         default=None,
         choices=("sdpa", "eager", "neuralcache"),
-        help="Attention implementation of the model (default: neuralcache for tensor_cache, which needs it; "
-        "else sdpa).",
+        help="Attention implementation of the model; every cache works with each, neuralcache adds the Triton "
+        "kernels (default: sdpa).",
     )
     demo.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda:0 (default: %(default)s).")
     demo.add_argument("--dtype", default="float32", choices=DTYPES, help="Dtype of the weights (default: %(default)s).")
@@ -192,7 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     window_options = _window_options(args)  # before loading the model: a wrong option fails at once
-    attn = args.attn_implementation or ("neuralcache" if args.cache == "tensor_cache" else "sdpa")
+    attn = args.attn_implementation or "sdpa"  # every cache works with it; "neuralcache" adds the Triton kernels
 
     from .models import embedded_model_folder, load_embedded_model
     from .registry import CACHE_KWARG

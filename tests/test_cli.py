@@ -92,7 +92,7 @@ def test_window_options_that_cannot_apply_are_one_line_errors(capsys, monkeypatc
 
 
 def test_window_options_reach_tensor_cache(monkeypatch, capsys):
-    """`--window` and `--sink-tokens` configure tensor_cache too, which gets the attention it needs by default."""
+    """`--window` and `--sink-tokens` configure tensor_cache too, on the default attention (sdpa)."""
     import hf_neuralcache.cli as cli
 
     seen = {}
@@ -106,7 +106,7 @@ def test_window_options_reach_tensor_cache(monkeypatch, capsys):
     args = build_parser().parse_args(["demo", "--cache", "tensor_cache", "--window", "32", "--sink-tokens", "2"])
     assert cli._window_options(args) == {"window": 32, "sink_tokens": 2}
     assert main(["demo", "--cache", "tensor_cache", "--window", "32", "--sink-tokens", "2"]) == 2
-    assert seen["attn"] == "neuralcache"
+    assert seen["attn"] == "sdpa"
     assert "stop after the options" in capsys.readouterr().err
     paged = build_parser().parse_args(["demo", "--cache", "paged_kv"])
     assert cli._window_options(paged) == {}  # the defaults are not an error for caches without a window
@@ -170,6 +170,8 @@ def test_demo_on_embedded_model(embedded_model_dir, capsys, argv):
     answer = out.split("Answer:\n", 1)[1].split("\n\n", 1)[0]
     assert answer.strip(), out
     cache = "sliding_window_kv (window=16, sink_tokens=4)" if "--window" in argv else argv[1]
+    if cache == "tensor_cache":  # its window options are printed too
+        cache = "tensor_cache (window=256, sink_tokens=4)"
     assert f"cache: {cache}, memory " in out
     assert "bytes) after " in out
     assert "generated 8 tokens in " in out and " tokens/s" in out
