@@ -27,6 +27,7 @@ from .hooks.generate import hooks_for_call, on_cache_prepared
 from .hooks.generate import run as run_hooks
 
 __all__ = [
+    "register_attention",
     "CACHE_KWARG",
     "SUPPORTED_TRANSFORMERS",
     "IncompatibleTransformersError",
@@ -255,6 +256,13 @@ def _wrap_prepare_cache(original):
                 f"got {type(cache_config).__name__}: {cache_config!r}."
             )
         cache = create_cache(name, self.config, **cache_config)
+        if getattr(cache, "params", None) is not None and self.config._attn_implementation == "sdpa":
+            # a learned memory saved with the model (generation_config) must work with no other argument; the
+            # "neuralcache" attention is SDPA for every call without a cache of ours, so the switch is safe
+            logger.info("tensor_cache learned memory: switching attn_implementation 'sdpa' -> %r", ATTENTION_NAME)
+            self.set_attn_implementation(ATTENTION_NAME)
+        if hasattr(cache, "check_model"):  # a fitted memory (tensor_cache "learned") is for one model's weights
+            cache.check_model(self)
         if generation_config.is_assistant:  # its candidates get rolled back with `crop`
             cache.activate_past_recording()
         model_kwargs[CACHE_KWARG] = cache
@@ -304,6 +312,13 @@ def _wrap_preprocess_mask(original, mask_functions):
 
     _preprocess_mask_arguments.__neuralcache_original__ = original
     return _preprocess_mask_arguments
+
+
+def register_attention(name: str, function) -> None:
+    """Register an attention function under `name` with transformers (SDPA's mask), e.g. for recording q/k/v."""
+    *_, (attn, attn_mask, sdpa_mask) = _internals()
+    attn.register(name, function)
+    attn_mask.register(name, sdpa_mask)
 
 
 def register() -> None:
