@@ -7,7 +7,8 @@
 
 Fit the learned memory on Pride and Prejudice only (never on the evaluation text):
 
-    hf-neuralcache tensor-cache fit --text ../shared/data/pride_and_prejudice.txt --out benchmarks/out/smollm2_learned_w256
+    hf-neuralcache tensor-cache fit --text ../shared/data/pride_and_prejudice.txt \
+        --out benchmarks/out/smollm2_learned_w256
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
 token-by-token decoding for these caches, so this is what decoding would compute) and averages the NLL of the
