@@ -2,6 +2,13 @@
 
     python benchmarks/tensor_cache_quality.py                       # 4,096 tokens of Sherlock Holmes, the 6 rows
     python benchmarks/tensor_cache_quality.py --tokens 2048 --all   # quicker, plus every training-free variant
+    python benchmarks/tensor_cache_quality.py --chunk 64 --learned benchmarks/out/smollm2_learned_w256 \
+        --only "full,4 sinks,training_free,learned"                  # the learned memory (fit it first, below)
+
+Fit the learned memory on Pride and Prejudice only (never on the evaluation text):
+
+    hf-neuralcache tensor-cache fit --text ../shared/data/pride_and_prejudice.txt \
+        --out benchmarks/out/smollm2_learned_w256
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
 token-by-token decoding for these caches, so this is what decoding would compute) and averages the NLL of the
@@ -86,12 +93,17 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
     parser.add_argument("--all", action="store_true", help="also every training-free variant (memory x decay)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
+    parser.add_argument("--learned", default="", help="comma-separated TensorCacheParams folders: learned rows")
     parser.add_argument("--plot", default="benchmarks/out/tensor_cache_quality.png", help="PNG path ('' for none)")
     args = parser.parse_args(argv)
 
     model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
     ids = text_ids(tokenizer, args.text, args.tokens)
     rows = ROWS + (VARIANTS if args.all else [])
+    for folder in filter(None, args.learned.split(",")):
+        params = hf_neuralcache.TensorCacheParams.from_pretrained(folder)
+        config = {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
+        rows.append((f"tensor_cache W{params.window} learned", "tensor_cache", config))
     if args.only:
         rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
     print(

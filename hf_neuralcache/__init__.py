@@ -9,6 +9,8 @@ as `model(ids, **{CACHE_KWARG: cache})` and read it from a `generate` output as 
 """
 
 from .caches import NeuralCache, PageBudgetExceededError, PagedKVCache, SlidingWindowKVCache, TensorCache
+from .caches.tensor_cache_fit import fit_tensor_cache
+from .caches.tensor_cache_params import TensorCacheParams
 from .hooks import InferenceCache, PrefixCache, attach, detach
 from .registry import CACHE_KWARG, IncompatibleTransformersError, available_caches, create_cache, register
 from .semantic.cache import SemanticCache
@@ -26,11 +28,13 @@ __all__ = [
     "SemanticCache",
     "SlidingWindowKVCache",
     "TensorCache",
+    "TensorCacheParams",
     "__version__",
     "attach",
     "available_caches",
     "create_cache",
     "detach",
+    "fit_tensor_cache",
 ]
 
 register()

@@ -6,6 +6,8 @@ Subcommands:
   cache's memory, the speed and the model load time.
 - `cache stats|ls|prune|clear DIR`: inspect and maintain a folder of a `PrefixCache`, `InferenceCache` or
   `SemanticCache`.
+- `tensor-cache fit --model DIR --text FILE... --out DIR`: fit `tensor_cache`'s learned memory on a frozen model
+  (`--into-model` also stores it in the model folder, with a generation config that uses it).
 
 Example (`main(argv)` runs what `parse_args` parses):
 
@@ -125,7 +127,64 @@ def build_parser() -> argparse.ArgumentParser:
                 "--max-bytes", type=_int_at_least(0), help="New disk bound in bytes; evicts by the folder's policy."
             )
         action.set_defaults(run=run_cache)
+
+    tensor = commands.add_parser("tensor-cache", help="Fit tensor_cache's learned memory.")
+    tensor_actions = tensor.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fit = tensor_actions.add_parser(
+        "fit",
+        help="Fit the learned memory on a frozen model and save it.",
+        description="Fit tensor_cache's learned memory (mode='learned') on a frozen model, layer by layer, from "
+        "plain-text files, and save it with TensorCacheParams.save_pretrained.",
+    )
+    fit.add_argument("--model", default=None, help="Model folder (default: the embedded SmolLM2-135M-Instruct).")
+    fit.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to fit on.")
+    fit.add_argument("--out", default=None, help="Folder to save the parameters in.")
+    fit.add_argument(
+        "--into-model",
+        action="store_true",
+        help="Also save them as MODEL/tensor_cache and set MODEL's generation_config to use them.",
+    )
+    fit.add_argument("--window", type=_int_at_least(1), default=256, help="Window (default: %(default)s).")
+    fit.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
+    fit.add_argument("--features", type=_int_at_least(1), default=32, help="F, 2F features (default: %(default)s).")
+    fit.add_argument("--steps", type=_int_at_least(1), default=200, help="Steps per layer (default: %(default)s).")
+    fit.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
+    fit.add_argument("--seed", type=int, default=0, help="Seed (default: %(default)s).")
+    fit.set_defaults(run=run_tensor_cache_fit)
     return parser
+
+
+def run_tensor_cache_fit(args) -> int:
+    """`hf-neuralcache tensor-cache fit`: fit, save, and print where and how long."""
+    from .caches.tensor_cache_fit import fit_tensor_cache, save_with_model
+
+    if args.out is None and not args.into_model:
+        raise ValueError("expected --out DIR and/or --into-model (with --model DIR), got neither.")
+    if args.into_model and args.model is None:
+        raise ValueError("--into-model writes into the model folder: give it with --model DIR.")
+    if args.model is None:
+        from .models import load_embedded_model
+
+        model, tokenizer = load_embedded_model()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts = [Path(path).read_text(encoding="utf-8-sig") for path in args.text]
+    start = time.perf_counter()
+    params = fit_tensor_cache(
+        model, tokenizer, texts, window=args.window, sink_tokens=args.sink_tokens, features=args.features,
+        steps=args.steps, max_segments=args.segments, seed=args.seed,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if args.out is not None:
+        params.save_pretrained(args.out)
+        print(f"saved {args.out}")
+    if args.into_model:
+        print(f"saved {save_with_model(args.model, params)} and {args.model}/generation_config.json")
+    print(f"fitted {len(params.layer_indices)} layers in {seconds:.0f} s")
+    return 0
 
 
 def cache_memory_bytes(cache) -> int:
@@ -251,11 +310,15 @@ def run_cache(args: argparse.Namespace) -> int:
 
     folder = Path(args.directory).expanduser()
     if not folder.exists():
-        raise ValueError(f"{args.directory} does not exist: expected the folder of a PrefixCache, InferenceCache or "
-                         "SemanticCache (the directory you passed to it)")
+        raise ValueError(
+            f"{args.directory} does not exist: expected the folder of a PrefixCache, InferenceCache or "
+            "SemanticCache (the directory you passed to it)"
+        )
     if not folder.is_dir():
-        raise ValueError(f"{args.directory} is a file, not a folder: expected the folder of a PrefixCache, "
-                         "InferenceCache or SemanticCache")
+        raise ValueError(
+            f"{args.directory} is a file, not a folder: expected the folder of a PrefixCache, "
+            "InferenceCache or SemanticCache"
+        )
     store = TieredStore.open_existing(args.directory)
     try:
         if store.disabled:

@@ -38,6 +38,7 @@ from .registry_masks import MASK_IMPLEMENTATIONS, wrap_mask_function, wrap_prepr
 from .saved_settings import for_saving, saved_settings
 
 __all__ = [
+    "register_attention",
     "CACHE_KWARG",
     "SUPPORTED_TRANSFORMERS",
     "IncompatibleTransformersError",
@@ -281,6 +282,8 @@ def _wrap_prepare_cache(original):
                 f"got {type(cache_config).__name__}: {cache_config!r}."
             )
         cache = create_cache(name, self.config, **cache_config)
+        if hasattr(cache, "check_model"):  # a fitted memory (tensor_cache "learned") is for one model's weights
+            cache.check_model(self)
         if generation_config.is_assistant:  # its candidates get rolled back with `crop`
             cache.activate_past_recording()
         model_kwargs[CACHE_KWARG] = cache
@@ -341,6 +344,13 @@ def _wrap_once(owner, attr: str, wrap, *args) -> None:
     current = getattr(owner, attr)
     if not hasattr(current, "__neuralcache_original__"):
         setattr(owner, attr, wrap(current, *args))
+
+
+def register_attention(name: str, function) -> None:
+    """Register an attention function under `name` with transformers (SDPA's mask), e.g. for recording q/k/v."""
+    *_, (attn, attn_mask, sdpa_mask) = _internals()
+    attn.register(name, function)
+    attn_mask.register(name, sdpa_mask)
 
 
 def register() -> None:

@@ -13,6 +13,8 @@ MODULES = [
     "hf_neuralcache.caches.base",
     "hf_neuralcache.caches.sliding_window",
     "hf_neuralcache.caches.tensor_cache",
+    "hf_neuralcache.caches.tensor_cache_params",
+    "hf_neuralcache.caches.tensor_cache_fit",
     "hf_neuralcache.caches.paged",
     "hf_neuralcache.attention",
     "hf_neuralcache.models",

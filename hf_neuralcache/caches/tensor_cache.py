@@ -12,12 +12,16 @@ window's keys tagged with this layer, and whatever attention implementation the 
 to [`TensorCacheLayer.attention`], which reads the memory and merges it with the window. `"neuralcache"` adds the
 fused Triton kernels on CUDA.
 
-Two modes (`cache_config["mode"]`):
+Three modes (`cache_config["mode"]`):
 
 * `"training_free"` (default), for pretrained models that never saw a memory: the memory keeps decayed moments of
   the evicted pairs and returns an estimate of their softmax terms (a value and a log-denominator), merged with the
   window through one log-sum-exp. Query `t` sees the window `(t - window, t]`, the sinks and, in the memory,
   every other earlier token: with an exact memory this would be full attention.
+* `"learned"`, a memory fitted on the frozen model (`fit_tensor_cache`, [`TensorCacheParams`]): per KV head a
+  linear-attention state `sum_i lam^(t-i) eta phi(k_i) v_i^T` and normaliser `sum_i lam^(t-i) eta phi(k_i)` with a
+  learned feature map `phi`, merged with the window's softmax in one normaliser; the same visibility as
+  `"training_free"`.
 * `"paper"`, the published equations for models trained with them: fast weights `A` written
   `A <- lam A + eta k_hat^T u` (outer or delta rule) *after* the query has read `r = q A`, fused as
   `attn + sigmoid(g) * tc_proj(r)` per head before `o_proj` (see `docs/tensor_cache.md` for this one deviation).
@@ -38,6 +42,9 @@ from transformers.cache_utils import CacheLayerMixin
 from ..kernels.fast_weight import (
     fast_weight_read,
     fast_weight_write,
+    learned_read,
+    learned_state,
+    learned_write,
     merge_softmax,
     moment_read,
     moment_state,
@@ -46,10 +53,12 @@ from ..kernels.fast_weight import (
 )
 from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, check_sinks_fit, compiling
 from .sliding_window import SinkWindowLayer
+from .tensor_cache_params import TensorCacheParams
 
 __all__ = ["TensorCache", "TensorCacheLayer"]
 
 MEMORIES = ("mean", "moment", "gaussian")
+MODES = ("training_free", "learned", "paper")
 
 
 class TensorCacheLayer(BatchOps, CacheLayerMixin):
@@ -58,7 +67,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
     Args:
         window (`int`): Most recent positions a query sees exactly, its own included.
         sink_tokens (`int`): First real tokens of each sequence that stay visible (never written to the memory).
-        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"` or `"paper"`.
+        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"`, `"learned"` or `"paper"`.
         memory (`str`, *optional*, defaults to `"moment"`): Training-free estimator, one of `"mean"`, `"moment"`,
             `"gaussian"` (see `kernels/fast_weight/naive.py`).
         rule (`str`, *optional*, defaults to `"delta"`): Paper write rule, `"delta"` or `"outer"`.
@@ -67,6 +76,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         gate (`float`, *optional*, defaults to -2.0): Paper gate logit `g`.
         tc_proj (`torch.Tensor` of shape `[Hq * Dv, Hq * Dv]`, *optional*): Paper read projection; identity if `None`.
         max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
+        learned (`LearnedMemory`, *optional*): The fitted parameters of the `"learned"` mode.
     """
 
     is_compileable = True
@@ -86,8 +96,10 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         gate: float = -2.0,
         tc_proj: torch.Tensor | None = None,
         max_rollback: int = 256,
+        learned=None,
     ):
         super().__init__()
+        self.learned = learned
         self.ring = SinkWindowLayer(window, sink_tokens, max_rollback=max_rollback)
         self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
         self.mode, self.memory, self.rule = mode, memory, rule
@@ -120,6 +132,10 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         self.log_decay = torch.log(self.decay_t)
         if self.mode == "paper":
             self.state = torch.zeros(batch, heads, head_dim, value_dim, dtype=torch.float32, device=device)
+        elif self.mode == "learned":
+            self.learned = type(self.learned)(*(t.to(device) for t in self.learned))
+            features = self.learned.k_weight.shape[-1] * 2
+            self.state = learned_state(batch, heads, features, value_dim, device)
         else:
             self.state = moment_state(batch, heads, head_dim, value_dim, self.memory, device)
         self._mark_static()
@@ -144,6 +160,8 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
     def _write(self, state, keys, values, weights):
         if self.mode == "paper":
             return fast_weight_write(state, keys, values, weights, self.decay_t, self.write_rate_t, self.rule)
+        if self.mode == "learned":
+            return learned_write(state, keys, values, weights, self.learned)
         return moment_write(state, keys, values, weights, self.log_decay)
 
     def _evicted(self, start: int, stop: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -242,7 +260,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         layout = state.layout
         q_pos = state.step.q_slots.to(query.device)
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
-        shift = 0 if self.mode == "training_free" else -1
+        shift = -1 if self.mode == "paper" else 0
         prefix = (q_pos - self.window + 1 - first + shift).clamp(0, ev_k.shape[-2])
         # CUDA (or TRITON_INTERPRET=1): kernels over the layout, no dense mask; a model's mask overlay needs `visible`
         kernel = use_triton(query) and not layout.overlaid
@@ -255,6 +273,14 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
                 out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
             else:
                 out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
+            return out.to(query.dtype)
+        if self.mode == "learned":  # window softmax merged with the memory, its mass in units of the window's
+            if kernel:
+                out, lse = attend(*window, softcap, return_lse=True)
+            else:
+                out, lse = window_attention_lse(query, key, value, layout.visible.to(query.device), scaling, softcap)
+            mem, log_mass = learned_read(before, query, ev_k, ev_v, weights, prefix, self.learned)
+            out, _ = merge_softmax(out, lse, mem, lse + log_mass)
             return out.to(query.dtype)
         if kernel and self.mode == "paper" and query.shape[2] == 1:  # decode reads A before this step's pair
             rates = (self.decay_t, self.write_rate_t, self.rule)
@@ -397,8 +423,9 @@ class TensorCache(NeuralCache):
         config (`PreTrainedConfig`): The model's config.
         window (`int`, *optional*, defaults to 256): Most recent positions each query attends to exactly.
         sink_tokens (`int`, *optional*, defaults to 4): First tokens of each sequence that stay visible.
-        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"` (pretrained models) or `"paper"`
-            (the published equations, for models trained with them).
+        mode (`str`, *optional*, defaults to `"training_free"`): `"training_free"` (pretrained models), `"learned"`
+            (a memory fitted on the frozen model, see `params`) or `"paper"` (the published equations, for models
+            trained with them).
         memory (`str`, *optional*): Training-free estimator: `"moment"` (default), `"mean"` or `"gaussian"`.
         rule (`str`, *optional*): Paper write rule: `"delta"` (default) or `"outer"`.
         decay (`float`, *optional*): Decay `lam` in (0, 1] per written pair; defaults to 1.0 (training_free) or 0.995
@@ -408,6 +435,9 @@ class TensorCache(NeuralCache):
         paper_params (`str`, *optional*): Path of a safetensors file with, per layer `i`, `layers.{i}.decay_logit` and
             `layers.{i}.write_logit` (`[Hkv]`), `layers.{i}.gate` (scalar) and optionally `layers.{i}.tc_proj.weight`.
         max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
+        params (`str` or `TensorCacheParams`, *optional*): `"learned"` mode only (and required there): the fitted
+            memory, or the folder [`TensorCacheParams.save_pretrained`] wrote; a relative path is looked up in the
+            model's folder first (`config._name_or_path`). Refused if fitted for another model, window or sinks.
 
     Example:
 
@@ -428,9 +458,7 @@ class TensorCache(NeuralCache):
     options = {
         "window": Option(int, 256, lambda v: v >= 1, "an int >= 1", "Most recent positions each query sees exactly."),
         "sink_tokens": Option(int, 4, lambda v: v >= 0, "an int >= 0", "First tokens that stay visible."),
-        "mode": Option(
-            str, "training_free", lambda v: v in ("training_free", "paper"), "'training_free' or 'paper'", "Memory."
-        ),
+        "mode": Option(str, "training_free", lambda v: v in MODES, f"one of {MODES}", "Memory."),
         "memory": Option(
             (str, type(None)), None, lambda v: v is None or v in MEMORIES, f"None or one of {MEMORIES}", "Estimator."
         ),
@@ -446,6 +474,9 @@ class TensorCache(NeuralCache):
         ),
         "paper_params": Option((str, type(None)), None, lambda v: True, "None or a safetensors path", "Paper params."),
         "max_rollback": Option(int, 256, lambda v: v >= 0, "an int >= 0", "Tokens a crop can remove (recording)."),
+        "params": Option(
+            (str, TensorCacheParams, type(None)), None, lambda v: True, "None, a folder or TensorCacheParams", "Fitted."
+        ),
     }
 
     def __init__(
@@ -461,6 +492,7 @@ class TensorCache(NeuralCache):
         gate: float | None = None,
         paper_params: str | None = None,
         max_rollback: int = 256,
+        params: str | TensorCacheParams | None = None,
     ):
         from ..registry import decoder_layer_types
 
@@ -475,6 +507,7 @@ class TensorCache(NeuralCache):
             gate=gate,
             paper_params=paper_params,
             max_rollback=max_rollback,
+            params=params,
         )
         check_options(self.cache_name, self.options, given)
         check_sinks_fit(self.cache_name, window, sink_tokens)
@@ -484,6 +517,20 @@ class TensorCache(NeuralCache):
                 f"cache_config {paper_only} of cache_implementation='tensor_cache' apply to mode='paper' only; "
                 "got mode='training_free'. Remove them or set mode='paper'."
             )
+        not_learned = [
+            k for k in ("memory", "decay", "rule", "write_rate", "gate", "paper_params") if given[k] is not None
+        ]
+        if mode == "learned" and not_learned:
+            raise ValueError(
+                f"cache_config {not_learned} of cache_implementation='tensor_cache' do not apply to mode='learned' "
+                "(its decay and write rate are fitted, in `params`). Remove them."
+            )
+        if (mode == "learned") != (params is not None):
+            raise ValueError(
+                "cache_config['params'] of cache_implementation='tensor_cache' is required with mode='learned' and "
+                f"allowed with it only; got mode={mode!r}, params={params!r}. Fit one with "
+                "hf_neuralcache.fit_tensor_cache and pass the folder it was saved to."
+            )
         if mode == "paper" and memory is not None:
             raise ValueError(
                 "cache_config['memory'] of cache_implementation='tensor_cache' applies to mode='training_free' only; "
@@ -491,7 +538,10 @@ class TensorCache(NeuralCache):
             )
         self.window, self.sink_tokens, self.mode = window, sink_tokens, mode
         layer_types = decoder_layer_types(config, self.cache_name)
-        params = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
+        paper = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
+        self.params = _load_learned_params(params, config) if mode == "learned" else None
+        if self.params is not None:
+            self.params.check(config=config, window=window, sink_tokens=sink_tokens)
         default_decay = decay if decay is not None else (1.0 if mode == "training_free" else 0.995)
         layers = []
         for i, (layer_type, native_window) in enumerate(layer_types):
@@ -499,7 +549,11 @@ class TensorCache(NeuralCache):
             if sliding and native_window <= window:  # the model's own sliding layers see no farther: no memory
                 layers.append(SinkWindowLayer(native_window, 0, is_sliding=True, max_rollback=max_rollback))
                 continue
-            layer_params = params.get(i, {})
+            if self.params is not None and i not in self.params.layer_indices:
+                raise ValueError(
+                    f"{self.params.fit.get('source', 'tensor_cache params')} have no memory for layer {i}."
+                )
+            layer_params = paper.get(i, {})
             layer = TensorCacheLayer(
                 window,
                 sink_tokens,
@@ -511,14 +565,31 @@ class TensorCache(NeuralCache):
                 gate=layer_params.get("gate", gate if gate is not None else -2.0),
                 tc_proj=layer_params.get("tc_proj"),
                 max_rollback=max_rollback,
+                learned=self.params.layer(i) if self.params is not None else None,
             )
             layer.is_sliding = sliding
             layers.append(layer)
         super().__init__(layers)
 
+    def check_model(self, model) -> None:
+        """Refuse a `"learned"` memory fitted for another model (weights fingerprint); generate calls this."""
+        if self.params is not None:
+            self.params.check(model=model)
+
     def memory_bytes_per_layer(self) -> list[int]:
         """Bytes each layer holds now (window, memory and journals)."""
         return [layer.memory_bytes() for layer in self.layers]
+
+
+def _load_learned_params(params: str | TensorCacheParams, config) -> TensorCacheParams:
+    """`params` itself, or loaded from its folder (a relative path is tried in the model's folder first)."""
+    import os
+
+    if isinstance(params, TensorCacheParams):
+        return params
+    model_dir = getattr(config, "_name_or_path", "") or ""
+    candidate = os.path.join(model_dir, params) if model_dir and not os.path.isabs(params) else params
+    return TensorCacheParams.from_pretrained(candidate if os.path.isdir(candidate) else params)
 
 
 def _load_paper_params(path: str, n_layers: int) -> dict[int, dict]:

@@ -2,12 +2,15 @@
 
 from .calibration import DEFAULT_THRESHOLD, CalibrationResult, calibrate, load_pairs, plot_curves
 from .embedders import Embedder, HiddenStateEmbedder, MiniLMEmbedder, minilm_folder
+from .equivalence import DEFAULT_EQUIVALENCE_THRESHOLD, EquivalenceCheck
 from .guard import STRICTNESS, GuardVerdict, LookAlikeGuard, normalize_query
 
 __all__ = [
     "CalibrationResult",
+    "DEFAULT_EQUIVALENCE_THRESHOLD",
     "DEFAULT_THRESHOLD",
     "Embedder",
+    "EquivalenceCheck",
     "GuardVerdict",
     "HiddenStateEmbedder",
     "LookAlikeGuard",

@@ -49,7 +49,9 @@ class SemanticCache(StoreBackedCache):
             `fingerprint`); defaults to [`MiniLMEmbedder`] (all-MiniLM-L6-v2, offline).
         threshold (`float`, *optional*): Least cosine similarity; defaults to the calibrated `DEFAULT_THRESHOLD`.
         guard (`str` or guard object, *optional*, defaults to `"strict"`): The look-alike check after the search:
-            a strictness (`"strict"`, `"balanced"`, `"off"`) or an object with `check(query, candidate)`.
+            a strictness (`"strict"`, `"balanced"`, `"vetoes"`, `"off"`), `"learned"` (an [`EquivalenceCheck`]
+            sharing this cache's MiniLM embedder; experimental, see the docs' figures) or an object with
+            `check(query, candidate)`.
         namespace (`str`, *optional*): Separates tenants completely.
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
@@ -131,7 +133,11 @@ class SemanticCache(StoreBackedCache):
             from .embedders import MiniLMEmbedder
 
             embedder = MiniLMEmbedder()
-        if isinstance(guard, str):
+        if guard == "learned":
+            from .equivalence import EquivalenceCheck
+
+            guard = EquivalenceCheck(embedder=embedder if hasattr(embedder, "encode_tokens") else None)
+        elif isinstance(guard, str):
             from .guard import LookAlikeGuard
 
             guard = LookAlikeGuard(guard)

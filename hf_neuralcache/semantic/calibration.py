@@ -148,6 +148,7 @@ def calibrate(
     guard=None,
     target_precision: float = 0.98,
     plot: str | os.PathLike | None = None,
+    sweep: str = "cosine",
 ) -> CalibrationResult:
     """Choose a cosine threshold for the semantic cache from labelled pairs.
 
@@ -167,6 +168,10 @@ def calibrate(
             Least precision of the chosen threshold, in (0, 1].
         plot (`str` or `os.PathLike`, *optional*):
             Where to save a PNG of the curves (see [`CalibrationResult.plot`]).
+        sweep (`str`, *optional*, defaults to `"cosine"`):
+            What the threshold applies to: the cosine (the guard accepts or refuses), or `"score"`: the guard's own
+            `score(a, b)` in [0, 1] (an [`EquivalenceCheck`]; its vetoes accept or refuse), which chooses the
+            check's `threshold`. The "cosine" curves are then those of the score without the vetoes.
 
     Returns:
         [`CalibrationResult`]
@@ -196,6 +201,8 @@ def calibrate(
     labels = np.array([bool(row[2]) for row in pairs], dtype=bool)  # [N]
     if not labels.any() or labels.all():
         raise ValueError(f"expected both labels among the pairs, got {int(labels.sum())} positives of {len(pairs)}")
+    if embedder is None and sweep == "score":
+        embedder = getattr(guard, "embedder", None)  # the check's own: its vectors are memoized
     if embedder is None:
         from .embedders import MiniLMEmbedder
 
@@ -212,7 +219,16 @@ def calibrate(
     second = vectors[[index[row[1]] for row in pairs]]
     # rounded to 6 decimals so that float32 rounding (0.99999994 for equal texts) does not decide a threshold
     scores = np.round(np.clip((first.astype(np.float64) * second).sum(axis=1), -1.0, 1.0), 6)  # [N]
-    accepted = np.array([bool(guard.check(row[0], row[1]).ok) for row in pairs], dtype=bool)  # [N]
+    if sweep == "score":
+        if not callable(getattr(guard, "score", None)):
+            raise ValueError(f"expected a guard with score(a, b) for sweep='score', got {guard!r}")
+        vetoes = getattr(guard, "vetoes", None)
+        scores = np.round([guard.score(row[0], row[1]) for row in pairs], 6)  # [N]
+        accepted = np.array([vetoes is None or bool(vetoes.check(row[0], row[1]).ok) for row in pairs], dtype=bool)
+    elif sweep == "cosine":
+        accepted = np.array([bool(guard.check(row[0], row[1]).ok) for row in pairs], dtype=bool)  # [N]
+    else:
+        raise ValueError(f"expected sweep 'cosine' or 'score', got {sweep!r}")
 
     thresholds = np.round(np.linspace(0.0, 1.0, 201), 3)  # [K]
     precisions, recalls = _curve(scores, accepted, labels, thresholds)

@@ -18,6 +18,7 @@ normalization, truncation), so an index built with one embedder is never searche
 from __future__ import annotations
 
 import importlib.util
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -113,6 +114,7 @@ class MiniLMEmbedder:
     """
 
     dim = 384
+    token_memo = 256  # texts whose token states `encode_tokens` can serve without a forward pass
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -123,6 +125,7 @@ class MiniLMEmbedder:
         self.batch_size, self.max_length = batch_size, max_length
         self._model = self._tokenizer = None
         self._fingerprint: str | None = None
+        self._tokens: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()  # last texts' token states
 
     @property
     def fingerprint(self) -> str:
@@ -162,7 +165,36 @@ class MiniLMEmbedder:
                 ).to(self.device)
                 hidden = self._model(**batch).last_hidden_state  # [B, T, 384]
                 out.append(_mean_pool(hidden, batch["attention_mask"]).cpu().numpy())
+                self._keep_tokens(texts[start : start + self.batch_size], batch, hidden)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _keep_tokens(self, texts: list[str], batch, hidden: torch.Tensor) -> None:
+        """Remember the normalized token states of the last `token_memo` texts (a lookup embeds one text, and the
+        equivalence check then reads its tokens without a second forward pass)."""
+        states = torch.nn.functional.normalize(hidden.float(), p=2, dim=-1).cpu().numpy()  # [B, T, 384]
+        for k, text in enumerate(texts):
+            n = int(batch["attention_mask"][k].sum())
+            pieces = self._tokenizer.convert_ids_to_tokens(batch["input_ids"][k][1 : n - 1].tolist())
+            self._tokens[text] = (pieces, states[k, 1 : n - 1])  # without [CLS] and [SEP]
+            self._tokens.move_to_end(text)
+        while len(self._tokens) > self.token_memo:
+            self._tokens.popitem(last=False)
+
+    def encode_tokens(self, texts: list[str]) -> list[tuple[list[str], np.ndarray]]:
+        """Word pieces and their contextual states (float32 `[T, 384]`, unit rows, without `[CLS]`/`[SEP]`) per text.
+
+        Texts embedded lately (by `encode` or here) are served from memory, without a forward pass.
+        """
+        texts = _check_texts(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
+        if missing:
+            self.encode(missing)
+        out = []
+        for text in texts:
+            if text not in self._tokens:  # more texts than the memo holds: embed this one again
+                self.encode([text])
+            out.append(self._tokens[text])
+        return out
 
 
 class HiddenStateEmbedder:

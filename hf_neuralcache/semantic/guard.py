@@ -44,6 +44,8 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | no hyphenated qualifier in one text only ("yogurt" / "low-fat yogurt") | no | yes |
 | at most one extra content word (frame words not counted) in either text | no | yes |
 
+`"vetoes"` runs only the checks up to and including the direction (numbers, names, negation, negating prefixes,
+question kind, reversed relation): the hard vetoes that [`EquivalenceCheck`] keeps in front of its learned score.
 `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also matches one that is
 it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant: "travel" / "travelled"),
 but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple"). Common clipped words read
@@ -68,7 +70,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["STRICTNESS", "GuardVerdict", "LookAlikeGuard", "normalize_query", "stem"]
 
-STRICTNESS = ("strict", "balanced", "off")
+STRICTNESS = ("strict", "balanced", "vetoes", "off")
 
 
 def _set(words: str) -> frozenset:
@@ -474,7 +476,8 @@ class LookAlikeGuard:
     Args:
         strictness (`str`, *optional*, defaults to `"strict"`):
             `"strict"` (highest precision), `"balanced"` (also accepts reworded paraphrases that reorder the same
-            words or add several words, and so some role swaps) or `"off"` (accepts everything: plain cosine).
+            words or add several words, and so some role swaps), `"vetoes"` (only numbers, names, negation, question
+            kind and direction) or `"off"` (accepts everything: plain cosine).
         memo_size (`int`, *optional*, defaults to 4096):
             Texts whose analysis is kept (cached requests are checked again and again).
 
@@ -531,6 +534,8 @@ class LookAlikeGuard:
                 if left and right:
                     sides = f"{_forms(a, left)} and {_forms(a, right)}"
                     return _no(f"direction reversed: {marker!r} has {sides} on opposite sides")
+        if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
+            return GuardVerdict(True)
         only_a, only_b = _unmatched(a, b), _unmatched(b, a)
         if only_a & a.frames and only_b & b.frames:  # two request verbs ("write" / "compose"): framing, not content
             only_a, only_b = only_a - a.frames, only_b - b.frames

@@ -10,10 +10,16 @@ under `TRITON_INTERPRET=1`) and the reference otherwise.
 
 from .dispatch import fast_weight_decode, moment_decode, moment_prefill, moment_write
 from .naive import (
+    LearnedMemory,
+    LearnedState,
     MomentState,
     decay_matrix,
     fast_weight_read,
     fast_weight_write,
+    learned_features,
+    learned_read,
+    learned_state,
+    learned_write,
     merge_softmax,
     moment_read,
     moment_state,
@@ -21,11 +27,17 @@ from .naive import (
 )
 
 __all__ = [
+    "LearnedMemory",
+    "LearnedState",
     "MomentState",
     "decay_matrix",
     "fast_weight_decode",
     "fast_weight_read",
     "fast_weight_write",
+    "learned_features",
+    "learned_read",
+    "learned_state",
+    "learned_write",
     "merge_softmax",
     "moment_decode",
     "moment_prefill",

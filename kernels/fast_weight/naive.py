@@ -5,6 +5,9 @@ Two families, both fed only by the key/value pairs that leave the exact window (
 * **paper** (Swain et al., arXiv 2605.22884): one fast-weight matrix `A` `[B, Hkv, D, Dv]` per KV head, written
   `A <- lam * A + eta * w * k_hat^T u` with `k_hat = k / |k|` and `u = v` (outer rule) or `u = v - k_hat A`
   (delta rule), read raw: `r = q A`. [`fast_weight_write`] / [`fast_weight_read`].
+* **learned**: a linear-attention memory with a learned feature map `phi` (Hedgehog / LoLCATs): per KV head
+  `S = sum_i lam^(t-i) eta phi(k_i) v_i^T` and `z = sum_i lam^(t-i) eta phi(k_i)`, read `phi(q) S / phi(q) z` with
+  mass `phi(q) z` in units of the window's softmax mass. [`learned_write`] / [`learned_read`].
 * **training-free**: decayed moments of the evicted pairs, read as an estimate of the softmax terms the window no
   longer holds (`sum_i exp(s.k_i) v_i` and `sum_i exp(s.k_i)`, with `s = scaling * q`), so the memory can join the
   window's softmax through a shared log-sum-exp. [`moment_write`] / [`moment_read`] / [`merge_softmax`].
@@ -22,10 +25,16 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "LearnedMemory",
+    "LearnedState",
     "MomentState",
     "decay_matrix",
     "fast_weight_read",
     "fast_weight_write",
+    "learned_features",
+    "learned_read",
+    "learned_state",
+    "learned_write",
     "merge_softmax",
     "moment_read",
     "moment_state",
@@ -315,3 +324,113 @@ def fast_weight_read(
                 state, keys[:, :, j : j + 1], values[:, :, j : j + 1], weights[:, j : j + 1], decay, write_rate, rule
             )
     return out.reshape(batch, hq, q, -1)
+
+
+# ---- learned memory -----------------------------------------------------------------------------------------------
+class LearnedMemory(NamedTuple):
+    """The fitted parameters of one layer's learned memory (float32).
+
+    `q_weight` `[Hq, D, F]` and `q_bias` `[Hq, F]` (query feature map, per query head), `k_weight` `[H, D, F]` and
+    `k_bias` `[H, F]` (key feature map, per KV head), `log_decay` `[H]` (`log lam`) and `write_rate` `[H]` (`eta`).
+    The feature map is `phi(x) = [softmax(x W + b), softmax(-(x W + b))]`, `2F` features (Hedgehog).
+    """
+
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    k_weight: torch.Tensor
+    k_bias: torch.Tensor
+    log_decay: torch.Tensor
+    write_rate: torch.Tensor
+
+
+class LearnedState(NamedTuple):
+    """Decayed sums of the learned memory (float32): `values` `[B, H, 2F, Dv]` (`sum eta phi(k) v^T`) and `mass`
+    `[B, H, 2F]` (`sum eta phi(k)`)."""
+
+    values: torch.Tensor
+    mass: torch.Tensor
+
+
+def learned_state(batch: int, heads: int, features: int, value_dim: int, device=None) -> LearnedState:
+    """An empty [`LearnedState`] with `features` (`2F`) feature dimensions."""
+    zeros = lambda *shape: torch.zeros(batch, heads, *shape, dtype=torch.float32, device=device)  # noqa: E731
+    return LearnedState(zeros(features, value_dim), zeros(features))
+
+
+def learned_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Hedgehog feature map `[softmax(x W + b), softmax(-(x W + b))]` per head.
+
+    Args:
+        x (`torch.Tensor` of shape `[B, H, n, D]`): Queries or keys (RoPE applied).
+        weight (`torch.Tensor` of shape `[H, D, F]`), bias (`[H, F]`): The head's map.
+
+    Returns:
+        `torch.Tensor` of shape `[B, H, n, 2F]`, float32, positive, each half summing to 1.
+    """
+    proj = torch.einsum("bhnd,hdf->bhnf", x.float(), weight.float()) + bias.float()[:, None]
+    return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1)
+
+
+def learned_write(
+    state: LearnedState, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, memory: LearnedMemory
+) -> LearnedState:
+    """Add `m` evicted pairs: `x <- lam^m x + eta sum_j lam^(m-1-j) w_j x_j` for `x = phi(k) v^T` and `phi(k)`.
+
+    Args:
+        state (`LearnedState`): The sums before the pairs.
+        keys (`torch.Tensor` of shape `[B, H, m, D]`), values (`[B, H, m, Dv]`), weights (`[B, m]`): The evicted
+            pairs, oldest first (weight 0 for a sink or padding; the decay still ticks).
+        memory (`LearnedMemory`): The layer's parameters.
+
+    Returns:
+        `LearnedState`: the sums after the pairs (new tensors).
+    """
+    m = keys.shape[-2]
+    pairs, old = decay_matrix(torch.tensor([m], device=keys.device), weights, memory.log_decay)
+    p = pairs[:, :, 0] * memory.write_rate.float().view(1, -1, 1)  # [B, H, m]
+    a = old[:, :, 0]  # [1, H]
+    pk = p.unsqueeze(-1) * learned_features(keys, memory.k_weight, memory.k_bias)  # [B, H, m, 2F]
+    return LearnedState(
+        a[..., None, None] * state.values + pk.transpose(-1, -2) @ values.float(),
+        a[..., None] * state.mass + pk.sum(-2),
+    )
+
+
+def learned_read(
+    state: LearnedState,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    prefix: torch.Tensor,
+    memory: LearnedMemory,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's read of the learned memory after the first `prefix[t]` of the chunk's pairs.
+
+    Args:
+        state (`LearnedState`): The sums before the chunk.
+        query (`torch.Tensor` of shape `[B, Hq, q, D]`): Queries; `Hq` a multiple of `H` (GQA).
+        keys (`[B, H, m, D]`), values (`[B, H, m, Dv]`), weights (`[B, m]`): The chunk's evicted pairs.
+        prefix (`torch.LongTensor` of shape `[q]`): Pairs of the chunk written when each query reads.
+        memory (`LearnedMemory`): The layer's parameters.
+
+    Returns:
+        `(out, log_mass)`: `out` `[B, Hq, q, Dv]` float32 = `phi(q) S / phi(q) z`, and `log_mass` `[B, Hq, q]` =
+        `log(phi(q) z)`, the memory's softmax mass relative to the window's (`-inf` where the memory is empty).
+        Merge as `merge_softmax(out_w, lse_w, out, lse_w + log_mass)`.
+    """
+    batch, hq, q, _ = query.shape
+    h = keys.shape[1]
+    g = hq // h
+    fq = learned_features(query, memory.q_weight, memory.q_bias).view(batch, h, g, q, -1)  # [B, H, g, q, 2F]
+    fk = learned_features(keys, memory.k_weight, memory.k_bias)  # [B, H, m, 2F]
+    pairs, old = decay_matrix(prefix, weights, memory.log_decay)  # [B, H, q, m], [1, H, q]
+    pairs = pairs * memory.write_rate.float().view(1, -1, 1, 1)
+    scores = pairs[:, :, None] * (fq @ fk.transpose(-1, -2)[:, :, None])  # [B, H, g, q, m]
+    old = old[:, :, None, :, None]  # [1, H, 1, q, 1]
+    num = old * (fq @ state.values[:, :, None]) + scores @ values.float()[:, :, None]  # [B, H, g, q, Dv]
+    den = old[..., 0] * (fq @ state.mass[:, :, None, :, None])[..., 0] + scores.sum(-1)  # [B, H, g, q]
+    empty = den <= 1e-30
+    out = torch.where(empty[..., None], 0.0, num / den.clamp(min=1e-30)[..., None])
+    log_mass = torch.where(empty, float("-inf"), torch.log(den.clamp(min=1e-30)))
+    return out.reshape(batch, hq, q, -1), log_mass.reshape(batch, hq, q)

@@ -1,0 +1,79 @@
+"""Out-of-sample report: the learned equivalence check vs the look-alike guard, on every labelled set.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/semantic_equivalence.py        # about 5 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/semantic_equivalence.py --paws-limit 1000
+
+Sets: `benchmarks/data/fresh_pairs_v2.tsv` (122 pairs written before the check was trained: the out-of-sample test),
+`benchmarks/data/fresh_query_pairs.tsv` (the issue's 60 pairs), the shared `llm_query_pairs_dev.tsv` and the odd and
+even rows of `paws_wiki_dev.tsv`. For each it prints precision, recall and predictions of: cosine >= 0.80 + the strict
+guard (the current default), and cosine >= `--floor` + `EquivalenceCheck` at its shipped threshold. Nothing here
+changes a setting: the threshold and floor were fixed beforehand (see `equivalence.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_neuralcache.semantic import (
+    DEFAULT_EQUIVALENCE_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    EquivalenceCheck,
+    LookAlikeGuard,
+    MiniLMEmbedder,
+    load_pairs,
+)
+from hf_neuralcache.semantic.equivalence import DEFAULT_COSINE_FLOOR
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data"
+
+
+def rates(pred: np.ndarray, labels: np.ndarray) -> str:
+    hits = int((pred & labels).sum())
+    p = hits / pred.sum() if pred.sum() else float("nan")
+    return f"P {p:.3f}  R {hits / labels.sum():.3f}  ({int(pred.sum())} predicted, {hits} right)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paws-limit", type=int, default=None)
+    parser.add_argument("--floor", type=float, default=DEFAULT_COSINE_FLOOR, help="cosine floor of the new check")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_EQUIVALENCE_THRESHOLD)
+    parser.add_argument("--errors", action="store_true", help="print the new check's errors (fresh sets only)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    embedder = MiniLMEmbedder()
+    embedder.token_memo = 1_000_000
+    strict, check = LookAlikeGuard("strict"), EquivalenceCheck(args.threshold, embedder=embedder)
+    paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
+    sets = {
+        "fresh_pairs_v2": load_pairs(HERE / "data" / "fresh_pairs_v2.tsv"),
+        "fresh_query_pairs": load_pairs(HERE / "data" / "fresh_query_pairs.tsv"),
+        "llm_query_pairs_dev": load_pairs(DATA / "llm_query_pairs_dev.tsv"),
+        "paws dev odd rows": paws[0::2],
+        "paws dev even rows": paws[1::2],
+    }
+    for name, pairs in sets.items():
+        start = time.perf_counter()
+        texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
+        vectors = dict(zip(texts, embedder.encode(texts), strict=True))
+        cos = np.array([vectors[a] @ vectors[b] for a, b, _ in pairs])
+        labels = np.array([y for *_, y in pairs], dtype=bool)
+        old = np.array([strict.check(a, b).ok for a, b, _ in pairs]) & (cos >= DEFAULT_THRESHOLD)
+        new = np.array([c >= args.floor and check.check(a, b).ok for (a, b, _), c in zip(pairs, cos, strict=True)])
+        print(f"{name} ({len(pairs)} pairs, {int(labels.sum())} same; {time.perf_counter() - start:.0f} s)")
+        print(f"  cosine >= {DEFAULT_THRESHOLD} + LookAlikeGuard strict : {rates(old, labels)}")
+        print(f"  cosine >= {args.floor} + EquivalenceCheck({args.threshold}): {rates(new, labels)}")
+        if args.errors and "fresh" in name:
+            for (a, b, y), p in zip(pairs, new, strict=True):
+                if p != y:
+                    print(f"    {'missed' if y else 'WRONG '} {a!r} / {b!r}: {check.check(a, b).reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""[`fit_tensor_cache`]: fit `tensor_cache`'s `"learned"` memory on a frozen model, layer by layer.
+
+Attention transfer (Hedgehog, LoLCATs stage 1): one forward of the frozen model over the training text records
+every layer's queries, keys and values (RoPE applied, as the cache sees them). Then, for each layer on its own, the
+memory's parameters (feature maps, decay, write rate) are fitted so that the window's exact softmax merged with the
+memory reproduces the layer's **full** attention output, for queries that have tokens outside the window. No
+gradient goes through the model: each layer's loss only involves that layer's attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kernels.fast_weight import LearnedMemory, learned_features, merge_softmax, window_attention_lse
+from .tensor_cache_params import TensorCacheParams
+
+__all__ = ["capture_qkv", "chunked_read", "fit_tensor_cache", "save_with_model"]
+
+CAPTURE = "neuralcache_capture"
+
+
+def _capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA that also records `(query, key, value, scaling)` into `module._neuralcache_capture` when set."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink = getattr(module, "_neuralcache_capture", None)
+    if sink is not None:
+        sink.append((query.detach().float().cpu(), key.detach().float().cpu(), value.detach().float().cpu()))
+        module._neuralcache_scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    return {m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")}
+
+
+def capture_qkv(model, segments: list[torch.Tensor]) -> tuple[dict[int, tuple[torch.Tensor, ...]], dict[int, float]]:
+    """Each attention layer's queries, keys and values over `segments` (full attention, no cache).
+
+    Args:
+        model (`PreTrainedModel`): The frozen model.
+        segments (`list[torch.LongTensor]`): Token ids `[T]` each, all of the same length.
+
+    Returns:
+        `(qkv, scaling)`: per layer index `(q [S, Hq, T, D], k [S, Hkv, T, D], v [S, Hkv, T, Dv])` float32 on the
+        CPU, and the layer's attention scaling.
+    """
+    from ..registry import register_attention
+
+    register_attention(CAPTURE, _capture_attention)
+    modules = _attention_modules(model)
+    previous = model.config._attn_implementation
+    for module in modules.values():
+        module._neuralcache_capture = []
+    model.set_attn_implementation(CAPTURE)
+    try:
+        with torch.no_grad():
+            for ids in segments:
+                model(ids.view(1, -1).to(model.device), use_cache=False)
+        qkv = {i: tuple(torch.cat(x, 0) for x in zip(*m._neuralcache_capture, strict=True)) for i, m in modules.items()}
+        scaling = {i: float(m._neuralcache_scaling) for i, m in modules.items()}
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules.values():
+            del module._neuralcache_capture
+    return qkv, scaling
+
+
+def _targets(q, k, v, positions, window, sinks, scaling):
+    """For the queries at `positions`: the full attention output, and the window's output and log-denominator."""
+    t = positions.view(-1, 1)
+    j = torch.arange(k.shape[2]).view(1, -1)
+    causal = (j <= t).unsqueeze(0)  # [1, q, T]
+    in_window = causal & ((j < sinks) | (j > t - window)).unsqueeze(0)
+    query = q[:, :, positions]
+    full, _ = window_attention_lse(query, k, v, causal, scaling)
+    out_w, lse_w = window_attention_lse(query, k, v, in_window, scaling)
+    return query, full, out_w, lse_w
+
+
+def chunked_read(query, keys, values, prefix, memory: LearnedMemory, chunk: int = 64):
+    """[`learned_read`] from an empty state with every pair weighted 1, in chunked form (what the fit trains).
+
+    The state after `P` pairs is the state at the chunk boundary `C * (P // C)` (one matmul over per-chunk sums)
+    decayed by `lam^(P mod C)`, plus the `P mod C` pairs after it: `O(m 2F Dv + q C (2F + Dv))` work instead of
+    the reference's `O(q m (2F + Dv))`. Equal to [`learned_read`] (tested).
+
+    Args:
+        query (`[S, Hq, q, D]`), keys (`[S, H, m, D]`), values (`[S, H, m, Dv]`), prefix (`[q]`), memory: As for
+            [`learned_read`].
+        chunk (`int`, *optional*, defaults to 64): `C`.
+
+    Returns:
+        `(out, log_mass)` as [`learned_read`].
+    """
+    s, h, m, _ = keys.shape
+    hq, q = query.shape[1], query.shape[2]
+    g, c = hq // h, chunk
+    log_decay = memory.log_decay.float()
+    fk = learned_features(keys, memory.k_weight, memory.k_bias) * memory.write_rate.float().view(1, h, 1, 1)
+    pad = (-m) % c
+    fk = torch.nn.functional.pad(fk, (0, 0, 0, pad))
+    v = torch.nn.functional.pad(values.float(), (0, 0, 0, pad))
+    n = (m + pad) // c
+    fk_c, v_c = fk.view(s, h, n, c, -1), v.view(s, h, n, c, -1)  # [S, H, n, C, 2F], [S, H, n, C, Dv]
+    i = torch.arange(c)
+    w_in = torch.exp(log_decay.view(h, 1) * (c - 1 - i))  # [H, C]
+    wk = fk_c * w_in[None, :, None, :, None]
+    local_num = torch.einsum("shncf,shncd->shnfd", wk, v_c)  # [S, H, n, 2F, Dv]
+    local_mass = wk.sum(3)  # [S, H, n, 2F]
+    age = torch.arange(n + 1).view(-1, 1) - 1 - torch.arange(n).view(1, -1)  # [n + 1, n]
+    w_b = torch.where(age >= 0, torch.exp(log_decay.view(h, 1, 1) * c * age.clamp(min=0)), 0.0)  # [H, n + 1, n]
+    bound_num = torch.einsum("hbn,shnfd->shbfd", w_b, local_num)  # state after b * C pairs
+    bound_mass = torch.einsum("hbn,shnf->shbf", w_b, local_mass)
+    b = prefix // c
+    r = prefix - b * c  # [q]
+    fq = learned_features(query, memory.q_weight, memory.q_bias).view(s, h, g, q, -1)  # [S, H, g, q, 2F]
+    old = torch.exp(log_decay.view(1, h, 1, 1) * r)  # [1, H, 1, q]
+    num = old[..., None] * torch.einsum("shgqf,shqfd->shgqd", fq, bound_num[:, :, b])
+    den = old * torch.einsum("shgqf,shqf->shgq", fq, bound_mass[:, :, b])
+    inside = b.clamp(max=n - 1)
+    age_in = r.view(-1, 1) - 1 - i.view(1, -1)  # [q, C]
+    w_q = torch.where(age_in >= 0, torch.exp(log_decay.view(h, 1, 1) * age_in.clamp(min=0)), 0.0)  # [H, q, C]
+    scores = torch.einsum("shgqf,shqcf->shgqc", fq, fk_c[:, :, inside]) * w_q[None, :, None]
+    num = num + torch.einsum("shgqc,shqcd->shgqd", scores, v_c[:, :, inside])
+    den = den + scores.sum(-1)
+    empty = den <= 1e-30
+    out = torch.where(empty[..., None], 0.0, num / den.clamp(min=1e-30)[..., None])
+    log_mass = torch.where(empty, float("-inf"), torch.log(den.clamp(min=1e-30)))
+    return out.reshape(s, hq, q, -1), log_mass.reshape(s, hq, q)
+
+
+def _layer_loss(memory, query, k_mem, v_mem, prefix, full, out_w, lse_w):
+    """MSE between the window merged with the memory and the full attention (every evicted pair in one chunk)."""
+    mem, log_mass = chunked_read(query, k_mem, v_mem, prefix, memory)
+    out, _ = merge_softmax(out_w, lse_w, mem, lse_w + log_mass)
+    return ((out - full) ** 2).mean()
+
+
+def _fit_layer(qkv, scaling, init, window, sinks, steps, batch, lr, generator, pool_size=2048):
+    q, k, v = qkv
+    T = k.shape[2]
+    candidates = torch.arange(sinks + window, T)
+    pool = candidates[torch.randperm(len(candidates), generator=generator)[:pool_size]].sort().values
+    with torch.no_grad():  # targets of the pool's queries, once: full attention, window output and log-denominator
+        query, full, out_w, lse_w = _targets(q, k, v, pool, window, sinks, scaling)
+    prefix = pool - window + 1 - sinks
+    raw = {name: init[name].clone().requires_grad_(True) for name in init}
+    optimizer = torch.optim.Adam(list(raw.values()), lr=lr)
+    k_mem, v_mem = k[:, :, sinks:], v[:, :, sinks:]
+
+    def memory():
+        return LearnedMemory(
+            raw["q_weight"], raw["q_bias"], raw["k_weight"], raw["k_bias"],
+            torch.nn.functional.logsigmoid(raw["decay_logit"]), torch.exp(raw["write_log"]),
+        )  # fmt: skip
+
+    def loss_at(rows):
+        return _layer_loss(
+            memory(), query[:, :, rows], k_mem, v_mem, prefix[rows], full[:, :, rows], out_w[:, :, rows],
+            lse_w[:, :, rows],
+        )  # fmt: skip
+
+    every = torch.arange(len(pool))
+    with torch.no_grad():
+        window_mse = float(((out_w - full) ** 2).mean())
+        start_mse = float(loss_at(every))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        rows = torch.randperm(len(pool), generator=generator)[:batch].sort().values
+        loss = loss_at(rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        end_mse = float(loss_at(every))
+    fitted = {name: t.detach().clone() for name, t in raw.items()}
+    return fitted, {"window_mse": window_mse, "start_mse": start_mse, "fitted_mse": end_mse}
+
+
+def fit_tensor_cache(
+    model,
+    tokenizer,
+    texts: list,
+    window: int = 256,
+    sink_tokens: int = 4,
+    features: int = 32,
+    segment_tokens: int = 4096,
+    max_segments: int = 2,
+    steps: int = 200,
+    batch_queries: int = 256,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+) -> TensorCacheParams:
+    """Fit `tensor_cache`'s `"learned"` memory for `model` (frozen) on `texts`, layer by layer.
+
+    Args:
+        model (`PreTrainedModel`): The model; its weights are not changed.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): Its tokenizer (unused when `texts` are token ids).
+        texts (`list[str]` or `list[torch.LongTensor]`): Training text (or its ids `[n]`), concatenated and cut into
+            segments of `segment_tokens` tokens.
+        window (`int`, *optional*, defaults to 256): The window the memory sits behind.
+        sink_tokens (`int`, *optional*, defaults to 4): The sinks.
+        features (`int`, *optional*, defaults to 32): `F`; each head's feature map has `2F` features and its state
+            `2F x (Dv + 1)` floats.
+        segment_tokens (`int`, *optional*, defaults to 4096): Tokens per segment (the positions the fit covers).
+        max_segments (`int`, *optional*, defaults to 2): Segments used (from the start of the texts).
+        steps (`int`, *optional*, defaults to 200): Adam steps per layer.
+        batch_queries (`int`, *optional*, defaults to 256): Query positions per step (per segment), drawn from 2,048.
+        lr (`float`, *optional*, defaults to 1e-2): Adam's learning rate (cosine schedule).
+        seed (`int`, *optional*, defaults to 0): Seeds the initial feature maps and the sampled positions.
+        progress (`bool`, *optional*, defaults to `True`): Show a tqdm bar over the layers.
+
+    Returns:
+        [`TensorCacheParams`]: save with `save_pretrained(dir)`; use with
+        `cache_config={"mode": "learned", "params": dir, "window": window, "sink_tokens": sink_tokens}`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> import hf_neuralcache
+    >>> from hf_neuralcache.models import tiny_model
+    >>> model = tiny_model("llama")
+    >>> ids = torch.randint(3, 256, (96,), generator=torch.Generator().manual_seed(0))
+    >>> params = hf_neuralcache.fit_tensor_cache(
+    ...     model, None, [ids], window=8, sink_tokens=2, features=4, segment_tokens=48, steps=2, progress=False)
+    >>> params.window, params.features
+    (8, 4)
+    ```
+    """
+    from tqdm.auto import tqdm
+
+    if window + sink_tokens >= segment_tokens:
+        raise ValueError(
+            f"expected segment_tokens > window + sink_tokens (the fit needs queries with evicted tokens), got "
+            f"segment_tokens={segment_tokens}, window={window}, sink_tokens={sink_tokens}."
+        )
+    started = time.perf_counter()
+    as_ids = lambda text: text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids[0]  # noqa: E731
+    ids = torch.cat([as_ids(text).view(-1) for text in texts])
+    segments = [ids[i : i + segment_tokens] for i in range(0, len(ids) - segment_tokens + 1, segment_tokens)]
+    segments = segments[:max_segments]
+    if not segments:
+        raise ValueError(f"expected at least {segment_tokens} tokens of text, got {len(ids)}.")
+    was_training = model.training
+    model.eval()
+    params = TensorCacheParams.initial(model, window, sink_tokens, features, seed=seed)
+    qkv, scaling = capture_qkv(model, segments)
+    model.train(was_training)
+    captured = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(seed)
+    report = {}
+    bar = tqdm(sorted(qkv), desc="fit tensor_cache", unit="layer", disable=not progress)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i in bar:
+            init = {name.split(".")[-1]: t for name, t in params.tensors.items() if name.startswith(f"layers.{i}.")}
+            fitted, stats = _fit_layer(
+                qkv.pop(i), scaling[i], init, window, sink_tokens, steps, batch_queries, lr, generator
+            )
+            params.tensors.update({f"layers.{i}.{name}": t for name, t in fitted.items()})
+            report[i] = stats
+            bar.set_postfix(mse=f"{stats['fitted_mse']:.2e}", window=f"{stats['window_mse']:.2e}")
+    params.fit = {
+        "segments": len(segments),
+        "segment_tokens": segment_tokens,
+        "steps": steps,
+        "batch_queries": batch_queries,
+        "lr": lr,
+        "seed": seed,
+        "capture_seconds": round(captured, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "layers": {str(i): {k: round(v, 8) for k, v in s.items()} for i, s in report.items()},
+    }
+    return params
+
+
+def save_with_model(model_dir: str, params: TensorCacheParams, subfolder: str = "tensor_cache") -> str:
+    """Save `params` as `model_dir/subfolder` and make the folder's generation config use them.
+
+    After this, `AutoModelForCausalLM.from_pretrained(model_dir).generate(ids)` (with `import hf_neuralcache`)
+    decodes with `tensor_cache` in `"learned"` mode and these parameters, with no other argument.
+
+    Args:
+        model_dir (`str`): A model folder (`save_pretrained` output).
+        params (`TensorCacheParams`): Fitted for that model.
+        subfolder (`str`, *optional*, defaults to `"tensor_cache"`): Where in the folder.
+
+    Returns:
+        `str`: the parameters' folder.
+    """
+    import os
+
+    from transformers import GenerationConfig
+
+    target = os.path.join(model_dir, subfolder)
+    params.save_pretrained(target)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = GenerationConfig()
+    generation.cache_implementation = "tensor_cache"
+    generation.cache_config = {
+        "mode": "learned", "params": subfolder, "window": params.window, "sink_tokens": params.sink_tokens,
+    }  # fmt: skip
+    generation.save_pretrained(model_dir)
+    return target

@@ -1,0 +1,174 @@
+"""The learned equivalence check: after the nearest-neighbour search, score whether a candidate asks the same thing.
+
+[`EquivalenceCheck`] keeps a few hard vetoes in front ([`LookAlikeGuard`] at strictness `"vetoes"`: numbers, names,
+negation, question kind, a reversed relation) and replaces the rest of the hand rules by a small learned score. Its
+features come from the embedder's own contextual word-piece states (all-MiniLM-L6-v2, the same forward pass that
+embeds the request, so a lookup costs no second pass for the query): each content piece of one text is matched to its
+most similar piece in the other, and a piece that finds no close match ("dogs" / "cats", "poach" / "boil") pulls the
+score down while a synonym ("purchase" / "buy") does not. A logistic regression over these alignment statistics and
+the sentence cosine gives a probability; a pair is accepted when it reaches `threshold`.
+
+The weights (a few dozen numbers) ship as `equivalence.safetensors` beside this file, with their model card
+`equivalence.md`: how they were trained (`benchmarks/train_equivalence.py`), on what data, and the figures. Scores
+are symmetric: `score(a, b) == score(b, a)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .guard import GuardVerdict, LookAlikeGuard
+
+__all__ = ["DEFAULT_COSINE_FLOOR", "DEFAULT_EQUIVALENCE_THRESHOLD", "FEATURES", "EquivalenceCheck", "pair_features"]
+
+WEIGHTS = Path(__file__).with_name("equivalence.safetensors")
+FEATURES = ("cosine", "worst_piece", "second_worst_side", "mean_match", "low_share", "word_overlap", "length_gap")
+# chosen from benchmarks/train_equivalence.py's held-out generated pairs, where no threshold reaches precision 0.98:
+# 0.85 is the most precise point (0.965) that keeps recall above one half (0.53); see equivalence.md
+DEFAULT_EQUIVALENCE_THRESHOLD = 0.85
+# least cosine of a candidate worth scoring (the cosine is also one of the features)
+DEFAULT_COSINE_FLOOR = 0.70
+
+_STOP = frozenset(
+    """a an the this that these those of in on at for by with about as and or but if so is are was were be been am do
+    does did have has had can could would should will shall may might must i me my we us our you your he him his she
+    her it its they them their there here what which who whom whose how why when where some any all each every to
+    please just me tell give show explain describe list name write find get want need know like one s ' ? . , ! : ;
+    - ( ) " way best good"""
+    .split()
+)
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _content(pieces: list[str], states: np.ndarray) -> np.ndarray:
+    """States `[C, D]` of the pieces that carry content (whole words not in the stop list, and their continuations)."""
+    keep, word_kept = [], False
+    for piece in pieces:
+        if piece.startswith("##"):
+            keep.append(word_kept)
+            continue
+        word_kept = piece.lower() not in _STOP and any(c.isalnum() for c in piece)
+        keep.append(word_kept)
+    keep = np.array(keep, dtype=bool)
+    return states[keep] if keep.any() else states
+
+
+def pair_features(first: tuple[list[str], np.ndarray], second: tuple[list[str], np.ndarray], cosine: float,
+                  words: tuple[str, str]) -> np.ndarray:  # fmt: skip
+    """The `FEATURES` of one pair, float64 `[len(FEATURES)]`, symmetric in the two texts.
+
+    Args:
+        first, second (`tuple[list[str], np.ndarray]`): Word pieces and unit token states `[T, D]` of each text
+            (from `MiniLMEmbedder.encode_tokens`).
+        cosine (`float`): Cosine similarity of the two sentence embeddings.
+        words (`tuple[str, str]`): The two texts, for the word overlap.
+    """
+    a, b = _content(*first), _content(*second)
+    if not len(a) or not len(b):
+        return np.array([cosine, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    sims = a @ b.T  # [Ta, Tb]
+    a2b, b2a = sims.max(axis=1), sims.max(axis=0)
+    worst = sorted([a2b.min(), b2a.min()])
+    both = np.concatenate([a2b, b2a])
+    wa, wb = (set(_WORD.findall(t.lower())) - _STOP for t in words)
+    overlap = len(wa & wb) / max(len(wa | wb), 1)
+    gap = abs(len(a) - len(b)) / (len(a) + len(b))
+    return np.array([cosine, worst[0], worst[1], both.mean(), (both < 0.6).mean(), overlap, gap])
+
+
+def _load_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"the equivalence check's weights are missing: {path} (reinstall hf-neuralcache)")
+    weights = load_file(str(path))
+    if weights["coef"].shape != (len(FEATURES),):
+        raise ValueError(f"expected {len(FEATURES)} weights in {path}, got {weights['coef'].shape}")
+    return weights
+
+
+class EquivalenceCheck:
+    """Verifies a nearest-neighbour candidate with hard vetoes and a learned equivalence score.
+
+    A drop-in `guard` for [`SemanticCache`] and [`calibrate`]: `check(query, candidate)` returns a [`GuardVerdict`]
+    whose `reason` names a veto or the score. `score(query, candidate)` is the probability that the two ask the same.
+
+    Args:
+        threshold (`float`, *optional*, defaults to `DEFAULT_EQUIVALENCE_THRESHOLD`):
+            Least score accepted, in [0, 1]: the strictness. Choose it for a target precision on labelled pairs
+            with `calibrate(pairs, guard=check, sweep="score", target_precision=0.98).threshold`.
+        embedder (`MiniLMEmbedder`, *optional*):
+            Where the word-piece states come from; pass the cache's own to share its model and its memory of the
+            last embedded texts. Defaults to a new `MiniLMEmbedder()`.
+        vetoes (`bool`, *optional*, defaults to `True`):
+            Whether numbers, names, negation, question kind and direction must agree before the score is asked.
+        weights (`str` or `Path`, *optional*):
+            Another safetensors file of weights (`coef`, `bias`, `mean`, `scale`).
+
+    Example:
+
+    ```python
+    >>> from hf_neuralcache.semantic import EquivalenceCheck
+    >>> check = EquivalenceCheck()
+    >>> check.check("How do I fix a flat tire?", "How can I repair a flat tire?").ok
+    True
+    >>> check.check("What do horses eat?", "What do goats eat?").reason
+    'equivalence score 0.168 < 0.850'
+    >>> round(check.score("What do horses eat?", "What do goats eat?"), 3) == round(
+    ...     check.score("What do goats eat?", "What do horses eat?"), 3)
+    True
+    >>> check.check("Convert 5 km to miles", "Convert 5 miles to km").reason
+    "direction reversed: 'to' has ['kilometer'] and ['miles'] on opposite sides"
+    ```
+    """
+
+    def __init__(self, threshold: float | None = None, embedder=None, vetoes: bool = True, weights=None):
+        threshold = DEFAULT_EQUIVALENCE_THRESHOLD if threshold is None else threshold
+        if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"expected threshold in [0, 1], got {threshold!r}")
+        if embedder is None:
+            from .embedders import MiniLMEmbedder
+
+            embedder = MiniLMEmbedder()
+        if not callable(getattr(embedder, "encode_tokens", None)):
+            raise ValueError(f"expected an embedder with encode_tokens (a MiniLMEmbedder), got {embedder!r}")
+        self.threshold, self.embedder = float(threshold), embedder
+        self.vetoes = LookAlikeGuard("vetoes") if vetoes else None
+        w = _load_weights(Path(weights) if weights is not None else WEIGHTS)
+        self._coef, self._bias = w["coef"].astype(np.float64), float(w["bias"][0])
+        self._mean, self._scale = w["mean"].astype(np.float64), w["scale"].astype(np.float64)
+        self._vector = functools.lru_cache(maxsize=4096)(self._sentence)
+
+    def __repr__(self) -> str:
+        return f"EquivalenceCheck(threshold={self.threshold}, vetoes={self.vetoes is not None})"
+
+    def _sentence(self, text: str) -> np.ndarray:
+        return self.embedder.encode([text])[0]
+
+    def features(self, query: str, candidate: str) -> np.ndarray:
+        """The `FEATURES` of the pair (see [`pair_features`])."""
+        first, second = self.embedder.encode_tokens([query, candidate])
+        cosine = float(self._vector(query) @ self._vector(candidate))
+        return pair_features(first, second, cosine, (query, candidate))
+
+    def score(self, query: str, candidate: str) -> float:
+        """Probability that the two texts ask the same thing (the vetoes are not applied)."""
+        z = (self.features(query, candidate) - self._mean) / self._scale
+        return float(1.0 / (1.0 + np.exp(-(z @ self._coef + self._bias))))
+
+    def check(self, query: str, candidate: str) -> GuardVerdict:
+        """Whether `candidate` (a cached request) asks the same as `query`; `reason` names a veto or the score."""
+        if not isinstance(query, str) or not isinstance(candidate, str):
+            raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
+        if self.vetoes is not None:
+            verdict = self.vetoes.check(query, candidate)
+            if not verdict.ok:
+                return verdict
+        score = self.score(query, candidate)
+        if score < self.threshold:
+            return GuardVerdict(False, f"equivalence score {score:.3f} < {self.threshold:.3f}")
+        return GuardVerdict(True)

