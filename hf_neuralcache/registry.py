@@ -77,7 +77,7 @@ _CACHES: dict[str, tuple[str | None, str]] = {
     ),
     "tensor_cache": (
         "hf_neuralcache.caches.tensor_cache.TensorCache",
-        "window + fixed-size fast-weight memory of evicted tokens (Tensor Cache)",
+        "window + fixed-size fast-weight memory of evicted tokens (Tensor Cache; experimental)",
     ),
 }
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")

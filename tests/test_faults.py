@@ -464,3 +464,11 @@ def test_transformers_output_capturing_hooks_do_not_bypass_the_caches(model, tmp
     call(m, "inference", cache)
     assert torch.equal(call(m, "inference", cache), reference(m, "inference"))
     assert cache.stats()["hits"] == 1 and cache.stats()["skipped"] == 0
+
+
+def test_a_path_that_cannot_be_a_cache_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        InferenceCache(tmp_path / "file")
+    with pytest.raises(ValueError, match="cannot create the cache folder"):
+        PrefixCache("/proc/hf_neuralcache_cannot_exist/x")
