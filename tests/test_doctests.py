@@ -26,6 +26,8 @@ MODULES = [
     "hf_neuralcache.hooks.prefix",
     "hf_neuralcache.semantic.cache",
     "hf_neuralcache.semantic.index",
+    "hf_neuralcache.semantic.guard",
+    "hf_neuralcache.semantic.equivalence",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
     "hf_neuralcache.kernels.window_attention.dispatch",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import importlib.util
 import re
@@ -129,20 +128,3 @@ def test_minilm_token_states_come_from_the_embedding_pass():
     assert pieces[:3] == ["how", "do", "i"] and states.shape == (len(pieces), 384)
     np.testing.assert_allclose(np.linalg.norm(states, axis=1), 1.0, atol=1e-5)
     embedder._model = model
-
-
-@needs_minilm
-def test_docstring_examples():
-    fence = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
-
-    class Parser(doctest.DocTestParser):
-        def parse(self, string, name="<string>"):
-            return super().parse(fence.sub("", string), name)
-
-    module = importlib.import_module("hf_neuralcache.semantic.equivalence")
-    tests = [t for t in doctest.DocTestFinder(parser=Parser()).find(module) if t.examples]
-    assert tests
-    for test in tests:
-        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        runner.run(test)
-        assert runner.failures == 0, test.name

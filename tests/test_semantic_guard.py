@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import re
 import time
 from pathlib import Path
@@ -193,19 +191,3 @@ def test_refuses_every_look_alike_of_the_llm_dev_pairs():
     # the guard alone (no cosine threshold) keeps about two thirds of the same-request pairs
     kept = sum(guard.check(a, b).ok for a, b, label in pairs if label == 1)
     assert kept >= 24
-
-
-def test_docstring_examples():
-    fence = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
-
-    class Parser(doctest.DocTestParser):
-        def parse(self, string, name="<string>"):
-            return super().parse(fence.sub("", string), name)
-
-    module = importlib.import_module("hf_neuralcache.semantic.guard")
-    tests = [t for t in doctest.DocTestFinder(parser=Parser()).find(module) if t.examples]
-    assert tests
-    for test in tests:
-        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-        runner.run(test)
-        assert runner.failures == 0, test.name
