@@ -67,3 +67,13 @@ def triton_interpreter(monkeypatch):
     if not triton_available():
         pytest.skip("needs triton >= 3.9 (Linux): the kernels run under its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A real `redis-server` on a free loopback port (skipped, saying how to enable it, where there is none)."""
+    from redis_helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

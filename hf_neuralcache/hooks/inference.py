@@ -28,6 +28,7 @@ from transformers.generation import utils as generation_utils
 
 from .fingerprint import digest, model_fingerprint
 from .generate import last_user_turn
+from .remote import remote_tier
 from .samples import DEFAULT_SAMPLED_ANSWERS, SampleSlots, sampled_answers_setting
 from .storage import Counters, StoreBackedCache, TieredStore
 
@@ -185,6 +186,13 @@ class InferenceCache(StoreBackedCache):
         eviction_policy (`str`, *optional*, defaults to `"least-recently-used"`): Or `"least-frequently-used"`.
         secret (`str` or `bytes`, *optional*): Key with which every entry is MACed and verified (HMAC-SHA256), for a
             folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums only.
+        remote (`str` or [`RedisTier`], *optional*): A shared tier on Redis behind the disk tier
+            (`"redis://host:6379/0"`, `"rediss://..."`, `"unix:///path"`; credentials from the URL or
+            `HF_NEURALCACHE_REDIS_USERNAME` / `HF_NEURALCACHE_REDIS_PASSWORD`): a local miss looks there, a hit fills
+            the local tiers, writes go there in the background. A failing server costs a request at most about
+            0.1 s, then is skipped for a while (see the "Sharing caches across machines" docs page).
+        remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
+            server's `maxmemory` policy.
 
     `stats()` counts `hits`, `misses`, `bypassed` (calls that cannot be keyed; `bypassed_by` gives the reasons, each
     also logged once), `not_cacheable`, `bytes_stored` and
@@ -215,12 +223,15 @@ class InferenceCache(StoreBackedCache):
         ram_bytes: int = 64 << 20,
         eviction_policy: str = "least-recently-used",
         secret: str | bytes | None = None,
+        remote=None,
+        remote_bytes: int | None = None,
     ):
         if ttl is not None and not callable(ttl) and (not isinstance(ttl, int | float) or ttl <= 0):
             raise ValueError(f"ttl must be seconds > 0, a callable or None, got {ttl!r}")
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
-        self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy, secret)
+        tier = remote_tier(remote, "inference", namespace, max_bytes=remote_bytes)
+        self.store = TieredStore(directory, "inference", disk_bytes, ram_bytes, eviction_policy, secret, remote=tier)
         self.namespace = namespace
         self.ttl = ttl
         self.sampled_answers = sampled_answers_setting(sampled_answers, cache_sampled)
@@ -245,9 +256,11 @@ class InferenceCache(StoreBackedCache):
             return None
         ids = request.input_ids.cpu()
         mask = request.attention_mask.cpu()
+        fingerprint = model_fingerprint(model)
+        self.store.use_model(fingerprint)
         return digest(
             "inference",
-            model_fingerprint(model),
+            fingerprint,
             self.namespace or "",
             config.to_dict(),
             request.extra,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fingerprint import chain_key, digest, model_fingerprint
+from .remote import remote_tier
 from .storage import Counters, StoreBackedCache, TieredStore
 
 logger = logging.getLogger("hf_neuralcache.hooks")
@@ -109,6 +110,13 @@ class PrefixCache(StoreBackedCache):
         cost_check (`bool`, *optional*, defaults to `True`): Load a hit only when predicted faster than recomputing.
         secret (`str` or `bytes`, *optional*): Key with which every entry is MACed and verified (HMAC-SHA256), for a
             folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums only.
+        remote (`str` or [`RedisTier`], *optional*): A shared tier on Redis behind the disk tier
+            (`"redis://host:6379/0"`, `"rediss://..."`, `"unix:///path"`; credentials from the URL or
+            `HF_NEURALCACHE_REDIS_USERNAME` / `HF_NEURALCACHE_REDIS_PASSWORD`): a local miss looks there, a hit fills
+            the local tiers, writes go there in the background. A failing server costs a request at most about
+            0.1 s, then is skipped for a while (see the "Sharing caches across machines" docs page).
+        remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
+            server's `maxmemory` policy.
 
     `stats()` counts `hits` (at most the prompt's last partial chunk recomputed), `partial_hits`, `misses`,
     `skipped_by_cost`, `tokens_reused`, `bytes_loaded`, `bytes_stored` and `seconds_saved` (estimated from the
@@ -135,12 +143,15 @@ class PrefixCache(StoreBackedCache):
         eviction_policy: str = "least-recently-used",
         cost_check: bool = True,
         secret: str | bytes | None = None,
+        remote=None,
+        remote_bytes: int | None = None,
     ):
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
-        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy, secret)
+        tier = remote_tier(remote, "prefix", namespace, max_bytes=remote_bytes)
+        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy, secret, remote=tier)
         self.chunk_tokens = chunk_tokens
         self.namespace = namespace
         self.cost_check = cost_check
@@ -174,6 +185,7 @@ class PrefixCache(StoreBackedCache):
             "prefill_seconds_per_token": record.get(self._prefill_name(model)),
             "ram_bytes_per_second": record.get("ram_bytes_per_second"),
             "disk_bytes_per_second": record.get("disk_bytes_per_second"),
+            "redis_bytes_per_second": record.get("redis_bytes_per_second"),
         }
 
     @staticmethod
@@ -193,6 +205,7 @@ class PrefixCache(StoreBackedCache):
         batch then starts from the shortest slot count every row can fill (rows are left-padded).
         """
         root = self.root(model, regime)
+        self.store.use_model(model_fingerprint(model))
         ct = self.chunk_tokens
         rows = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist(), strict=True):

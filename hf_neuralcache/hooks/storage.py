@@ -43,6 +43,7 @@ import torch
 import xxhash
 
 from .disk import CorruptEntryError, SafeDisk, UnsafeEntryError, is_corruption, open_database, read_regular_file
+from .remote import RedisTier
 
 logger = logging.getLogger("hf_neuralcache.hooks")
 
@@ -188,7 +189,7 @@ class Loaded:
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
-    tier: str  # "ram" or "disk"
+    tier: str  # "ram", "disk" or "redis"
     seconds: float
     nbytes: int
 
@@ -218,6 +219,8 @@ class TieredStore:
         ram_bytes (`int`): Bound of the RAM tier in bytes; `0` disables it.
         eviction_policy (`str`): `"least-recently-used"` or `"least-frequently-used"` for the disk tier.
         secret (`str` or `bytes`, *optional*): MAC key of the entries; defaults to `HF_NEURALCACHE_SECRET`.
+        remote ([`RedisTier`], *optional*): A shared tier behind the disk tier (see `remote.py`): looked up after
+            a local miss (a hit fills the local tiers), written after the local tiers without waiting.
 
     Raises:
         `ValueError`: for bad arguments, a path that is a file or cannot be created, or a folder of another kind.
@@ -234,6 +237,7 @@ class TieredStore:
         ram_bytes: int,
         eviction_policy: str | None,
         secret: str | bytes | None = None,
+        remote: RedisTier | None = None,
     ):
         if eviction_policy is not None and eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy must be one of {list(EVICTION_POLICIES)}, got {eviction_policy!r}")
@@ -247,6 +251,10 @@ class TieredStore:
         self.counters: Counters | None = None
         self._logged: set = set()
         self._lock = threading.Lock()
+        self._scope = threading.local()
+        self.remote = remote
+        if remote is not None:
+            remote.on_failure = self.failed
         self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
         self.disk = self.meta = None
         self.readonly: str | None = None  # why the folder is used read-only
@@ -397,17 +405,30 @@ class TieredStore:
         return expired, self.errors["integrity_errors"] - bad
 
     # ---- entries ------------------------------------------------------------------------------------------------
-    def contains(self, key: str) -> bool:
-        """Whether `key` is stored in either tier (without reading it)."""
+    def use_model(self, fingerprint: str) -> None:
+        """Name the model of this thread's current request (part of the remote tier's keys; see `remote.py`)."""
+        self._scope.model = fingerprint
+
+    def remote_key(self, key: str) -> str | None:
+        """The remote tier's key of `key` for this thread's current model, or `None` without a remote tier."""
+        return None if self.remote is None else self.remote.key(key, getattr(self._scope, "model", ""))
+
+    def _local(self, key: str) -> bool:
         if self.ram is not None and key in self.ram:
             return True
         return False if self.disabled else self.guarded("lookup", self.disk.__contains__, key, default=False)
 
+    def contains(self, key: str) -> bool:
+        """Whether `key` is stored in any tier (without reading it)."""
+        return self._local(key) or (self.remote is not None and self.remote.exists(self.remote_key(key)))
+
     def where(self, key: str) -> str | None:
-        """`"ram"`, `"disk"` or `None`: the fastest tier holding `key`."""
+        """`"ram"`, `"disk"`, `"redis"` or `None`: the fastest tier holding `key`."""
         if self.ram is not None and key in self.ram:
             return "ram"
-        return "disk" if self.contains(key) else None
+        if not self.disabled and self.guarded("lookup", self.disk.__contains__, key, default=False):
+            return "disk"
+        return "redis" if self.remote is not None and self.remote.exists(self.remote_key(key)) else None
 
     def get(self, key: str) -> Loaded | None:
         """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted)."""
@@ -417,33 +438,34 @@ class TieredStore:
                 value = self.ram.get(key)
             if value is not None:
                 return Loaded(value[0], value[1], "ram", time.perf_counter() - start, _tensor_bytes(value))
-        if self.disabled:
-            return None
-        blob = self.guarded("read", self.disk.get, key, default=None, retry=True)
+        blob = None if self.disabled else self.guarded("read", self.disk.get, key, default=None, retry=True)
+        tier = "disk"
+        if blob is None and self.remote is not None:
+            blob, tier = self.remote.get(self.remote_key(key)), "redis"
         if blob is None:
             return None
         try:
             tensors, meta = decode_entry(key, blob, self.secret)
         except CorruptEntryError as err:
-            self.failed("integrity", "check", err)
-            logger.info("hf_neuralcache: dropping bad %s cache entry %s: %s", self.kind, key[:16], err)
-            self.delete(key)
+            self.failed("integrity", "check" if tier == "disk" else "redis check", err)
+            logger.info("hf_neuralcache: dropping bad %s cache entry %s from %s: %s", self.kind, key[:16], tier, err)
+            if tier == "disk":
+                self.delete(key)
+            else:
+                self.remote.delete(self.remote_key(key))
             return None
-        loaded = Loaded(tensors, meta, "disk", time.perf_counter() - start, len(blob))
+        expires = meta.get("expires_at")
+        if tier == "redis":
+            left = None if expires is None else float(expires) - time.time()
+            if left is not None and left <= 0:
+                return None  # expired by this machine's clock
+            self._write_local(key, blob, left)
+        loaded = Loaded(tensors, meta, tier, time.perf_counter() - start, len(blob))
         self._remember(key, tensors, meta)
         return loaded
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], expire: float | None = None):
-        """Store an entry in both tiers. Returns the bytes written to disk (0 when it was not written)."""
-        if self.disabled or not self.writable("write"):
-            return 0
-        if expire is not None:
-            meta = {**meta, "expires_at": time.time() + expire}
-        blob = encode_entry(key, tensors, meta, self.secret)
-        if len(blob) > self.disk_bytes:
-            logger.info(
-                "hf_neuralcache: %s entry of %d bytes exceeds disk_bytes=%d", self.kind, len(blob), self.disk_bytes
-            )
+    def _write_local(self, key: str, blob: bytes, expire: float | None) -> int:
+        if self.disabled or self.readonly is not None or len(blob) > self.disk_bytes:
             return 0
 
         def write():
@@ -451,9 +473,28 @@ class TieredStore:
             self.evict(self.disk_bytes, keep=key)
             return len(blob)
 
-        written = self.guarded("write", write, default=0)
+        return self.guarded("write", write, default=0)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], expire: float | None = None):
+        """Store an entry in every tier (the remote one in the background). Returns the bytes written locally, or
+        handed to the remote tier when the folder could not take them (0 when it was written nowhere)."""
+        remote = self.remote is not None and self.remote.available
+        if (self.disabled or not self.writable("write")) and not remote:
+            return 0
+        if expire is not None:
+            meta = {**meta, "expires_at": time.time() + expire}
+        blob = encode_entry(key, tensors, meta, self.secret)
+        written = 0
+        if len(blob) > self.disk_bytes:
+            logger.info(
+                "hf_neuralcache: %s entry of %d bytes exceeds disk_bytes=%d", self.kind, len(blob), self.disk_bytes
+            )
+        elif not self.disabled and self.readonly is None:
+            written = self._write_local(key, blob, expire)
         if written:
             self._remember(key, {n: t.detach().cpu() for n, t in tensors.items()}, meta)
+        if self.remote is not None and self.remote.put(self.remote_key(key), blob, ttl=expire):
+            written = written or len(blob)
         return written
 
     def used_bytes(self) -> int:
@@ -503,11 +544,14 @@ class TieredStore:
                 self.ram[key] = value
 
     def delete(self, key: str) -> None:
+        """Remove `key` from every tier."""
         if self.ram is not None:
             with self._lock:
                 self.ram.pop(key, None)
         if not self.disabled and self.readonly is None:
             self.guarded("delete", self.disk.delete, key, retry=True)
+        if self.remote is not None:
+            self.remote.delete(self.remote_key(key))
 
     def forget_ram(self) -> None:
         """Empty the RAM tier (the disk tier is kept)."""
@@ -516,8 +560,11 @@ class TieredStore:
                 self.ram.clear()
 
     def clear(self) -> int:
-        """Remove every entry from both tiers; returns how many disk entries were removed."""
+        """Remove every entry from every tier (from the remote one: this kind and namespace, every model); returns
+        how many disk entries were removed."""
         self.forget_ram()
+        if self.remote is not None:
+            self.remote.clear()
         if self.disabled or not self.writable("clear"):
             return 0
         return self.guarded("clear", self.disk.clear, retry=True, default=0)
@@ -546,6 +593,8 @@ class TieredStore:
                 return
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         for database in (self.disk, self.meta):
             if database is not None:
                 self.guarded("close", database.close)

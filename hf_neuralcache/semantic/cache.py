@@ -23,6 +23,7 @@ import torch
 from ..hooks.fingerprint import digest, model_fingerprint
 from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
+from ..hooks.remote import remote_tier
 from ..hooks.samples import DEFAULT_SAMPLED_ANSWERS, SampleSlots, sampled_answers_setting
 from ..hooks.storage import Counters, StoreBackedCache, TieredStore
 from .index import VectorIndex
@@ -69,6 +70,13 @@ class SemanticCache(StoreBackedCache):
         candidates (`int`, *optional*, defaults to 8): Nearest neighbours examined per lookup.
         secret (`str` or `bytes`, *optional*): Key with which every answer and the saved index are MACed and verified
             (HMAC-SHA256), for a folder writable by others; defaults to `HF_NEURALCACHE_SECRET`, unset: checksums.
+        remote (`str` or [`RedisTier`], *optional*): A shared tier on Redis behind the disk tier
+            (`"redis://host:6379/0"`, `"rediss://..."`, `"unix:///path"`; credentials from the URL or
+            `HF_NEURALCACHE_REDIS_USERNAME` / `HF_NEURALCACHE_REDIS_PASSWORD`): a local miss looks there, a hit fills
+            the local tiers, writes go there in the background. A failing server costs a request at most about
+            0.1 s, then is skipped for a while (see the "Sharing caches across machines" docs page).
+        remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
+            server's `maxmemory` policy.
 
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
     `bypassed` (by reason in `bypassed_by`, each logged once), `not_cacheable`, `bytes_stored` and `seconds_saved`,
@@ -116,6 +124,8 @@ class SemanticCache(StoreBackedCache):
         ef: int = 64,
         candidates: int = 8,
         secret: str | bytes | None = None,
+        remote=None,
+        remote_bytes: int | None = None,
     ):
         if threshold is None:
             from .calibration import DEFAULT_THRESHOLD as threshold
@@ -152,7 +162,8 @@ class SemanticCache(StoreBackedCache):
         self.tokenizer = tokenizer
         self.cacheable = cacheable or (lambda text: not is_time_dependent(text))
         self.candidates = candidates
-        self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used", secret)
+        tier = remote_tier(remote, "semantic", namespace, max_bytes=remote_bytes)
+        self.store = TieredStore(directory, "semantic", disk_bytes, 0, "least-recently-used", secret, remote=tier)
         self.counters = Counters(
             self.store, ("hits", "misses", "near_misses", "bypassed", "not_cacheable", "bytes_stored", "seconds_saved")
         )
@@ -284,8 +295,10 @@ class SemanticCache(StoreBackedCache):
         text = turn[start:end].strip()
         if not text:
             return None
+        fingerprint = model_fingerprint(model)
+        self.store.use_model(fingerprint)
         context = digest(
-            "semantic-context", model_fingerprint(model), self.namespace or "", config.to_dict(), request.extra,
+            "semantic-context", fingerprint, self.namespace or "", config.to_dict(), request.extra,
             full[:cut], turn[:start], turn[end:],
         )  # fmt: skip
         return text, context

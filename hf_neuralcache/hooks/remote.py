@@ -1,0 +1,385 @@
+"""A shared remote tier on Redis behind the local RAM and disk tiers of the generate() hooks.
+
+Lookups go RAM -> local disk -> Redis; a Redis hit is checked exactly like a disk read (the same blob: magic,
+checksum, the MAC when a secret is set, the key it names) and then fills the local tiers. Writes go to the local tiers
+first and are handed to one background writer per tier, so a request never waits for Redis to take a write.
+
+**Failure is never fatal.** Every command runs with a short socket timeout (`timeout`, 0.1 s by default) and no
+retries; the first failure opens a circuit breaker: for `retry_seconds` (doubling up to a minute while the server
+stays away) every remote operation is a miss or a skipped write that costs nothing, then one command probes the server
+again. A request therefore pays at most one timeout per probe, and only the request that makes the probe. Each
+outage is logged once as a warning (the URL without its credentials) and counted in the cache's `stats()`
+(`storage_errors`, `skipped`).
+
+Redis keys (all under `prefix`, `hfnc` by default):
+
+    hfnc:<kind>:<namespace>:<model>:<key>       an entry (the blob), with a Redis expiry when it has a TTL
+    hfnc#lru:<kind>:<namespace>                 sorted set key -> last use, only with a per-namespace byte bound
+    hfnc#size:<kind>:<namespace>                hash key -> bytes, and the field "total", only with that bound
+    hfnc#log:<kind>:<namespace>:<embedder>      the semantic cache's stream of additions and removals
+
+`<namespace>` is the cache's namespace percent-encoded (empty for none) and `<model>` the first 16 hex digits of the
+model's fingerprint, so several models, tenants and cache kinds share one Redis and can be listed and cleared apart
+(`hf-neuralcache cache ls|stats|prune|clear redis://...`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from dataclasses import dataclass
+
+logger = logging.getLogger("hf_neuralcache.hooks")
+
+__all__ = ["RedisTier", "redact", "remote_tier"]
+
+SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_PREFIX = "hfnc"
+USERNAME_ENV, PASSWORD_ENV = "HF_NEURALCACHE_REDIS_USERNAME", "HF_NEURALCACHE_REDIS_PASSWORD"
+_MAX_BACKOFF = 60.0
+
+# Server-side write with a per-namespace byte bound: set the entry, account its size, then drop the least recently
+# used entries of the namespace until the total fits (never the one just written). Keys the script touches besides
+# KEYS are entries of the same namespace, which a standalone Redis allows.
+_BOUNDED_SET = """
+local key, lru, sizes = KEYS[1], KEYS[2], KEYS[3]
+local size, px, now, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local old = tonumber(redis.call('HGET', sizes, key) or '0')
+if px > 0 then redis.call('SET', key, ARGV[1], 'PX', px) else redis.call('SET', key, ARGV[1]) end
+redis.call('ZADD', lru, now, key)
+redis.call('HSET', sizes, key, size)
+local total = redis.call('HINCRBY', sizes, 'total', size - old)
+local removed = 0
+while total > limit do
+  local oldest = redis.call('ZRANGE', lru, 0, 0)
+  if #oldest == 0 or oldest[1] == key then break end
+  local victim = oldest[1]
+  total = redis.call('HINCRBY', sizes, 'total', -tonumber(redis.call('HGET', sizes, victim) or '0'))
+  redis.call('ZREM', lru, victim)
+  redis.call('HDEL', sizes, victim)
+  redis.call('DEL', victim)
+  removed = removed + 1
+end
+return removed
+"""
+
+
+def redact(url: str) -> str:
+    """`url` without its username and password (what is logged and shown)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def check_url(url) -> str:
+    """`url` when it names a Redis server (`redis://`, `rediss://` or `unix://`).
+
+    Raises:
+        `ValueError`: for anything else.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"remote must be a Redis URL (redis://host:6379/0) or None, got {type(url).__name__}")
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme
+    except ValueError as err:
+        raise ValueError(f"remote {redact(url)!r} is not a URL ({err})") from None
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"remote must be a Redis URL with scheme redis://, rediss:// (TLS) or unix://, got {redact(url)!r}"
+        )
+    return url
+
+
+def _client_module():
+    try:
+        import redis
+    except ImportError:
+        raise ImportError(
+            "a Redis remote tier needs the redis client library: pip install 'hf-neuralcache[redis]'"
+        ) from None
+    return redis
+
+
+def _quote(text: str | None) -> str:
+    return urllib.parse.quote(text or "", safe="")
+
+
+@dataclass
+class _Write:
+    key: str
+    blob: bytes
+    px: int  # milliseconds to live, 0: no expiry
+    done: threading.Event | None = None
+
+
+class RedisTier:
+    """One cache's remote tier on a Redis server, failures as misses (see the module docstring).
+
+    Args:
+        url (`str`): `redis://[[username]:password@]host[:port][/db]`, `rediss://...` (TLS) or
+            `unix:///path/to/socket?db=0`. A username and password missing from the URL are taken from
+            `HF_NEURALCACHE_REDIS_USERNAME` / `HF_NEURALCACHE_REDIS_PASSWORD`; neither is ever logged.
+        kind (`str`): The cache kind (`"prefix"`, `"inference"`, `"semantic"`).
+        namespace (`str`, *optional*): The cache's namespace (part of every key).
+        timeout (`float`, *optional*, defaults to 0.1): Seconds a connect or a reply may take before the tier is
+            skipped; the most a request waits on a hung or unreachable server.
+        retry_seconds (`float`, *optional*, defaults to 5.0): How long the tier is skipped after a failure before
+            the server is tried again (doubling up to 60 s while it keeps failing).
+        max_bytes (`int`, *optional*): Bound of this kind and namespace in Redis (least recently used entries go
+            first); `None` leaves the bound to the server's `maxmemory` policy.
+        queue_bytes (`int`, *optional*, defaults to 512 MiB): Writes waiting for the background writer beyond this
+            are dropped (counted as skipped).
+        prefix (`str`, *optional*, defaults to `"hfnc"`): First part of every key.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        kind: str,
+        namespace: str | None = None,
+        timeout: float = 0.1,
+        retry_seconds: float = 5.0,
+        max_bytes: int | None = None,
+        queue_bytes: int = 512 << 20,
+        prefix: str = DEFAULT_PREFIX,
+        client=None,
+    ):
+        self.url = check_url(url)
+        for name, value in (("timeout", timeout), ("retry_seconds", retry_seconds)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be seconds > 0, got {value!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+            raise ValueError(f"remote_bytes must be an int >= 1 (bytes) or None, got {max_bytes!r}")
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in ":#"):
+            raise ValueError(f"prefix must be a non-empty str without ':' or '#', got {prefix!r}")
+        self.kind, self.namespace, self.prefix = kind, namespace, prefix
+        self.timeout, self.retry_seconds, self.max_bytes = float(timeout), float(retry_seconds), max_bytes
+        self.queue_bytes = queue_bytes
+        self.client = client if client is not None else self._connect(url, timeout)
+        self.errors: Counter = Counter()
+        self.on_failure = None  # callback(kind, op, err): the owning store counts and logs
+        self._open_until = 0.0
+        self._backoff = self.retry_seconds
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Write | None] = queue.Queue()
+        self._queued = 0
+        self._writer: threading.Thread | None = None
+        self._script = None
+
+    @staticmethod
+    def _connect(url: str, timeout: float):
+        redis = _client_module()
+        options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),  # a failure opens the breaker instead
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+        }
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None and os.environ.get(PASSWORD_ENV):
+            options["password"] = os.environ[PASSWORD_ENV]
+        if parts.username is None and os.environ.get(USERNAME_ENV):
+            options["username"] = os.environ[USERNAME_ENV]
+        return redis.Redis.from_url(url, **options)
+
+    def __repr__(self):
+        return f"RedisTier({redact(self.url)!r}, kind={self.kind!r})"
+
+    # ---- keys ---------------------------------------------------------------------------------------------------
+    def key(self, key: str, model: str = "") -> str:
+        """The Redis key of the entry `key` of model fingerprint `model`."""
+        return f"{self.prefix}:{self.kind}:{_quote(self.namespace)}:{model[:16]}:{key}"
+
+    @property
+    def lru_key(self) -> str:
+        return f"{self.prefix}#lru:{self.kind}:{_quote(self.namespace)}"
+
+    @property
+    def sizes_key(self) -> str:
+        return f"{self.prefix}#size:{self.kind}:{_quote(self.namespace)}"
+
+    def log_key(self, name: str) -> str:
+        """The Redis key of a stream of this kind and namespace (`name`: what it is a log of, e.g. an embedder)."""
+        return f"{self.prefix}#log:{self.kind}:{_quote(self.namespace)}:{_quote(name)}"
+
+    # ---- the circuit breaker ------------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """Whether the tier is tried now (the breaker is closed, or its wait is over and the next call probes)."""
+        return time.monotonic() >= self._open_until
+
+    def _failed(self, op: str, err: BaseException) -> None:
+        with self._lock:
+            first = self._open_until == 0.0
+            wait = self._backoff
+            self._open_until = time.monotonic() + wait
+            self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        self.errors["storage_errors"] += 1
+        if first:
+            logger.warning("hf_neuralcache: Redis tier %s of the %s cache failed on %s (%s: %s); skipped for %.0f s, "
+                           "then retried (requests go on without it)", redact(self.url), self.kind, op,
+                           type(err).__name__, err, wait)  # fmt: skip
+        if self.on_failure is not None:
+            self.on_failure("storage", f"redis {op}", err)
+
+    def _succeeded(self) -> None:
+        if self._open_until:
+            with self._lock:
+                if self._open_until:
+                    logger.warning("hf_neuralcache: Redis tier %s of the %s cache is back", redact(self.url), self.kind)
+                self._open_until, self._backoff = 0.0, self.retry_seconds
+
+    def call(self, op: str, fn, *args, default=None, **kwargs):
+        """`fn(*args, **kwargs)` on the server, or `default` when the breaker is open or the call fails."""
+        if not self.available:
+            return default
+        redis = _client_module()
+        try:
+            result = fn(*args, **kwargs)
+        except (redis.RedisError, OSError, ValueError) as err:
+            self._failed(op, err)
+            return default
+        self._succeeded()
+        return result
+
+    # ---- entries ------------------------------------------------------------------------------------------------
+    def get(self, rkey: str) -> bytes | None:
+        """The bytes under `rkey`, or `None` (missing, or the tier is skipped)."""
+        value = self.call("get", self.client.get, rkey)
+        if value is not None and self.max_bytes is not None:
+            self.call("touch", self.client.zadd, self.lru_key, {rkey: time.time()}, xx=True)
+        return value if isinstance(value, bytes) else None
+
+    def exists(self, rkey: str) -> bool:
+        return bool(self.call("exists", self.client.exists, rkey, default=0))
+
+    def delete(self, rkey: str) -> None:
+        """Remove `rkey` (a bad or removed entry); skipped when the tier is."""
+
+        def remove():
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(rkey)
+            if self.max_bytes is not None:
+                pipe.zrem(self.lru_key, rkey)
+            pipe.execute()
+
+        self.call("delete", remove)
+
+    def put(self, rkey: str, blob: bytes, ttl: float | None = None, wait: bool = False) -> bool:
+        """Hand `blob` to the background writer (or, with `wait`, write it now). Returns whether it was taken."""
+        if ttl is not None and ttl <= 0:
+            return False
+        px = 0 if ttl is None else max(int(ttl * 1000), 1)
+        if wait:
+            return self._write(_Write(rkey, blob, px))
+        if not self.available:
+            self._skip("write", "the Redis tier is skipped after a failure")
+            return False
+        with self._lock:
+            if self._queued + len(blob) > self.queue_bytes:
+                full = True
+            else:
+                full, self._queued = False, self._queued + len(blob)
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._drain, name="hf_neuralcache-redis-writer", daemon=True)
+                self._writer.start()
+        if full:
+            self._skip("write", f"more than {self.queue_bytes} bytes wait for Redis")
+            return False
+        self._queue.put(_Write(rkey, blob, px))
+        return True
+
+    def _skip(self, op: str, why: str) -> None:
+        self.errors["skipped"] += 1
+        if self.on_failure is not None:
+            self.on_failure("skipped", f"redis {op}", RuntimeError(why))
+
+    def _write(self, item: _Write) -> bool:
+        if self.max_bytes is None:
+            return bool(self.call("set", self.client.set, item.key, item.blob, px=item.px or None, default=False))
+        if self._script is None:
+            self._script = self.client.register_script(_BOUNDED_SET)
+        keys = [item.key, self.lru_key, self.sizes_key]
+        args = [item.blob, len(item.blob), item.px, time.time(), self.max_bytes]
+        return self.call("set", self._script, keys=keys, args=args, default=None) is not None
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if item.done is not None:
+                    item.done.set()
+                    continue
+                if not self.available:
+                    self._skip("write", "the Redis tier is skipped after a failure")
+                else:
+                    self._write(item)
+            finally:
+                if item is not None and item.done is None:
+                    with self._lock:
+                        self._queued -= len(item.blob)
+                self._queue.task_done()
+
+    def clear(self) -> int:
+        """Remove every entry of this kind and namespace (every model) and its bookkeeping; returns how many."""
+        pattern = f"{self.prefix}:{self.kind}:{_quote(self.namespace)}:*"
+
+        def remove():
+            removed, batch = 0, []
+            for rkey in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(rkey)
+                if len(batch) == 1000:
+                    removed += self.client.delete(*batch)
+                    batch = []
+            if batch:
+                removed += self.client.delete(*batch)
+            self.client.delete(self.lru_key, self.sizes_key)
+            return removed
+
+        return self.call("clear", remove, default=0)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the writes handed over so far are done (written or dropped); returns whether they were."""
+        with self._lock:
+            alive = self._writer is not None and self._writer.is_alive()
+        if not alive:
+            return self._queue.empty()
+        done = threading.Event()
+        self._queue.put(_Write("", b"", 0, done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the pending writes (waiting at most `timeout` seconds) and close the connections."""
+        self.flush(timeout)
+        self._queue.put(None)
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing never raises
+            pass
+
+
+def remote_tier(remote, kind: str, namespace: str | None, **options) -> RedisTier | None:
+    """A cache's `remote=` argument as a [`RedisTier`]: `None`, a Redis URL, or a tier made for this kind."""
+    if remote is None:
+        return None
+    if isinstance(remote, RedisTier):
+        if remote.kind != kind or remote.namespace != namespace:
+            raise ValueError(f"remote tier {remote!r} was made for the {remote.kind!r} cache of namespace "
+                             f"{remote.namespace!r}, not the {kind!r} cache of {namespace!r}")  # fmt: skip
+        return remote
+    return RedisTier(remote, kind, namespace, **options)
