@@ -177,3 +177,27 @@ def test_credentials_are_never_logged(caplog):
 def test_bad_remote_is_one_clear_error(tmp_path, bad):
     with pytest.raises(ValueError, match="redis://"):
         InferenceCache(tmp_path, remote=bad)
+
+
+def test_remote_dtype_halves_the_bytes_and_stays_close(model, tmp_path, redis_server):
+    prompt = ids(40, seed=5)
+    plain = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    a = PrefixCache(tmp_path / "a", chunk_tokens=8, remote=redis_server.url, remote_dtype="bfloat16", cost_check=False)
+    model.generate(prompt, max_new_tokens=1, prefix_cache=a)
+    assert a.store.remote.flush()
+    client = redis_server.client()
+    remote_bytes = sum(client.strlen(k) for k in client.keys("hfnc:prefix:*"))
+    assert remote_bytes < 0.6 * a.stats()["bytes"]  # about half of the fp32 entries on a's disk
+    b = PrefixCache(tmp_path / "b", chunk_tokens=8, remote=redis_server.url, cost_check=False)
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         prefix_cache=b)  # fmt: skip
+    assert b.stats()["tokens_reused"] == 39
+    error = max((got - want).abs().max().item() for got, want in zip(out.logits, plain.logits, strict=True))
+    assert 0 < error < 0.05  # not exact, but close (the docs state the real model's figure)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("bad", ["int8", "bogus", "_C", 3])
+def test_bad_remote_dtype(tmp_path, bad):
+    with pytest.raises(ValueError, match="remote_dtype must be a floating-point"):
+        PrefixCache(tmp_path, remote_dtype=bad)

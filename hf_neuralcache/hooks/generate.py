@@ -229,13 +229,14 @@ def _safely(cache, op: str, fn, *args, default=None):
 
 def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
     """Run one generate() call through the hooks (see the module docstring)."""
-    from .fingerprint import UnkeyableModelError, model_fingerprint
+    from .fingerprint import UnkeyableModelError, pinned
 
     request = parse_request(original, model, args, kwargs, hooks)
     inference, prefix, semantic = hooks.inference_cache, hooks.prefix_cache, hooks.semantic_cache
     caches = [c for c in (inference, prefix, semantic) if c is not None]
+    pin = pinned(model)  # the weights are checked once per call, whatever number of caches asks
     try:
-        model_fingerprint(model)
+        pin.__enter__()
     except UnkeyableModelError as err:
         for cache in caches:
             cache.note_failure("skipped", "fingerprint", err)
@@ -244,6 +245,13 @@ def run(original, model, args: tuple, kwargs: dict, hooks: Hooks):
         for cache in caches:
             cache.note_failure("integrity", "fingerprint", err)
         return original(model, *args, **kwargs)
+    try:
+        return _run_checked(original, model, args, kwargs, request, inference, prefix, semantic)
+    finally:
+        pin.__exit__(None, None, None)
+
+
+def _run_checked(original, model, args: tuple, kwargs: dict, request, inference, prefix, semantic):
     key = _safely(inference, "key", inference.key, model, request) if inference is not None else None
     if inference is not None:
         hit = _safely(inference, "lookup", inference.get, key, request)

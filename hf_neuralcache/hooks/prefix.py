@@ -117,6 +117,9 @@ class PrefixCache(StoreBackedCache):
             0.1 s, then is skipped for a while (see the "Sharing caches across machines" docs page).
         remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
             server's `maxmemory` policy.
+        remote_dtype (`torch.dtype` or `str`, *optional*): Store the K/V in Redis in this floating-point dtype, e.g.
+            `"bfloat16"` for an fp32 model: half the bytes to move, at a small error (measured in the docs page);
+            `None` (default) keeps the model's dtype, exact.
 
     `stats()` counts `hits` (at most the prompt's last partial chunk recomputed), `partial_hits`, `misses`,
     `skipped_by_cost`, `tokens_reused`, `bytes_loaded`, `bytes_stored` and `seconds_saved` (estimated from the
@@ -145,13 +148,22 @@ class PrefixCache(StoreBackedCache):
         secret: str | bytes | None = None,
         remote=None,
         remote_bytes: int | None = None,
+        remote_dtype: torch.dtype | str | None = None,
     ):
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"namespace must be a str or None, got {type(namespace).__name__}")
+        given = remote_dtype
+        if isinstance(remote_dtype, str):
+            remote_dtype = getattr(torch, remote_dtype, given) if not remote_dtype.startswith("_") else given
+        if remote_dtype is not None and not (isinstance(remote_dtype, torch.dtype) and remote_dtype.is_floating_point):
+            raise ValueError(f"remote_dtype must be a floating-point torch dtype (e.g. 'bfloat16', 'float16') or None, "
+                             f"got {given!r}")  # fmt: skip
         tier = remote_tier(remote, "prefix", namespace, max_bytes=remote_bytes)
-        self.store = TieredStore(directory, "prefix", disk_bytes, ram_bytes, eviction_policy, secret, remote=tier)
+        self.store = TieredStore(
+            directory, "prefix", disk_bytes, ram_bytes, eviction_policy, secret, remote=tier, remote_dtype=remote_dtype
+        )
         self.chunk_tokens = chunk_tokens
         self.namespace = namespace
         self.cost_check = cost_check

@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 logger = logging.getLogger("hf_neuralcache.hooks")
@@ -119,8 +120,9 @@ def _quote(text: str | None) -> str:
 @dataclass
 class _Write:
     key: str
-    blob: bytes
+    blob: bytes | Callable[[], bytes]  # or a function making it, called by the writer (off the request's path)
     px: int  # milliseconds to live, 0: no expiry
+    size: int = 0
     done: threading.Event | None = None
 
 
@@ -278,28 +280,30 @@ class RedisTier:
 
         self.call("delete", remove)
 
-    def put(self, rkey: str, blob: bytes, ttl: float | None = None, wait: bool = False) -> bool:
-        """Hand `blob` to the background writer (or, with `wait`, write it now). Returns whether it was taken."""
+    def put(self, rkey: str, blob, ttl: float | None = None, wait: bool = False, size: int | None = None) -> bool:
+        """Hand `blob` (bytes, or a function returning them, called by the writer; `size` estimates its length) to
+        the background writer, or with `wait` write it now. Returns whether it was taken."""
         if ttl is not None and ttl <= 0:
             return False
         px = 0 if ttl is None else max(int(ttl * 1000), 1)
+        size = len(blob) if isinstance(blob, bytes) else int(size or 0)
         if wait:
-            return self._write(_Write(rkey, blob, px))
+            return self._write(_Write(rkey, blob, px, size))
         if not self.available:
             self._skip("write", "the Redis tier is skipped after a failure")
             return False
         with self._lock:
-            if self._queued + len(blob) > self.queue_bytes:
+            if self._queued + size > self.queue_bytes:
                 full = True
             else:
-                full, self._queued = False, self._queued + len(blob)
+                full, self._queued = False, self._queued + size
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._drain, name="hf_neuralcache-redis-writer", daemon=True)
                 self._writer.start()
         if full:
             self._skip("write", f"more than {self.queue_bytes} bytes wait for Redis")
             return False
-        self._queue.put(_Write(rkey, blob, px))
+        self._queue.put(_Write(rkey, blob, px, size))
         return True
 
     def _skip(self, op: str, why: str) -> None:
@@ -308,6 +312,10 @@ class RedisTier:
             self.on_failure("skipped", f"redis {op}", RuntimeError(why))
 
     def _write(self, item: _Write) -> bool:
+        if not self.available:
+            return False
+        if callable(item.blob):
+            item.blob = item.blob()
         if self.max_bytes is None:
             return bool(self.call("set", self.client.set, item.key, item.blob, px=item.px or None, default=False))
         if self._script is None:
@@ -332,7 +340,7 @@ class RedisTier:
             finally:
                 if item is not None and item.done is None:
                     with self._lock:
-                        self._queued -= len(item.blob)
+                        self._queued -= item.size
                 self._queue.task_done()
 
     def clear(self) -> int:
@@ -360,7 +368,7 @@ class RedisTier:
         if not alive:
             return self._queue.empty()
         done = threading.Event()
-        self._queue.put(_Write("", b"", 0, done))
+        self._queue.put(_Write("", b"", 0, 0, done))
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:

@@ -19,6 +19,7 @@ folder can and cannot do.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -69,6 +70,7 @@ RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, la
 ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
 _BYPASS = "bypassed:"  # counter names of the bypass reasons
 _STORAGE_FAILURES = (OSError, diskcache.Timeout)
+_FILL_QUEUE_BYTES = 1 << 30  # remote hits waiting to be copied to the disk tier beyond this are not copied
 
 
 def parse_json_object(data, limit: int = RECORD_LIMIT) -> dict:
@@ -221,6 +223,9 @@ class TieredStore:
         secret (`str` or `bytes`, *optional*): MAC key of the entries; defaults to `HF_NEURALCACHE_SECRET`.
         remote ([`RedisTier`], *optional*): A shared tier behind the disk tier (see `remote.py`): looked up after
             a local miss (a hit fills the local tiers), written after the local tiers without waiting.
+        remote_dtype (`torch.dtype`, *optional*): Floating-point tensors are stored in the remote tier in this dtype
+            (e.g. `torch.bfloat16`: half the bytes to move; what another host reads, and copies to its own tiers,
+            is then this precision). `None`: as given.
 
     Raises:
         `ValueError`: for bad arguments, a path that is a file or cannot be created, or a folder of another kind.
@@ -238,6 +243,7 @@ class TieredStore:
         eviction_policy: str | None,
         secret: str | bytes | None = None,
         remote: RedisTier | None = None,
+        remote_dtype: torch.dtype | None = None,
     ):
         if eviction_policy is not None and eviction_policy not in EVICTION_POLICIES:
             raise ValueError(f"eviction_policy must be one of {list(EVICTION_POLICIES)}, got {eviction_policy!r}")
@@ -252,7 +258,9 @@ class TieredStore:
         self._logged: set = set()
         self._lock = threading.Lock()
         self._scope = threading.local()
-        self.remote = remote
+        self._filler: concurrent.futures.ThreadPoolExecutor | None = None
+        self._filling = 0  # bytes of remote hits waiting to be copied to the disk tier
+        self.remote, self.remote_dtype = remote, remote_dtype
         if remote is not None:
             remote.on_failure = self.failed
         self.ram = cachetools.LRUCache(maxsize=ram_bytes, getsizeof=_tensor_bytes) if ram_bytes else None
@@ -459,10 +467,42 @@ class TieredStore:
             left = None if expires is None else float(expires) - time.time()
             if left is not None and left <= 0:
                 return None  # expired by this machine's clock
-            self._write_local(key, blob, left)
+            self._fill_later(key, blob, left)
         loaded = Loaded(tensors, meta, tier, time.perf_counter() - start, len(blob))
         self._remember(key, tensors, meta)
         return loaded
+
+    def _fill_later(self, key: str, blob: bytes, expire: float | None) -> None:
+        """Copy a remote hit into the disk tier in the background (the request does not wait for the write)."""
+        if self.disabled or self.readonly is not None:
+            return
+        with self._lock:
+            if self._filling + len(blob) > _FILL_QUEUE_BYTES:
+                return  # the next hit on this key reads Redis again
+            self._filling += len(blob)
+            if self._filler is None:
+                self._filler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_neuralcache-fill")
+            filler = self._filler
+
+        def fill():
+            try:
+                self._write_local(key, blob, None if expire is None else expire - (time.time() - queued))
+            finally:
+                with self._lock:
+                    self._filling -= len(blob)
+
+        queued = time.time()
+        try:
+            filler.submit(fill)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._filling -= len(blob)
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait (at most `timeout` seconds) for the background copies of remote hits into the disk tier."""
+        filler = self._filler
+        if filler is not None:
+            concurrent.futures.wait([filler.submit(lambda: None)], timeout=timeout)
 
     def _write_local(self, key: str, blob: bytes, expire: float | None) -> int:
         if self.disabled or self.readonly is not None or len(blob) > self.disk_bytes:
@@ -493,8 +533,18 @@ class TieredStore:
             written = self._write_local(key, blob, expire)
         if written:
             self._remember(key, {n: t.detach().cpu() for n, t in tensors.items()}, meta)
-        if self.remote is not None and self.remote.put(self.remote_key(key), blob, ttl=expire):
-            written = written or len(blob)
+        if self.remote is not None:
+            remote_blob, size = blob, len(blob)
+            if self.remote_dtype is not None and any(t.is_floating_point() for t in tensors.values()):
+                dtype, owned = self.remote_dtype, dict(tensors)  # the callers hand over tensors they do not change
+                size = sum(t.numel() * dtype.itemsize for t in owned.values())
+
+                def remote_blob():  # cast and encoded by the writer thread, off the request's path
+                    cast = {n: t.detach().to(dtype) if t.is_floating_point() else t for n, t in owned.items()}
+                    return encode_entry(key, cast, meta, self.secret)
+
+            if self.remote.put(self.remote_key(key), remote_blob, ttl=expire, size=size):
+                written = written or len(blob)
         return written
 
     def used_bytes(self) -> int:
@@ -593,6 +643,9 @@ class TieredStore:
                 return
 
     def close(self) -> None:
+        if self._filler is not None:
+            self._filler.shutdown(wait=True)
+            self._filler = None
         if self.remote is not None:
             self.remote.close()
         for database in (self.disk, self.meta):
@@ -729,6 +782,7 @@ class StoreBackedCache:
         `bytes` on disk."""
         values = {name: v for name, v in self.counters.values.items() if not name.startswith(_BYPASS)}
         by = {name[len(_BYPASS) :]: v for name, v in self.counters.values.items() if name.startswith(_BYPASS)}
+        self.store.settle()
         return {**values, "bypassed_by": by, "entries": len(self.store), "bytes": self.store.volume()}
 
     def bypass(self, reason: str, warn: bool = False) -> None:
