@@ -200,3 +200,26 @@ def test_credentials_from_the_environment_are_used_and_never_shown(model, tmp_pa
 def test_redis_flags_are_refused_for_a_folder(tmp_path, capsys):
     code, _, err = run(capsys, "ls", str(tmp_path), "--kind", "prefix")
     assert code == 2 and "--kind only apply to a Redis URL" in err
+
+
+def test_prune_checks_entries_as_a_cache_with_the_secret_would(redis_server, capsys, monkeypatch):
+    from hf_neuralcache.hooks.storage import encode_entry
+
+    client = redis_server.client()
+    tensors = {"sequences": torch.zeros(1, 3, dtype=torch.long)}
+    made = {
+        "good": encode_entry("good", tensors, {}, secret=b"s3cret"),
+        "expired": encode_entry("expired", tensors, {"expires_at": time.time() - 10}, secret=b"s3cret"),
+        "nomac": encode_entry("nomac", tensors, {}),
+        "other": encode_entry("elsewhere", tensors, {}, secret=b"s3cret"),  # names another key
+    }
+    for key, blob in made.items():
+        client.set(f"hfnc:semantic:ns:0123456789abcdef:{key}", blob)
+    client.hset("hfnc:semantic:ns:0123456789abcdef:hash", "f", "v")  # not a string
+    code, out, _ = run(capsys, "ls", redis_server.url)
+    assert code == 0 and out.count("unreadable") == 3  # another key, a hash, and the listed line
+    assert "a Redis hash, not an entry" in out and "the entry names another key" in out
+    monkeypatch.setenv("HF_NEURALCACHE_SECRET", "s3cret")
+    code, out, _ = run(capsys, "prune", redis_server.url)
+    assert code == 0 and "semantic 'ns': removed 1 expired, 3 bad and 0 evicted entries; 1 left" in out
+    assert keys(client) == {"hfnc:semantic:ns:0123456789abcdef:good"}
