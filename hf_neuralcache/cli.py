@@ -4,8 +4,8 @@ Subcommands:
 
 - `demo`: answer one prompt with the embedded SmolLM2-135M-Instruct and one cache, and print the answer, the
   cache's memory, the speed and the model load time.
-- `cache stats|ls|prune|clear DIR`: inspect and maintain a folder of a `PrefixCache`, `InferenceCache` or
-  `SemanticCache`.
+- `cache stats|ls|prune|clear DIR|URL`: inspect and maintain a folder of a `PrefixCache`, `InferenceCache` or
+  `SemanticCache`, or their entries in Redis (`redis://`, `rediss://`, `unix://`).
 - `tensor-cache fit --model DIR --text FILE... --out DIR`: fit `tensor_cache`'s learned memory on a frozen model
   (`--into-model` also stores it in the model folder, with a generation config that uses it).
 
@@ -32,6 +32,8 @@ DEFAULT_PROMPT = "What is a key-value cache in a transformer? Answer in two sent
 DTYPES = ("float32", "bfloat16", "float16")
 WINDOWED = ("sliding_window_kv", "tensor_cache")  # the caches that --window and --sink-tokens configure
 DEMO_WINDOW, DEMO_SINK_TOKENS = 256, 4
+REMOTE_KINDS = ("prefix", "inference", "semantic")
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _int_at_least(minimum: int):
@@ -117,14 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("clear", "Remove every entry and the statistics."),
     ):
         action = actions.add_parser(name, help=text, description=text)
-        action.add_argument("directory", metavar="DIR", help="The cache folder.")
+        action.add_argument(
+            "directory",
+            metavar="DIR|URL",
+            help="The cache folder, or a Redis URL (redis://, rediss://, unix://) of caches' remote tier.",
+        )
+        action.add_argument(
+            "--kind", choices=REMOTE_KINDS, help="Redis only: just the entries of this cache kind (default: all)."
+        )
+        action.add_argument(
+            "--namespace",
+            help="Redis only: just the entries of this namespace ('' for the caches without one; default: all).",
+        )
+        action.add_argument("--prefix", help="Redis only: the caches' key prefix (default: hfnc).")
+        action.add_argument(
+            "--timeout", type=float, help="Redis only: seconds to wait for the server on each command (default: 5)."
+        )
         if name == "ls":
             action.add_argument(
                 "--limit", type=_int_at_least(1), default=50, help="Most entries to list (default: %(default)s)."
             )
         if name == "prune":
             action.add_argument(
-                "--max-bytes", type=_int_at_least(0), help="New disk bound in bytes; evicts by the folder's policy."
+                "--max-bytes",
+                type=_int_at_least(0),
+                help="New disk bound in bytes; evicts by the folder's policy. With a Redis URL: bytes each kind and "
+                "namespace may keep, least recently used evicted first.",
             )
         action.set_defaults(run=run_cache)
 
@@ -308,6 +328,12 @@ def run_cache(args: argparse.Namespace) -> int:
 
     from .hooks.storage import TieredStore
 
+    if args.directory.lower().startswith(REMOTE_SCHEMES):
+        return run_remote_cache(args)
+    given = [f"--{n}" for n in ("kind", "namespace", "prefix", "timeout") if getattr(args, n) is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} only apply to a Redis URL (redis://...), not to the folder "
+                         f"{args.directory}")  # fmt: skip
     folder = Path(args.directory).expanduser()
     if not folder.exists():
         raise ValueError(
@@ -382,6 +408,88 @@ def run_cache(args: argparse.Namespace) -> int:
             print(f"removed {removed} entries from {store.directory}")
     finally:
         store.close()
+    return 0
+
+
+def _namespace(text: str) -> str:
+    """A namespace as `cache ls|stats|prune` show it: `-` for none, else quoted (spaces and all)."""
+    return repr(text) if text else "-"
+
+
+def _ttl(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:,.0f} s"
+
+
+def run_remote_cache(args: argparse.Namespace) -> int:
+    """Run `hf-neuralcache cache ACTION URL` on the caches' keys in Redis (see `hooks/remote_admin.py`)."""
+    from .hooks import remote_admin as admin
+    from .hooks.remote import DEFAULT_PREFIX, _client_module
+
+    url, prefix = args.directory, args.prefix if args.prefix is not None else DEFAULT_PREFIX
+    if not prefix or any(c in prefix for c in ":#"):
+        raise ValueError(f"--prefix must be non-empty without ':' or '#', got {prefix!r}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be seconds > 0, got {args.timeout}")
+    shown = admin.display_url(url)
+    redis = _client_module()
+    client = admin.connect(url, args.timeout or 5.0)
+    scope = dict(kind=args.kind, namespace=args.namespace)
+    try:
+        if args.action == "stats":
+            found = admin.stats(client, prefix, **scope)
+            server = found["server"]
+            print(f"Redis {shown}, keys under {prefix!r}")
+            limit = server["maxmemory"]
+            limit = "?" if limit is None else f"{limit:,} bytes" if limit else "0 (no limit)"
+            used = "?" if server["used_memory"] is None else f"{server['used_memory']:,} bytes"
+            print(f"server: redis {server['version'] or '?'}, used_memory {used}, maxmemory {limit}, "
+                  f"maxmemory-policy {server['maxmemory-policy'] or '?'}")  # fmt: skip
+            entries = total = 0
+            for g in found["groups"]:
+                extra = f", {g.not_strings} not strings (`prune` removes them)" if g.not_strings else ""
+                if g.recorded_total is not None or g.lru_members is not None:
+                    extra += f", byte bound bookkeeping: total {g.recorded_total or 0:,}, {g.lru_members or 0} in LRU"
+                if g.logs:
+                    extra += f", logs: {g.logs}"
+                print(f"{g.kind} {_namespace(g.namespace)}: entries: {g.entries:,}, bytes: {g.bytes:,}{extra}")
+                entries, total = entries + g.entries, total + g.bytes
+            print(f"total: {entries:,} entries, {total:,} bytes")
+        elif args.action == "ls":
+            infos, count = admin.list_entries(client, prefix, limit=args.limit, **scope)
+            bad = 0
+            for info in infos:
+                k = info.key
+                what = f"unreadable: {info.problem}" if info.problem else str(info.details)
+                bad += bool(info.problem)
+                print(f"{k.kind}  {_namespace(k.namespace_text)}  model {k.model or '-'}  key {k.key[:16]}  "
+                      f"{info.nbytes:>12,} B  ttl {_ttl(info.ttl)}  {what}")  # fmt: skip
+            if count > len(infos):
+                print(f"... (first {len(infos)} of {count} entries)")
+            if not count:
+                print(f"no entries under {prefix!r} at {shown}")
+            if bad:
+                print(f"({bad} unreadable entries listed; `prune` removes them)")
+        elif args.action == "prune":
+            from .hooks.storage import _secret_bytes
+
+            results = admin.prune(client, prefix, max_bytes=args.max_bytes, secret=_secret_bytes(None), **scope)
+            sums = dict.fromkeys(("expired", "bad", "evicted", "stale", "left", "bytes"), 0)
+            for r in results:
+                order = f" ({r.order})" if r.evicted else ""
+                stale = f"; {r.stale} stale bookkeeping members dropped" if r.stale else ""
+                print(f"{r.kind} {_namespace(r.namespace)}: removed {r.expired} expired, {r.bad} bad and {r.evicted} "
+                      f"evicted entries{order}{stale}; {r.left} left, {r.bytes:,} bytes")  # fmt: skip
+                for name in sums:
+                    sums[name] += getattr(r, name)
+            print(f"total: removed {sums['expired']} expired, {sums['bad']} bad and {sums['evicted']} evicted "
+                  f"entries; {sums['left']} left, {sums['bytes']:,} bytes at {shown}")  # fmt: skip
+        else:
+            removed = admin.clear(client, prefix, **scope)
+            print(f"removed {removed['entries']} entries and {removed['other']} bookkeeping and log keys from {shown}")
+    except redis.RedisError as err:
+        raise RuntimeError(f"Redis {shown} failed: {type(err).__name__}: {admin.scrub(str(err), url)}") from None
+    finally:
+        client.close()
     return 0
 
 
