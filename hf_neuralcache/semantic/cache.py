@@ -79,6 +79,20 @@ class SemanticCache(StoreBackedCache):
         remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
             server's `maxmemory` policy.
 
+    **Across hosts.** With `remote=`, answers also go to Redis, and every store, `delete()` and `clear()` appends an
+    event to a Redis stream of this embedder and namespace (`semantic/shared.py`). Each process reads the events it
+    has not seen when it opens and at most every `refresh_seconds` (1 s) on a lookup: it fetches each new answer
+    from Redis, checks it (the blob's checksum or MAC, that it answers the event's request, its embedding), copies
+    it into its own folder and indexes it; a removal takes its copies out. An answer stored on one host is therefore
+    served on another within about `refresh_seconds` (plus the background write to Redis), without a forward pass.
+    Nothing is indexed before its answer is local, so an answer that expired or was removed in Redis before a host
+    copied it is a miss there, never an error; a copy keeps the answer's remaining `ttl`. Local bounds
+    (`max_entries`, `disk_bytes`) evict only local copies. The stream keeps about `2 * max_entries` events: a host
+    that fell further behind (or a Redis that restarted empty) reads what remains, so older answers are then not
+    taken in and a trimmed removal is not applied there. A forged or damaged event or answer is skipped and counted
+    in `integrity_errors`; Redis being down or hung costs a lookup at most about 0.1 s, and the cache goes on with
+    its own folder.
+
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
     `bypassed` (by reason in `bypassed_by`, each logged once), `not_cacheable`, `bytes_stored` and `seconds_saved`,
     and the failures `storage_errors`,
