@@ -71,17 +71,21 @@ return removed
 
 
 def redact(url: str) -> str:
-    """`url` without its username and password (what is logged and shown)."""
+    """`url` without its username and password, in the authority or the query (what is logged and shown)."""
     try:
         parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "<unparsable URL>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    hidden = {"password", "username", "user", "pass"}
+    if any(name.lower() in hidden for name, _ in query):
+        query = [(name, "***" if name.lower() in hidden else value) for name, value in query]
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(query, safe="*"),
+                                        parts.fragment))  # fmt: skip
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def check_url(url) -> str:
@@ -122,8 +126,9 @@ class _Write:
     key: str
     blob: bytes | Callable[[], bytes]  # or a function making it, called by the writer (off the request's path)
     px: int  # milliseconds to live, 0: no expiry
-    size: int = 0
     done: threading.Event | None = None
+    call: Callable[[], object] | None = None  # a command to run in turn instead of a write (`later`)
+    nbytes: int = 0  # what the item counts against `queue_bytes`
 
 
 class RedisTier:
@@ -265,11 +270,20 @@ class RedisTier:
             self.call("touch", self.client.zadd, self.lru_key, {rkey: time.time()}, xx=True)
         return value if isinstance(value, bytes) else None
 
+    def get_many(self, rkeys: list[str]) -> list[bytes | None]:
+        """The bytes under each of `rkeys` in one round trip (`None` for each missing one, or for all when the tier
+        is skipped)."""
+        values = self.call("get", self.client.mget, rkeys, default=None) if rkeys else []
+        if not isinstance(values, list) or len(values) != len(rkeys):
+            return [None] * len(rkeys)
+        return [value if isinstance(value, bytes) else None for value in values]
+
     def exists(self, rkey: str) -> bool:
         return bool(self.call("exists", self.client.exists, rkey, default=0))
 
     def delete(self, rkey: str) -> None:
-        """Remove `rkey` (a bad or removed entry); skipped when the tier is."""
+        """Remove `rkey` (a bad or removed entry); skipped when the tier is. While writes handed over earlier still
+        wait for the background writer, the removal waits behind them (a removal is never overtaken by a write)."""
 
         def remove():
             pipe = self.client.pipeline(transaction=True)
@@ -278,7 +292,30 @@ class RedisTier:
                 pipe.zrem(self.lru_key, rkey)
             pipe.execute()
 
-        self.call("delete", remove)
+        if self._queue.empty() or not self.later("delete", remove):
+            self.call("delete", remove)
+
+    # ---- streams ------------------------------------------------------------------------------------------------
+    def append(self, stream: str, data: bytes, maxlen: int) -> bool:
+        """Add the event `data` to `stream` (kept to about `maxlen` events) after the writes handed over so far."""
+        return self.later(
+            "append", lambda: self.client.xadd(stream, {"e": data}, maxlen=maxlen, approximate=True), len(data)
+        )
+
+    def read_log(self, stream: str, after: str, count: int) -> tuple[list, bytes | None] | None:
+        """`(events, newest)`: up to `count` events of `stream` after the id `after` as `[(id, fields)]`, and the id
+        of the newest event (`None`: the stream is empty or gone), in one round trip; `None` when the tier is
+        skipped or the call fails."""
+
+        def read():
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xread({stream: after}, count=count)
+            pipe.xrevrange(stream, count=1)
+            found, newest = pipe.execute()
+            events = found[0][1] if found else []  # [[stream, [(id, fields), ...]]] (RESP2, redis-py's default)
+            return list(events), newest[0][0] if newest else None
+
+        return self.call("read log", read)
 
     def put(self, rkey: str, blob, ttl: float | None = None, wait: bool = False, size: int | None = None) -> bool:
         """Hand `blob` (bytes, or a function returning them, called by the writer; `size` estimates its length) to
@@ -288,22 +325,32 @@ class RedisTier:
         px = 0 if ttl is None else max(int(ttl * 1000), 1)
         size = len(blob) if isinstance(blob, bytes) else int(size or 0)
         if wait:
-            return self._write(_Write(rkey, blob, px, size))
+            return self._write(_Write(rkey, blob, px, nbytes=size))
+        return self._enqueue(_Write(rkey, blob, px, nbytes=size))
+
+    def later(self, op: str, call: Callable[[], object], nbytes: int = 0) -> bool:
+        """Run `call()` on the background writer after the writes handed over so far (so that, for example, a
+        stream event naming an entry is never seen before the entry). Returns whether it was taken."""
+        return self._enqueue(_Write(op, b"", 0, call=call, nbytes=nbytes))
+
+    def _enqueue(self, item: _Write) -> bool:
+        nbytes = item.nbytes = item.nbytes or (len(item.blob) if isinstance(item.blob, bytes) else 0)
+        op = "write" if item.call is None else item.key
         if not self.available:
-            self._skip("write", "the Redis tier is skipped after a failure")
+            self._skip(op, "the Redis tier is skipped after a failure")
             return False
         with self._lock:
-            if self._queued + size > self.queue_bytes:
+            if self._queued + nbytes > self.queue_bytes:
                 full = True
             else:
-                full, self._queued = False, self._queued + size
+                full, self._queued = False, self._queued + nbytes
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._drain, name="hf_neuralcache-redis-writer", daemon=True)
                 self._writer.start()
         if full:
-            self._skip("write", f"more than {self.queue_bytes} bytes wait for Redis")
+            self._skip(op, f"more than {self.queue_bytes} bytes wait for Redis")
             return False
-        self._queue.put(_Write(rkey, blob, px, size))
+        self._queue.put(item)
         return True
 
     def _skip(self, op: str, why: str) -> None:
@@ -334,13 +381,15 @@ class RedisTier:
                     item.done.set()
                     continue
                 if not self.available:
-                    self._skip("write", "the Redis tier is skipped after a failure")
+                    self._skip("write" if item.call is None else item.key, "the Redis tier is skipped after a failure")
+                elif item.call is not None:
+                    self.call(item.key, item.call)
                 else:
                     self._write(item)
             finally:
                 if item is not None and item.done is None:
                     with self._lock:
-                        self._queued -= item.size
+                        self._queued -= item.nbytes
                 self._queue.task_done()
 
     def clear(self) -> int:
@@ -368,7 +417,7 @@ class RedisTier:
         if not alive:
             return self._queue.empty()
         done = threading.Event()
-        self._queue.put(_Write("", b"", 0, 0, done))
+        self._queue.put(_Write("", b"", 0, done))
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:

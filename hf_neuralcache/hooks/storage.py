@@ -417,18 +417,25 @@ class TieredStore:
         """Name the model of this thread's current request (part of the remote tier's keys; see `remote.py`)."""
         self._scope.model = fingerprint
 
-    def remote_key(self, key: str) -> str | None:
-        """The remote tier's key of `key` for this thread's current model, or `None` without a remote tier."""
-        return None if self.remote is None else self.remote.key(key, getattr(self._scope, "model", ""))
+    @property
+    def model(self) -> str:
+        """The model fingerprint named by this thread's last [`use_model`] (`""` when none was)."""
+        return getattr(self._scope, "model", "")
 
-    def _local(self, key: str) -> bool:
+    def remote_key(self, key: str, model: str | None = None) -> str | None:
+        """The remote tier's key of `key` for `model` (default: this thread's current model), or `None` without a
+        remote tier."""
+        return None if self.remote is None else self.remote.key(key, self.model if model is None else model)
+
+    def local(self, key: str) -> bool:
+        """Whether `key` is stored in the RAM or disk tier (never asks the remote tier)."""
         if self.ram is not None and key in self.ram:
             return True
         return False if self.disabled else self.guarded("lookup", self.disk.__contains__, key, default=False)
 
     def contains(self, key: str) -> bool:
         """Whether `key` is stored in any tier (without reading it)."""
-        return self._local(key) or (self.remote is not None and self.remote.exists(self.remote_key(key)))
+        return self.local(key) or (self.remote is not None and self.remote.exists(self.remote_key(key)))
 
     def where(self, key: str) -> str | None:
         """`"ram"`, `"disk"`, `"redis"` or `None`: the fastest tier holding `key`."""
@@ -438,8 +445,9 @@ class TieredStore:
             return "disk"
         return "redis" if self.remote is not None and self.remote.exists(self.remote_key(key)) else None
 
-    def get(self, key: str) -> Loaded | None:
-        """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted)."""
+    def get(self, key: str, model: str | None = None) -> Loaded | None:
+        """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted). `model` names the
+        model of the remote tier's key (default: this thread's current model, see [`use_model`])."""
         start = time.perf_counter()
         if self.ram is not None:
             with self._lock:
@@ -449,9 +457,21 @@ class TieredStore:
         blob = None if self.disabled else self.guarded("read", self.disk.get, key, default=None, retry=True)
         tier = "disk"
         if blob is None and self.remote is not None:
-            blob, tier = self.remote.get(self.remote_key(key)), "redis"
-        if blob is None:
-            return None
+            blob, tier = self.remote.get(self.remote_key(key, model)), "redis"
+        return None if blob is None else self._accept(key, blob, tier, start, model)
+
+    def get_remote(self, wanted: list[tuple[str, str]]) -> list[Loaded | None]:
+        """The entries `[(key, model)]` read from the remote tier in one round trip, checked and copied into the
+        local tiers as [`get`] does with a remote hit; `None` for each one missing, expired or bad."""
+        if self.remote is None or not wanted:
+            return [None] * len(wanted)
+        start = time.perf_counter()
+        blobs = self.remote.get_many([self.remote_key(key, model) for key, model in wanted])
+        return [None if blob is None else self._accept(key, blob, "redis", start, model)
+                for (key, model), blob in zip(wanted, blobs, strict=True)]  # fmt: skip
+
+    def _accept(self, key: str, blob: bytes, tier: str, start: float, model: str | None) -> Loaded | None:
+        """Check a blob read from `tier`; a good one from the remote tier is copied into the local tiers."""
         try:
             tensors, meta = decode_entry(key, blob, self.secret)
         except CorruptEntryError as err:
@@ -460,7 +480,7 @@ class TieredStore:
             if tier == "disk":
                 self.delete(key)
             else:
-                self.remote.delete(self.remote_key(key))
+                self.remote.delete(self.remote_key(key, model))
             return None
         expires = meta.get("expires_at")
         if tier == "redis":
@@ -593,15 +613,15 @@ class TieredStore:
             with self._lock:
                 self.ram[key] = value
 
-    def delete(self, key: str) -> None:
-        """Remove `key` from every tier."""
+    def delete(self, key: str, model: str | None = None, shared: bool = True) -> None:
+        """Remove `key` from every tier (`shared=False`: from the local tiers only; `model` as in [`get`])."""
         if self.ram is not None:
             with self._lock:
                 self.ram.pop(key, None)
         if not self.disabled and self.readonly is None:
             self.guarded("delete", self.disk.delete, key, retry=True)
-        if self.remote is not None:
-            self.remote.delete(self.remote_key(key))
+        if self.remote is not None and shared:
+            self.remote.delete(self.remote_key(key, model))
 
     def forget_ram(self) -> None:
         """Empty the RAM tier (the disk tier is kept)."""

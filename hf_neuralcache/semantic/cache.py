@@ -25,9 +25,10 @@ from ..hooks.generate import _CHAT_USER_MARKERS
 from ..hooks.inference import entry_from_output, is_time_dependent, output_from_entry, stream
 from ..hooks.remote import remote_tier
 from ..hooks.samples import DEFAULT_SAMPLED_ANSWERS, SampleSlots, sampled_answers_setting
-from ..hooks.storage import Counters, StoreBackedCache, TieredStore
+from ..hooks.storage import CorruptEntryError, Counters, StoreBackedCache, TieredStore
 from .index import VectorIndex
 from .records import LabelRecords, clear_folder, entry_key
+from .shared import SharedLog
 
 logger = logging.getLogger("hf_neuralcache.semantic")
 
@@ -77,6 +78,20 @@ class SemanticCache(StoreBackedCache):
             0.1 s, then is skipped for a while (see the "Sharing caches across machines" docs page).
         remote_bytes (`int`, *optional*): Bound of this cache's kind and namespace in Redis; `None` leaves it to the
             server's `maxmemory` policy.
+
+    **Across hosts.** With `remote=`, answers also go to Redis, and every store, `delete()` and `clear()` appends an
+    event to a Redis stream of this embedder and namespace (`semantic/shared.py`). Each process reads the events it
+    has not seen when it opens and at most every `refresh_seconds` (1 s) on a lookup: it fetches each new answer
+    from Redis, checks it (the blob's checksum or MAC, that it answers the event's request, its embedding), copies
+    it into its own folder and indexes it; a removal takes its copies out. An answer stored on one host is therefore
+    served on another within about `refresh_seconds` (plus the background write to Redis), without a forward pass.
+    Nothing is indexed before its answer is local, so an answer that expired or was removed in Redis before a host
+    copied it is a miss there, never an error; a copy keeps the answer's remaining `ttl`. Local bounds
+    (`max_entries`, `disk_bytes`) evict only local copies. The stream keeps about `2 * max_entries` events: a host
+    that fell further behind (or a Redis that restarted empty) reads what remains, so older answers are then not
+    taken in and a trimmed removal is not applied there. A forged or damaged event or answer is skipped and counted
+    in `integrity_errors`; Redis being down or hung costs a lookup at most about 0.1 s, and the cache goes on with
+    its own folder.
 
     `stats()` counts `hits`, `misses`, `near_misses` (a candidate above the threshold that the guard rejected),
     `bypassed` (by reason in `bypassed_by`, each logged once), `not_cacheable`, `bytes_stored` and `seconds_saved`,
@@ -170,6 +185,8 @@ class SemanticCache(StoreBackedCache):
         self.index = VectorIndex(self.store.directory, embedder.dim, embedder.fingerprint, M, ef_construction, ef,
                                  self.initial_capacity, secret=self.store.secret)  # fmt: skip
         self.records = LabelRecords(self.store, self.pending_seconds)
+        self.log = None if tier is None else SharedLog(tier, embedder.fingerprint, namespace, 2 * max_entries,
+                                                       self.store.failed)  # fmt: skip
         self._lock = threading.RLock()
         self._open()
 
@@ -188,9 +205,17 @@ class SemanticCache(StoreBackedCache):
             self._register(found)
             for label in self.index.labels - set(self._labels):  # removed since the index was saved
                 self.index.remove(label)
+            self._catch_up()
 
     def _refresh(self) -> None:
-        """Take in the labels other processes recorded since the last look (and those pending then)."""
+        """Take in the labels other processes recorded since the last look, then (with a remote tier) the answers
+        other hosts stored."""
+        with self._lock:
+            self._take_records()
+            self._catch_up()
+
+    def _take_records(self) -> None:
+        """Take in the labels other processes recorded in this folder since the last look (and those pending then)."""
         with self._lock:
             top, pending = self.records.counter()
             todo = set(range(self._seen + 1, top + 1)) | self._unrecorded
@@ -205,7 +230,7 @@ class SemanticCache(StoreBackedCache):
         for label, record in sorted(records.items()):
             if label in self._labels:
                 continue
-            if not isinstance(record.get("key"), str) or not self.store.contains(record["key"]):
+            if not isinstance(record.get("key"), str) or not self.store.local(record["key"]):
                 self.records.delete(label)  # its answer is gone: evicted, expired, bad
                 continue
             if label not in self.index.labels:
@@ -245,8 +270,81 @@ class SemanticCache(StoreBackedCache):
         """Forget every label whose answer is gone (the byte bound or the TTL removed it, or another process did)."""
         with self._lock:
             for label, record in list(self._labels.items()):
-                if not self.store.contains(record["key"]):
+                if not self.store.local(record["key"]):
                     self._forget(label)
+
+    # ---- other hosts (the shared stream, see shared.py) ---------------------------------------------------------
+    def _catch_up(self) -> None:
+        """Apply the events other processes appended to the shared stream since the last look (with a remote tier)."""
+        if self.log is None or self.store.disabled or self.store.readonly is not None:
+            return
+        with self._lock:
+            more = True
+            while more:
+                found = self.log.read()
+                if found is None:  # Redis failed: skipped for a while, the next refresh tries again
+                    return
+                events, more = found
+                adds: dict[str, dict] = {}
+                for event in events:
+                    if event["op"] == "add":
+                        if event["key"] not in self._by_key:
+                            adds[event["key"]] = event
+                        continue
+                    self._copy(list(adds.values()))
+                    adds = {}
+                    self._remove_local(None if event["op"] == "clear" else event["request"])
+                self._copy(list(adds.values()))
+            self._evict()
+
+    def _copy(self, events: list[dict]) -> None:
+        """Fetch the answers that "add" events name, check them, and record and index each good one here."""
+        if any(self.store.local(event["key"]) for event in events):  # maybe a process sharing this folder took it
+            self._take_records()
+            events = [event for event in events if event["key"] not in self._by_key]
+        loaded = self.store.get_remote([(event["key"], event["model"]) for event in events])
+        labels, vectors = [], []
+        for event, entry in zip(events, loaded, strict=True):
+            if entry is None:  # gone from Redis (expired, removed, evicted) or bad (counted): not taken in
+                continue
+            vector = self._answer_vector(entry, event["request"])
+            if vector is None:
+                self.store.failed("integrity", "redis answer", CorruptEntryError("an answer that is not its event's"))
+                self.store.delete(event["key"], shared=False)
+                continue
+            if not self.store.local(event["key"]):  # the folder did not take it
+                continue
+            label = self.records.reserve(self._seen + 1)
+            if label is None:
+                return
+            record = {name: event[name] for name in ("key", "context", "request", "namespace", "model")}
+            self.records.commit(label, record)
+            labels.append(label)
+            vectors.append(vector)
+            self._labels[label], self._by_key[event["key"]] = record, label
+        if labels:
+            self.index.add(labels, np.stack(vectors))
+
+    def _answer_vector(self, entry, request: str) -> np.ndarray | None:
+        """The stored embedding of an answer fetched from Redis when the answer is one this cache writes for
+        `request` with this embedder, else `None`."""
+        tokens, stored = entry.tensors.get("new_tokens"), entry.tensors.get("embedding")
+        if entry.meta.get("request") != request or entry.meta.get("embedder") != self.embedder.fingerprint:
+            return None
+        if tokens is None or tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.dtype != torch.long:
+            return None
+        if stored is None or tuple(stored.shape) != (self.embedder.dim,) or stored.dtype != torch.float32:
+            return None
+        vector = stored.numpy()
+        return vector.copy() if np.isfinite(vector).all() and abs(float(vector @ vector) - 1.0) < 1e-3 else None
+
+    def _remove_local(self, request: str | None) -> None:
+        """Take out of this host the answers of this namespace to `request` (`None`: all of them); Redis is left
+        alone (the process that appended the removal removed them there)."""
+        for label, record in list(self._labels.items()):
+            if record.get("namespace") == self.namespace and request in (None, record["request"]):
+                self._delete_answers(record["key"])
+                self._forget(label)
 
     def save(self, wait: bool = True) -> bool:
         """Write the index to the folder (atomically); lookups do not need it, it only speeds up the next start.
@@ -409,7 +507,8 @@ class SemanticCache(StoreBackedCache):
             return
         meta.update(seconds=seconds, label=label, request=text, embedder=self.embedder.fingerprint)
         written = self.store.put(key, tensors, meta, expire=self.ttl)
-        record = {"key": key, "context": context, "request": text, "namespace": self.namespace}
+        record = {"key": key, "context": context, "request": text, "namespace": self.namespace,
+                  "model": self.store.model}  # fmt: skip
         self.records.commit(label, record if written else None)
         if not written:
             return
@@ -418,6 +517,8 @@ class SemanticCache(StoreBackedCache):
             self.index.add([label], vector[None])
             self._labels[label], self._by_key[key] = record, label
             self._added += 1
+        if self.log is not None:  # after the answer, so other hosts never read the event first
+            self.log.publish("add", key=key, context=context, request=text, model=self.store.model)
         self._evict()
         if self._added >= self.save_every:
             self.save(wait=False)  # never stall a request behind another process's save
@@ -425,13 +526,14 @@ class SemanticCache(StoreBackedCache):
     def _evict_oldest(self) -> None:
         with self._lock:
             oldest = min(self._labels)
-            self._delete_answers(self._labels[oldest]["key"])
+            self._delete_answers(self._labels[oldest]["key"])  # a local bound: the shared answer stays in Redis
             self._forget(oldest)
 
-    def _delete_answers(self, key: str) -> None:
-        """Remove the answer under `key` and the other answers of its sampled request."""
+    def _delete_answers(self, key: str, model: str | None = None, shared: bool = False) -> None:
+        """Remove the answer under `key` and the other answers of its sampled request, from this host (`shared`:
+        from Redis too, under `model`'s keys)."""
         for slot in SampleSlots.all_keys(key)[: max(self.sampled_answers, 1)]:
-            self.store.delete(slot)
+            self.store.delete(slot, model, shared=shared)
 
     def _make_room(self, nbytes: int) -> None:
         """Evict the oldest answers until `nbytes` more fit the byte bound (the store's own cull drops them in tens)."""
@@ -446,7 +548,9 @@ class SemanticCache(StoreBackedCache):
             self._evict_oldest()
 
     def delete(self, text: str) -> int:
-        """Remove the answers stored for exactly this request text in this namespace (any context); returns how many."""
+        """Remove the answers stored for exactly this request text in this namespace (any context); returns how many
+        this host held. With a remote tier they are removed from Redis too, and every host removes its own copies
+        (and answers to the same text in other contexts) when it next reads the shared stream."""
         if not isinstance(text, str):
             raise ValueError(f"expected the request text as a str, got {type(text).__name__}")
         removed = 0
@@ -454,9 +558,12 @@ class SemanticCache(StoreBackedCache):
             self._refresh()
             for label, record in list(self._labels.items()):
                 if record["request"] == text.strip() and record.get("namespace") == self.namespace:
-                    self._delete_answers(record["key"])
+                    model = record.get("model") if isinstance(record.get("model"), str) else None
+                    self._delete_answers(record["key"], model, shared=True)
                     self._forget(label)
                     removed += 1
+            if self.log is not None:
+                self.log.publish("del", request=text.strip())
         return removed
 
     # ---- operations ---------------------------------------------------------------------------------------------
@@ -468,12 +575,16 @@ class SemanticCache(StoreBackedCache):
         return {**super().stats(), "entries": len(self._labels)}
 
     def clear(self) -> None:
-        """Remove every answer (all namespaces and contexts), its record and the saved index."""
+        """Remove every answer (all namespaces and contexts), its record and the saved index. With a remote tier,
+        this namespace's answers are removed from Redis too, and every host removes its copies of them when it next
+        reads the shared stream."""
         with self._lock:
             clear_folder(self.store)
             self.index.reset()
             self._labels, self._by_key, self._unrecorded = {}, {}, set()
             self._seen = self.records.counter()[0]
+            if self.log is not None:
+                self.log.publish("clear")
 
     def close(self) -> None:
         """Save the index and the statistics, and close the folder's database connections."""
