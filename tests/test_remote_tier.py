@@ -201,3 +201,13 @@ def test_remote_dtype_halves_the_bytes_and_stays_close(model, tmp_path, redis_se
 def test_bad_remote_dtype(tmp_path, bad):
     with pytest.raises(ValueError, match="remote_dtype must be a floating-point"):
         PrefixCache(tmp_path, remote_dtype=bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://alice:hunter2@host:6379/0", "redis://:hunter2@host/0", "redis://host:6379/0?password=hunter2&db=1",
+     "unix:///tmp/redis.sock?db=0&password=hunter2"],
+)  # fmt: skip
+def test_redact_hides_every_credential_form(url):
+    shown = redact(url)
+    assert "hunter2" not in shown and "alice" not in shown and "***" in shown and shown.split(":")[0] in url

@@ -81,11 +81,11 @@ def redact(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         netloc = "***@" + netloc.rpartition("@")[2]
     hidden = {"password", "username", "user", "pass"}
+    text = parts.query
     if any(name.lower() in hidden for name, _ in query):
         query = [(name, "***" if name.lower() in hidden else value) for name, value in query]
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(query, safe="*"),
-                                        parts.fragment))  # fmt: skip
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        text = urllib.parse.urlencode(query, safe="*")
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{text}" if text else "")
 
 
 def check_url(url) -> str:
