@@ -462,15 +462,17 @@ class TieredStore:
 
     def get_remote(self, wanted: list[tuple[str, str]]) -> list[Loaded | None]:
         """The entries `[(key, model)]` read from the remote tier in one round trip, checked and copied into the
-        local tiers as [`get`] does with a remote hit; `None` for each one missing, expired or bad."""
+        local tiers (at once, not in the background as [`get`] does); `None` for each one missing, expired or bad."""
         if self.remote is None or not wanted:
             return [None] * len(wanted)
         start = time.perf_counter()
         blobs = self.remote.get_many([self.remote_key(key, model) for key, model in wanted])
-        return [None if blob is None else self._accept(key, blob, "redis", start, model)
+        return [None if blob is None else self._accept(key, blob, "redis", start, model, wait=True)
                 for (key, model), blob in zip(wanted, blobs, strict=True)]  # fmt: skip
 
-    def _accept(self, key: str, blob: bytes, tier: str, start: float, model: str | None) -> Loaded | None:
+    def _accept(
+        self, key: str, blob: bytes, tier: str, start: float, model: str | None, wait: bool = False
+    ) -> Loaded | None:
         """Check a blob read from `tier`; a good one from the remote tier is copied into the local tiers."""
         try:
             tensors, meta = decode_entry(key, blob, self.secret)
@@ -487,7 +489,10 @@ class TieredStore:
             left = None if expires is None else float(expires) - time.time()
             if left is not None and left <= 0:
                 return None  # expired by this machine's clock
-            self._fill_later(key, blob, left)
+            if wait:
+                self._write_local(key, blob, left)
+            else:
+                self._fill_later(key, blob, left)
         loaded = Loaded(tensors, meta, tier, time.perf_counter() - start, len(blob))
         self._remember(key, tensors, meta)
         return loaded
