@@ -145,15 +145,18 @@ def test_server_down_at_start_killed_and_paused_never_fails_a_request(model, tmp
     cache.clear()
     assert torch.equal(greedy(model, prompt, inference_cache=cache), want)
     assert tier.flush() and redis_server.client().keys("hfnc:*")  # written once the server is back
-    redis_server.pause()
+    redis_server.pause()  # hung: connections are accepted by the kernel, nothing answers
     try:
-        worst = 0.0
+        seconds = []
         for n in range(5):
             fresh = ids(seed=100 + n)
+            want = greedy(model, fresh)
             begin = time.perf_counter()
             out = greedy(model, fresh, inference_cache=cache)
-            worst = max(worst, time.perf_counter() - begin - 0.0)
-            assert torch.equal(out, greedy(model, fresh))
+            seconds.append(time.perf_counter() - begin)
+            assert torch.equal(out, want)
+        # one request pays the timeout (0.1 s) then the breaker skips the tier; generous bound for a loaded CI
+        assert max(seconds) < 1.0, seconds
         begin = time.perf_counter()
         assert tier.get(tier.key("x")) is None
         assert time.perf_counter() - begin < 0.5

@@ -217,6 +217,7 @@ class PrefixCache(StoreBackedCache):
         batch then starts from the shortest slot count every row can fill (rows are left-padded).
         """
         root = self.root(model, regime)
+        self.store.fill_deferred()  # left by a call that raised before finish()
         self.store.use_model(model_fingerprint(model))
         ct = self.chunk_tokens
         rows = []
@@ -281,7 +282,7 @@ class PrefixCache(StoreBackedCache):
         for b, row in enumerate(plan.rows):
             for index in range(-(-row.load // ct)):
                 begin = time.perf_counter()
-                entry = self.store.get(row.keys[index])
+                entry = self.store.get(row.keys[index], defer_fill=True)  # copied locally after the request
                 tokens = min(ct, row.load - index * ct)
                 if entry is None or not _entry_fits(entry, plan, index, tokens, len(devices)):
                     if entry is not None:  # a correct checksum but not this model's chunk: drop it
@@ -327,6 +328,7 @@ class PrefixCache(StoreBackedCache):
     # ---- storing ------------------------------------------------------------------------------------------------
     def finish(self, plan: PrefixPlan) -> None:
         """After generate: store the prompt's new whole chunks and update statistics and measurements."""
+        self.store.fill_deferred()
         ct = self.chunk_tokens
         reused = sum(row.load for row in plan.rows)
         full = all(len(row.tokens) - row.load <= ct for row in plan.rows)

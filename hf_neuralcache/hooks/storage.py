@@ -445,9 +445,12 @@ class TieredStore:
             return "disk"
         return "redis" if self.remote is not None and self.remote.exists(self.remote_key(key)) else None
 
-    def get(self, key: str, model: str | None = None) -> Loaded | None:
+    def get(self, key: str, model: str | None = None, defer_fill: bool = False) -> Loaded | None:
         """The entry under `key`, checked, or `None` (a bad entry is deleted, logged and counted). `model` names the
-        model of the remote tier's key (default: this thread's current model, see [`use_model`])."""
+        model of the remote tier's key (default: this thread's current model, see [`use_model`]).
+
+        A remote hit is copied into the local tiers in the background, or with `defer_fill` only when this thread
+        calls [`fill_deferred`] (after the request, so that the copy does not compete with it)."""
         start = time.perf_counter()
         if self.ram is not None:
             with self._lock:
@@ -458,7 +461,13 @@ class TieredStore:
         tier = "disk"
         if blob is None and self.remote is not None:
             blob, tier = self.remote.get(self.remote_key(key, model)), "redis"
-        return None if blob is None else self._accept(key, blob, tier, start, model)
+        return None if blob is None else self._accept(key, blob, tier, start, model, defer=defer_fill)
+
+    def fill_deferred(self) -> None:
+        """Start copying the remote hits this thread read with `defer_fill` into the local tiers."""
+        deferred, self._scope.deferred = getattr(self._scope, "deferred", []), []
+        for key, blob, expires in deferred:
+            self._fill_later(key, blob, None if expires is None else expires - time.time())
 
     def get_remote(self, wanted: list[tuple[str, str]]) -> list[Loaded | None]:
         """The entries `[(key, model)]` read from the remote tier in one round trip, checked and copied into the
@@ -471,7 +480,7 @@ class TieredStore:
                 for (key, model), blob in zip(wanted, blobs, strict=True)]  # fmt: skip
 
     def _accept(
-        self, key: str, blob: bytes, tier: str, start: float, model: str | None, wait: bool = False
+        self, key: str, blob: bytes, tier: str, start: float, model: str | None, wait: bool = False, defer=False
     ) -> Loaded | None:
         """Check a blob read from `tier`; a good one from the remote tier is copied into the local tiers."""
         try:
@@ -491,6 +500,9 @@ class TieredStore:
                 return None  # expired by this machine's clock
             if wait:
                 self._write_local(key, blob, left)
+            elif defer:
+                deferred = self._scope.__dict__.setdefault("deferred", [])
+                deferred.append((key, blob, None if expires is None else float(expires)))
             else:
                 self._fill_later(key, blob, left)
         loaded = Loaded(tensors, meta, tier, time.perf_counter() - start, len(blob))
