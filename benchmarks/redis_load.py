@@ -1,15 +1,16 @@
 """Redis remote tier under load: 4 processes on 2 "hosts" sharing one Redis, with the server killed or paused mid-run.
 
     python benchmarks/redis_load.py                      # embedded SmolLM2-135M fp32, 4 x 200 requests per scenario
-    python benchmarks/redis_load.py --model tiny --requests 20     # a tiny random llama, seconds (the test's mode)
+    python benchmarks/redis_load.py --model tiny --requests 20     # a tiny random llama, < 1 min (the test's mode)
 
 Setup. The script starts its own `redis-server` on a free loopback port (needs `redis-server` on the PATH and the
 `redis` client). Four worker processes (one torch thread each) form two "hosts": each host is one local cache folder
 shared by its two processes; the hosts share nothing but Redis. Every process runs `generate()` with an
 `InferenceCache` and a `PrefixCache` (`chunk_tokens=32`, `cost_check=False` so every cached chunk is loaded and the
 remote path is exercised), both with `remote=` the server's URL. Each draws `--requests` prompts (seeded, with
-replacement) from one pool of `--systems` system prompts x `--questions` questions, so requests repeat exactly
-(inference cache hits) and share system prompts (prefix cache hits), within a process, a host and across hosts.
+replacement; the same draws in every scenario) from one pool of `--systems` system prompts x `--questions`
+questions, so requests repeat exactly (inference cache hits) and share system prompts (prefix cache hits), within a
+process, a host and across hosts.
 
 Correctness. Before the scenarios the workers compute each pool prompt's reference with plain `generate()` (no cache,
 greedy, the same process setup); a request whose output tokens differ from its reference is a *wrong output*, an
@@ -26,6 +27,8 @@ Figures per scenario:
 - request latency p50 / p99 / max over all requests of all processes (wall time of the `generate()` call);
 - *worst added latency* = this scenario's max latency minus the `normal` scenario's p99 (on a busy machine the
   compute time of a miss varies by more than a fault adds, so this figure can be negative);
+- *max during fault*: the slowest of the requests that ran at some point between the fault's start and its end
+  (server restarted or resumed), and how many there were;
 - *Redis wait* = the time one request spent inside Redis commands on its own thread (the background writers
   excluded; p99 and max over requests), measured by timing each `RedisTier.call`: the latency a slow or failing
   server adds to a request, without the compute noise;
@@ -219,7 +222,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_scenario(name, args, server, workers, refs, start, progress, root: Path) -> dict:
     total = args.requests * len(workers)
-    rng = random.Random(f"{args.seed}-{name}")
+    rng = random.Random(args.seed)  # the same draws in every scenario: their figures compare
     folders = [root / name.replace(" ", "_").replace("+", "_") / f"host{h}" for h in range(HOSTS)]
     for wid, (_, commands, _) in enumerate(workers):
         order = [rng.randrange(len(refs)) for _ in range(args.requests)]
@@ -257,6 +260,10 @@ def run_scenario(name, args, server, workers, refs, start, progress, root: Path)
             for key in ("hits", "partial_hits", "misses", "storage_errors", "integrity_errors", "skipped"):
                 stats[f"{kind}_{key}"] += values.get(key, 0)
     latencies = [r["seconds"] for r in records]
+    during = []  # requests running at some point while the server was away or paused
+    if fault is not None:
+        end = fault["at"] + fault["seconds"]
+        during = [r for r in records if r["at"] <= end and r["at"] + r["seconds"] >= fault["at"]]
     misses = sum(not r["inference_hit"] for r in records)
 
     def share(kind):
@@ -271,6 +278,7 @@ def run_scenario(name, args, server, workers, refs, start, progress, root: Path)
         prefix_hit_rate=sum(r["prefix_hit"] for r in records) / misses if misses else 0.0,
         inference_redis_share=share("inference"), prefix_redis_share=share("prefix"), tiers=dict(tiers),
         p50=percentile(latencies, 0.5), p99=percentile(latencies, 0.99), max=max(latencies),
+        during_fault=len(during), during_fault_max=max((r["seconds"] for r in during), default=None),
         redis_wait_p99=percentile([r["redis_wait"] for r in records], 0.99),
         max_redis_wait=max(r["redis_wait"] for r in records), stats=dict(stats),
         slowest=sorted(records, key=lambda r: -r["seconds"])[:3],
@@ -280,18 +288,20 @@ def run_scenario(name, args, server, workers, refs, start, progress, root: Path)
 def table(rows: list[dict]) -> str:
     base = rows[0]["p99"]
     lines = [
-        "| scenario | requests | errors | wrong | inference hits | prefix hits | from Redis (inf / prefix) "
-        "| p50 ms | p99 ms | max ms | worst added ms | Redis wait p99 / max ms | storage_errors / skipped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | requests | errors | wrong | inference hits | prefix hits | from Redis (inf / prefix) | p50 ms "
+        "| p99 ms | max ms | worst added ms | max ms during fault (requests) | Redis wait p99 / max ms "
+        "| storage_errors / skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["stats"]
         errors = f"{s['inference_storage_errors'] + s['prefix_storage_errors']} / {s['inference_skipped'] + s['prefix_skipped']}"  # noqa: E501
         added = "-" if r["fault"] is None else f"{(r['max'] - base) * 1e3:.0f}"
+        during = "-" if not r["during_fault"] else f"{r['during_fault_max'] * 1e3:.1f} ({r['during_fault']})"
         lines.append(
             f"| {r['scenario']} | {r['requests']} | {r['errors']} | {r['wrong']} | {r['inference_hit_rate']:.1%} "
             f"| {r['prefix_hit_rate']:.1%} | {r['inference_redis_share']:.1%} / {r['prefix_redis_share']:.1%} "
-            f"| {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['max'] * 1e3:.1f} | {added} "
+            f"| {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['max'] * 1e3:.1f} | {added} | {during} "
             f"| {r['redis_wait_p99'] * 1e3:.1f} / {r['max_redis_wait'] * 1e3:.1f} | {errors} |"
         )
     return "\n".join(lines)
