@@ -119,3 +119,28 @@ def test_examples_run(script):
         assert "tensor_cache: first token differing from full KV:" in result.stdout
     else:
         assert "'hits': 2, 'misses': 2" in result.stdout
+
+
+def test_shared_cache_example(redis_server):
+    """examples/shared_cache.py: host B is served from host A's work through a real Redis, and says so without one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "shared_cache.py"
+    command = [sys.executable, "-W", "error::FutureWarning", str(path), "--tiny", "--redis-url", redis_server.url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "past_key_values" not in result.stderr and "deprecated" not in result.stderr, result.stderr
+    assert result.stdout.count("identical to generating without the caches: True") == 3
+    assert "host A, question 1: computed" in result.stdout
+    assert "host B starts with an empty folder: 0 local entries" in result.stdout
+    assert "host B, question 1: inference cache hit" in result.stdout
+    assert "host B, question 2: prefix cache hit (256 prompt tokens' K/V loaded" in result.stdout
+    assert "'storage_errors': 0" in result.stdout and "'storage_errors': 1" not in result.stdout
+    assert redis_server.client().dbsize() == 0  # the example removed its namespace's entries
+
+    redis_server.kill()  # no server: a clear message, status 0, nothing run
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"No Redis server reachable at {redis_server.url}" in result.stdout
