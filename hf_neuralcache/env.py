@@ -5,6 +5,8 @@
 - `HF_NEURALCACHE_SECRET`: the key with which the prefix, inference and semantic caches MAC every entry they write
   and verify every entry they read (HMAC-SHA256), when no `secret=` argument is given; unset: entries carry only a
   checksum. Set the same value in every process that shares a folder.
+- `HF_NEURALCACHE_REDIS_USERNAME`, `HF_NEURALCACHE_REDIS_PASSWORD`: the credentials of a Redis remote tier whose URL
+  carries none (never logged).
 - `TRITON_INTERPRET`: Triton's own switch; when it is `1` the kernels of `hf_neuralcache.kernels` run on CPU tensors
   through Triton's interpreter (for tests) instead of the PyTorch reference.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_home", "cache_secret", "triton_interpret"]
+__all__ = ["cache_home", "cache_secret", "redis_credentials", "triton_interpret"]
 
 
 def cache_home() -> Path:
@@ -34,3 +36,10 @@ def triton_interpret() -> bool:
 def cache_secret() -> str | None:
     """The MAC key of the disk caches' entries (`HF_NEURALCACHE_SECRET`), or `None` when unset or empty."""
     return os.environ.get("HF_NEURALCACHE_SECRET") or None
+
+
+def redis_credentials() -> tuple[str | None, str | None]:
+    """`(username, password)` for a Redis URL without them (`HF_NEURALCACHE_REDIS_USERNAME` /
+    `HF_NEURALCACHE_REDIS_PASSWORD`); each `None` when unset or empty."""
+    username = os.environ.get("HF_NEURALCACHE_REDIS_USERNAME") or None
+    return username, os.environ.get("HF_NEURALCACHE_REDIS_PASSWORD") or None

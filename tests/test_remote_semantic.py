@@ -9,6 +9,7 @@ import pytest
 import torch
 from semantic_helpers import Forwards, ask, chat, make
 
+from hf_neuralcache.hooks.remote import _Breaker
 from hf_neuralcache.hooks.storage import encode_entry
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.semantic.records import entry_key
@@ -25,7 +26,7 @@ def host(path, server, **kwargs):
     cache = make(path, remote=server.url, **kwargs)
     cache.refresh_seconds = 0.0
     tier = cache.store.remote
-    tier.retry_seconds = tier._backoff = 0.2  # a server that comes back is tried again soon
+    tier.breaker = _Breaker(0.2)  # a server that comes back is tried again soon
     return cache
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_neuralcache import InferenceCache, PrefixCache
-from hf_neuralcache.hooks.remote import RedisTier, redact
+from hf_neuralcache.hooks.remote import RedisTier, _Breaker, redact
 from hf_neuralcache.hooks.storage import encode_entry
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import ForwardCounter
@@ -136,7 +136,7 @@ def test_server_down_at_start_killed_and_paused_never_fails_a_request(model, tmp
     redis_server.kill()
     cache = InferenceCache(tmp_path / "a", remote=redis_server.url, ram_bytes=0)
     tier = cache.store.remote
-    tier.retry_seconds = tier._backoff = 0.2
+    tier.breaker = _Breaker(0.2)
     with caplog.at_level(logging.WARNING, logger="hf_neuralcache"):
         assert torch.equal(greedy(model, prompt, inference_cache=cache), want)  # down at start
     assert any("Redis tier" in r.message and "skipped for" in r.message for r in caplog.records)

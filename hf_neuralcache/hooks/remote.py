@@ -26,7 +26,6 @@ model's fingerprint, so several models, tenants and cache kinds share one Redis 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -35,13 +34,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..env import redis_credentials
+
 logger = logging.getLogger("hf_neuralcache.hooks")
 
 __all__ = ["RedisTier", "redact", "remote_tier"]
 
 SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PREFIX = "hfnc"
-USERNAME_ENV, PASSWORD_ENV = "HF_NEURALCACHE_REDIS_USERNAME", "HF_NEURALCACHE_REDIS_PASSWORD"
 _MAX_BACKOFF = 60.0
 
 # Server-side write with a per-namespace byte bound: set the entry, account its size, then drop the least recently
@@ -121,6 +121,42 @@ def _quote(text: str | None) -> str:
     return urllib.parse.quote(text or "", safe="")
 
 
+class _Breaker:
+    """The circuit breaker of one Redis server, shared by every tier of this process that uses its URL: a server
+    that failed for one cache is skipped by all of them, so a request through several caches pays one timeout."""
+
+    def __init__(self, retry_seconds: float):
+        self.retry_seconds = retry_seconds
+        self.open_until = 0.0
+        self.backoff = retry_seconds
+        self.lock = threading.Lock()
+
+    def fail(self) -> tuple[bool, float]:
+        """Open (or keep open) the breaker; returns whether it was closed until now, and the wait."""
+        with self.lock:
+            first, wait = self.open_until == 0.0, self.backoff
+            self.open_until = time.monotonic() + wait
+            self.backoff = min(self.backoff * 2, _MAX_BACKOFF)
+        return first, wait
+
+    def succeed(self) -> bool:
+        """Close the breaker; returns whether it was open."""
+        if not self.open_until:
+            return False
+        with self.lock:
+            was, self.open_until, self.backoff = bool(self.open_until), 0.0, self.retry_seconds
+        return was
+
+
+_breakers: dict[tuple[str, float], _Breaker] = {}
+_breakers_lock = threading.Lock()
+
+
+def _breaker(url: str, retry_seconds: float) -> _Breaker:
+    with _breakers_lock:
+        return _breakers.setdefault((url, retry_seconds), _Breaker(retry_seconds))
+
+
 @dataclass
 class _Write:
     key: str
@@ -143,7 +179,8 @@ class RedisTier:
         timeout (`float`, *optional*, defaults to 0.1): Seconds a connect or a reply may take before the tier is
             skipped; the most a request waits on a hung or unreachable server.
         retry_seconds (`float`, *optional*, defaults to 5.0): How long the tier is skipped after a failure before
-            the server is tried again (doubling up to 60 s while it keeps failing).
+            the server is tried again (doubling up to 60 s while it keeps failing). The tiers of one process with the
+            same URL and `retry_seconds` share their breaker: a failure seen by one cache skips the server for all.
         max_bytes (`int`, *optional*): Bound of this kind and namespace in Redis (least recently used entries go
             first); `None` leaves the bound to the server's `maxmemory` policy.
         queue_bytes (`int`, *optional*, defaults to 512 MiB): Writes waiting for the background writer beyond this
@@ -177,8 +214,7 @@ class RedisTier:
         self.client = client if client is not None else self._connect(url, timeout)
         self.errors: Counter = Counter()
         self.on_failure = None  # callback(kind, op, err): the owning store counts and logs
-        self._open_until = 0.0
-        self._backoff = self.retry_seconds
+        self.breaker = _breaker(url, self.retry_seconds)
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Write | None] = queue.Queue()
         self._queued = 0
@@ -196,10 +232,11 @@ class RedisTier:
             "health_check_interval": 0,
         }
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None and os.environ.get(PASSWORD_ENV):
-            options["password"] = os.environ[PASSWORD_ENV]
-        if parts.username is None and os.environ.get(USERNAME_ENV):
-            options["username"] = os.environ[USERNAME_ENV]
+        username, password = redis_credentials()
+        if parts.password is None and password:
+            options["password"] = password
+        if parts.username is None and username:
+            options["username"] = username
         return redis.Redis.from_url(url, **options)
 
     def __repr__(self):
@@ -226,14 +263,10 @@ class RedisTier:
     @property
     def available(self) -> bool:
         """Whether the tier is tried now (the breaker is closed, or its wait is over and the next call probes)."""
-        return time.monotonic() >= self._open_until
+        return time.monotonic() >= self.breaker.open_until
 
     def _failed(self, op: str, err: BaseException) -> None:
-        with self._lock:
-            first = self._open_until == 0.0
-            wait = self._backoff
-            self._open_until = time.monotonic() + wait
-            self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        first, wait = self.breaker.fail()
         self.errors["storage_errors"] += 1
         if first:
             logger.warning("hf_neuralcache: Redis tier %s of the %s cache failed on %s (%s: %s); skipped for %.0f s, "
@@ -243,11 +276,8 @@ class RedisTier:
             self.on_failure("storage", f"redis {op}", err)
 
     def _succeeded(self) -> None:
-        if self._open_until:
-            with self._lock:
-                if self._open_until:
-                    logger.warning("hf_neuralcache: Redis tier %s of the %s cache is back", redact(self.url), self.kind)
-                self._open_until, self._backoff = 0.0, self.retry_seconds
+        if self.breaker.open_until and self.breaker.succeed():
+            logger.warning("hf_neuralcache: Redis tier %s of the %s cache is back", redact(self.url), self.kind)
 
     def call(self, op: str, fn, *args, default=None, **kwargs):
         """`fn(*args, **kwargs)` on the server, or `default` when the breaker is open or the call fails."""

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .remote import DEFAULT_PREFIX, PASSWORD_ENV, RedisTier, _client_module, check_url, redact
+from ..env import redis_credentials
+from .remote import DEFAULT_PREFIX, RedisTier, _client_module, check_url, redact
 
 __all__ = [
     "EntryInfo",
@@ -110,7 +111,6 @@ def display_url(url: str) -> str:
 
 def _secrets(url: str) -> list[str]:
     """The credentials in `url` and the environment, to scrub from any message that is shown."""
-    import os
 
     found = []
     try:
@@ -119,7 +119,7 @@ def _secrets(url: str) -> list[str]:
         found += [v for n, v in urllib.parse.parse_qsl(parts.query) if n.lower() in ("password", "username")]
     except ValueError:
         pass
-    found += [os.environ.get(PASSWORD_ENV)]
+    found += [redis_credentials()[1]]
     return [s for s in found if s and len(s) >= 3]
 
 
