@@ -222,21 +222,27 @@ def main() -> None:
         # ---- table 3: inference cache remote-hit latency ----
         short = prompt[:, :32]
         hits = 100 if args.quick else 1000
-        times = []
+        remote_hits, local_hits = ([], []), ([], [])  # (wall, CPU time of the calling thread)
         cache = InferenceCache(work / "inference_b", remote=args.url, ram_bytes=0)
-        for _ in range(hits):
+        for _ in range(hits):  # interleaved, so that both see the same machine
             cache.store.settle()  # the previous hit's local copy written (not timed), then removed:
             cache.store.disk.clear()  # host B's local copy gone: the read goes to Redis
-            begin = time.perf_counter()
-            model.generate(short, max_new_tokens=8, do_sample=False, inference_cache=cache)
-            times.append(time.perf_counter() - begin)
-        assert cache.stats()["hits"] == hits, cache.stats()
+            for wall, cpu in (remote_hits, local_hits):  # then the copy the remote hit made: a local disk hit
+                begin, begin_cpu = time.perf_counter(), time.thread_time()
+                model.generate(short, max_new_tokens=8, do_sample=False, inference_cache=cache)
+                wall.append(time.perf_counter() - begin)
+                cpu.append(time.thread_time() - begin_cpu)
+                cache.store.settle()
+        assert cache.stats()["hits"] == 2 * hits, cache.stats()
         cache.close()
-        times.sort()
-        print(f"\nInference cache remote hit (host B, empty local folder, no RAM tier), {hits} hits, tokenization "
-              "excluded")  # fmt: skip
-        print(f"p50 {times[len(times) // 2] * 1e3:.3f} ms   p99 {times[int(len(times) * 0.99)] * 1e3:.3f} ms   "
-              "(goal p50 < 2 ms)")  # fmt: skip
+        print(f"\nInference cache hits on host B (no RAM tier), {hits} each, tokenization excluded; the model check "
+              "(weights sampled every call) included. Wall clock, and the calling thread's CPU time (without the time "
+              "this VM's CPU is taken away, which varies 1-4x here)")  # fmt: skip
+        for name, (wall, cpu) in (("remote hit (empty local folder)", remote_hits), ("local disk hit", local_hits)):
+            wall.sort(), cpu.sort()
+            p50, p99, c50 = wall[len(wall) // 2], wall[int(len(wall) * 0.99)], cpu[len(cpu) // 2]
+            print(f"{name:<36} wall p50 {p50 * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms   CPU p50 {c50 * 1e3:.3f} ms")
+        print("goal: remote hit p50 < 2 ms")
 
         # ---- table 3b: the semantic cache across hosts ----
         asked = [chat(tokenizer, q) for q in questions(args.questions)]

@@ -78,14 +78,11 @@ _positions: dict = {}
 _AS_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _sample(tensors: list) -> bytes:
-    """Up to `_SAMPLE` elements of each tensor at fixed pseudo-random positions, as bytes.
-
-    CPU tensors are read through numpy (their elements viewed as integers of the same size), which costs about half
-    of a torch `index_select` per tensor; the bytes are only compared with the previous call's, never stored.
-    """
-    per_device: dict = {}
-    cpu = []
+def _readers(tensors: list) -> tuple[list, list]:
+    """How to read the sample of each tensor: `(cpu, other)`, `cpu` as `(numpy view, positions)` pairs (elements
+    viewed as integers of the same size: numpy indexing costs a fraction of a torch op) and `other` as `(flat tensor,
+    positions)` pairs. Valid while the tensors keep their identity (`_identity`)."""
+    cpu, other = [], []
     for tensor in tensors:
         if tensor.is_meta or tensor.numel() == 0:
             continue
@@ -95,17 +92,28 @@ def _sample(tensors: list) -> bytes:
         if index is None:
             generator = torch.Generator().manual_seed(n)
             index = torch.randint(0, n, (min(n, _SAMPLE),), generator=generator).to(flat.device)
-            if flat.device.type == "cpu":
-                index = index.numpy()
             _positions[(n, flat.device)] = index
         integer = _AS_INTEGER.get(flat.element_size())
-        if flat.device.type == "cpu" and integer is not None and not flat.is_complex():
-            cpu.append(flat.view(integer).numpy()[index].view(np.uint8))
+        if flat.device.type == "cpu" and integer is not None and not flat.is_complex() and tensor.is_contiguous():
+            cpu.append((flat.view(integer).numpy(), index.numpy()))
         else:
-            index = torch.as_tensor(index, device=flat.device)
-            per_device.setdefault(flat.device, []).append(flat.index_select(0, index).view(torch.uint8))
-    parts = [np.concatenate(cpu).tobytes()] if cpu else []
+            other.append((flat, index))
+    return cpu, other
+
+
+def _read(readers: tuple[list, list]) -> bytes:
+    """The sampled elements (see [`_readers`]) as bytes; only compared with the previous call's, never stored."""
+    cpu, other = readers
+    parts = [np.concatenate([view[index].view(np.uint8) for view, index in cpu]).tobytes()] if cpu else []
+    per_device: dict = {}
+    for flat, index in other:
+        per_device.setdefault(flat.device, []).append(flat.index_select(0, index).view(torch.uint8))
     return b"".join([*parts, *(torch.cat(p).cpu().numpy().tobytes() for p in per_device.values())])
+
+
+def _sample(tensors: list) -> bytes:
+    """Up to `_SAMPLE` elements of each tensor at fixed pseudo-random positions, as bytes."""
+    return _read(_readers(tensors))
 
 
 _OBSERVERS = ("transformers.utils.output_capturing",)  # transformers' own hooks that only record outputs
@@ -119,22 +127,31 @@ def _changing_hooks(module: torch.nn.Module) -> bool:
 
 
 def _walk(model: torch.nn.Module) -> tuple[list, str | None]:
-    """One walk of the module tree: every parameter and buffer (parameters first, in `named_parameters` order) and
-    the first module with forward hooks or forward pre-hooks (or `None`)."""
-    params, buffers, hooked = [], [], None
-    for name, module in model.named_modules(remove_duplicate=False):
-        if hooked is None and _changing_hooks(module):
-            hooked = name or type(model).__name__
-        params.extend(t for t in module._parameters.values() if t is not None)
-        buffers.extend(t for t in module._buffers.values() if t is not None)
+    """One walk of the module tree: every parameter and buffer (parameters first) and the name of the first module
+    with forward hooks or forward pre-hooks (or `None`). A plain breadth-first walk: `named_modules` builds a name
+    for every module, which costs more than the rest of the check."""
+    modules, at = [model], 0
+    while at < len(modules):  # breadth first; None children (a removed submodule) are skipped
+        modules.extend(modules[at]._modules.values())
+        at += 1
+        while at < len(modules) and modules[at] is None:
+            del modules[at]
+    hooked = None
+    for module in modules:
+        if (module._forward_hooks or module._forward_pre_hooks) and _changing_hooks(module):
+            hooked = next((name for name, m in model.named_modules(remove_duplicate=False) if m is module), "?")
+            hooked = hooked or type(model).__name__
+            break
+    params = [t for module in modules for t in module._parameters.values() if t is not None]
+    buffers = [t for module in modules for t in module._buffers.values() if t is not None]
     return params + buffers, hooked
 
 
 class _Memo:
-    __slots__ = ("identity", "sample", "tensors", "value")
+    __slots__ = ("identity", "readers", "sample", "tensors", "value")
 
-    def __init__(self, tensors, identity, sample, value):
-        self.tensors, self.identity, self.sample, self.value = tensors, identity, sample, value
+    def __init__(self, tensors, identity, readers, sample, value):
+        self.tensors, self.identity, self.readers, self.sample, self.value = tensors, identity, readers, sample, value
 
 
 def _hash_weights(named) -> str:
@@ -204,13 +221,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     identity = _identity(tensors)
     memo = _memo.get(model)
     with torch.no_grad():
-        sample = _sample(tensors)
-        if memo is not None and memo.identity == identity and memo.sample == sample:
+        same = memo is not None and memo.identity == identity
+        readers = memo.readers if same else _readers(tensors)
+        sample = _read(readers)
+        if same and memo.sample == sample:
             return memo.value
         config = {k: v for k, v in model.config.to_dict().items() if k not in _IGNORED_CONFIG_KEYS}
         weights = _hash_weights(_tensors(model))
         value = digest("hf_neuralcache-model", STORAGE_VERSION, type(model).__qualname__, config, weights)
-    _memo[model] = _Memo(tensors, identity, sample, value)
+    _memo[model] = _Memo(tensors, identity, readers, sample, value)
     return value
 
 

@@ -70,6 +70,7 @@ RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, la
 ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
 _BYPASS = "bypassed:"  # counter names of the bypass reasons
 _STORAGE_FAILURES = (OSError, diskcache.Timeout)
+_FILL_DELAY = 0.02  # seconds a remote hit waits before it is copied to the disk tier (off the request's CPU time)
 _FILL_QUEUE_BYTES = 1 << 30  # remote hits waiting to be copied to the disk tier beyond this are not copied
 
 
@@ -523,6 +524,7 @@ class TieredStore:
 
         def fill():
             try:
+                time.sleep(max(queued + _FILL_DELAY - time.time(), 0.0))  # let the request that read it finish first
                 self._write_local(key, blob, None if expire is None else expire - (time.time() - queued))
             finally:
                 with self._lock:
