@@ -35,7 +35,7 @@ Figures per scenario:
 - hit rates: inference hits / requests, prefix hits (full or partial) / prefix lookups (the inference misses), and
   the share of the entries loaded that came from Redis rather than the host's RAM or disk (by the `tier` of each
   entry the stores return);
-- `storage_errors` and `skipped`: the caches' `stats()` summed over processes.
+- `storage_errors`, `integrity_errors` and `skipped`: the caches' `stats()` summed over processes.
 The JSON (every figure, the slowest requests, the fault's time) goes to `benchmarks/out/redis_load.json`.
 """
 
@@ -142,8 +142,8 @@ def count_tiers(store, tally: Counter) -> None:
     """Count the tier (`ram`, `disk`, `redis`) of every entry `store` returns."""
     inner = store.get
 
-    def get(key):
-        entry = inner(key)
+    def get(key, *args, **kwargs):
+        entry = inner(key, *args, **kwargs)
         if entry is not None:
             tally[f"{store.kind}_{entry.tier}"] += 1
         return entry
@@ -290,12 +290,13 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| scenario | requests | errors | wrong | inference hits | prefix hits | from Redis (inf / prefix) | p50 ms "
         "| p99 ms | max ms | worst added ms | max ms during fault (requests) | Redis wait p99 / max ms "
-        "| storage_errors / skipped |",
+        "| storage / integrity errors / skipped |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["stats"]
-        errors = f"{s['inference_storage_errors'] + s['prefix_storage_errors']} / {s['inference_skipped'] + s['prefix_skipped']}"  # noqa: E501
+        errors = " / ".join(str(s[f"inference_{name}"] + s[f"prefix_{name}"])
+                            for name in ("storage_errors", "integrity_errors", "skipped"))  # fmt: skip
         added = "-" if r["fault"] is None else f"{(r['max'] - base) * 1e3:.0f}"
         during = "-" if not r["during_fault"] else f"{r['during_fault_max'] * 1e3:.1f} ({r['during_fault']})"
         lines.append(

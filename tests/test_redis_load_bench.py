@@ -30,4 +30,7 @@ def test_redis_load_quick(tmp_path):
         assert row["errors"] == 0 and row["wrong"] == 0, (name, row["error_examples"])
     assert rows["normal"]["fault"] is None and rows["pause"]["fault"]["seconds"] >= 1
     assert rows["normal"]["inference_hit_rate"] > 0  # the pool repeats prompts
+    assert rows["normal"]["prefix_hit_rate"] > 0  # and shares system prompts
+    for name, row in rows.items():  # nothing is ever an integrity failure: the values in Redis are all good
+        assert row["stats"]["inference_integrity_errors"] + row["stats"]["prefix_integrity_errors"] == 0, name
     assert "| scenario | requests | errors | wrong |" in result.stdout

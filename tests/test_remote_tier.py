@@ -214,3 +214,26 @@ def test_bad_remote_dtype(tmp_path, bad):
 def test_redact_hides_every_credential_form(url):
     shown = redact(url)
     assert "hunter2" not in shown and "alice" not in shown and "***" in shown and shown.split(":")[0] in url
+
+
+def test_a_damaged_or_foreign_prefix_chunk_in_redis_is_recomputed(model, tmp_path, redis_server):
+    prompt = ids(40, seed=9)
+    plain = greedy(model, prompt)
+    a = PrefixCache(tmp_path / "a", chunk_tokens=8, remote=redis_server.url, cost_check=False)
+    greedy(model, prompt, prefix_cache=a)
+    assert a.store.remote.flush()
+    client = redis_server.client()
+    keys = sorted(client.keys("hfnc:prefix:*"))
+    value = client.get(keys[0])
+    damaged = value[:100] + bytes([value[100] ^ 0x10]) + value[101:]  # one bit
+    client.set(keys[0], damaged)
+    foreign = encode_entry(keys[1].decode().rsplit(":", 1)[1], {"k.0": torch.zeros(1, 8, 3)}, {"index": 1})
+    client.set(keys[1], foreign)  # a valid blob for the key, but not this model's chunk
+    for n in range(2):
+        b = PrefixCache(tmp_path / f"b{n}", chunk_tokens=8, remote=redis_server.url, cost_check=False)
+        assert torch.equal(greedy(model, prompt, prefix_cache=b), plain)
+        stats = b.stats()
+        assert stats["integrity_errors"] >= 1 and stats["storage_errors"] == 0, stats
+        b.close()  # waits for its writes
+        assert client.get(keys[0]) == value  # dropped, then written again by the host that recomputed it
+    a.close()
