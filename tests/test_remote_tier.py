@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import pytest
@@ -237,3 +238,58 @@ def test_a_damaged_or_foreign_prefix_chunk_in_redis_is_recomputed(model, tmp_pat
         b.close()  # waits for its writes
         assert client.get(keys[0]) == value  # dropped, then written again by the host that recomputed it
     a.close()
+
+
+def test_tls_and_a_password_from_the_environment(model, tmp_path, monkeypatch, caplog):
+    """`rediss://` with the server's CA, and a password that only the environment holds (never logged)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    from redis_helpers import ENABLE, free_port
+
+    if shutil.which("redis-server") is None or shutil.which("openssl") is None:
+        pytest.skip(ENABLE + " (and openssl)")
+    pytest.importorskip("redis", reason=ENABLE)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+         "--requirepass", "s3cret-pw", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        for _ in range(200):
+            try:
+                with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=0.2),
+                                         server_hostname="127.0.0.1"):
+                    break
+            except OSError:
+                time.sleep(0.02)
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        monkeypatch.setenv("HF_NEURALCACHE_REDIS_PASSWORD", "s3cret-pw")
+        tls = dict(timeout=1.0)  # the TLS handshake on a loaded 2-core machine
+        a = InferenceCache(tmp_path / "a", remote=RedisTier(url, "inference", **tls))
+        b = InferenceCache(tmp_path / "b", remote=RedisTier(url, "inference", **tls))
+        prompt = ids(seed=11)
+        with caplog.at_level(logging.DEBUG, logger="hf_neuralcache"):
+            first = greedy(model, prompt, inference_cache=a)
+            assert a.store.remote.flush()
+            with ForwardCounter(model) as forwards:
+                assert torch.equal(greedy(model, prompt, inference_cache=b), first)
+        assert forwards.count == 0 and b.stats()["hits"] == 1 and b.stats()["storage_errors"] == 0
+        monkeypatch.setenv("HF_NEURALCACHE_REDIS_PASSWORD", "wrong")
+        c = InferenceCache(tmp_path / "c", remote=RedisTier(url, "inference", **tls))
+        with caplog.at_level(logging.DEBUG, logger="hf_neuralcache"):
+            assert torch.equal(greedy(model, prompt, inference_cache=c), first)  # refused: a miss, computed
+        assert c.stats()["hits"] == 0 and c.stats()["storage_errors"] >= 1
+        assert not any("s3cret-pw" in r.getMessage() or "wrong" in r.getMessage() for r in caplog.records)
+        a.close(), b.close(), c.close()
+    finally:
+        server.terminate()
+        server.wait(5)
