@@ -16,14 +16,17 @@ Table 2: transfer speed of the same chunk values: a raw redis-py GET (same clien
 parser when installed), `redis-benchmark` GETs of a value of the chunk's size, and the tier's own read of the chunks
 (GET + checks, timed inside `TieredStore.get`). Goal: the tier at >= 50% of the raw GET.
 
-Table 3: remote-hit latency of the inference cache (an answer stored by host A, read by host B with a fresh local
-folder and no RAM tier, so every read is a Redis GET + check + local fill; tokenization excluded), p50/p99.
+Table 3: hit latency of the inference cache on host B (no RAM tier): each of host A's `--answers` answers read once
+from Redis (GET + checks; copied to the local folder in the background), then once from that local copy; tokenization
+excluded, p50/p99. Then the semantic cache: host B opens with an empty folder and catches up from the Redis stream;
+its hit latency on host A's questions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -65,12 +68,18 @@ def host_a(args) -> None:
     model.generate(prompt, max_new_tokens=1, do_sample=False, prefix_cache=half)
     half.store.remote.flush(300)
     inference = InferenceCache(folder + "_inference", remote=args.url)
-    model.generate(prompt[:, :32], max_new_tokens=8, do_sample=False, inference_cache=inference)
+    for request in short_requests(prompt, args.answers):
+        model.generate(request, max_new_tokens=8, do_sample=False, inference_cache=inference)
     semantic = SemanticCache(folder + "_semantic", remote=args.url, tokenizer=tokenizer)
     for question in questions(args.questions):
         model.generate(**chat(tokenizer, question), max_new_tokens=8, do_sample=False, semantic_cache=semantic)
     ok = cache.store.remote.flush(300) and inference.store.remote.flush(60) and semantic.store.remote.flush(60)
-    print(json.dumps({"flushed": ok, "stored": cache.stats()["bytes_stored"]}))
+    print(json.dumps({"flushed": ok, "stored": cache.stats()["bytes_stored"], "semantic": semantic.stats()["entries"]}))
+
+
+def short_requests(prompt: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """`count` distinct 32-token requests (slices of the long prompt)."""
+    return [prompt[:, 7 * i : 7 * i + 32] for i in range(count)]
 
 
 def questions(count: int) -> list[str]:
@@ -99,18 +108,80 @@ def timed_reads(store, keys) -> tuple[int, float]:
     return nbytes, seconds
 
 
+def hit_tables(args, work: Path, model, tokenizer, prompt: torch.Tensor) -> None:
+    """Table 3: hit latency of the inference and semantic caches on host B."""
+    # ---- table 3: inference cache remote-hit latency ----
+    requests = short_requests(prompt, args.answers)
+    remote_hits, local_hits = ([], []), ([], [])  # (wall, CPU time of the calling thread)
+    cache = InferenceCache(work / "inference_b", remote=args.url, ram_bytes=0)
+    for times in (remote_hits, local_hits):  # each of host A's answers read from Redis once, then from disk
+        for request in requests:
+            begin, begin_cpu = time.perf_counter(), time.thread_time()
+            model.generate(request, max_new_tokens=8, do_sample=False, inference_cache=cache)
+            times[0].append(time.perf_counter() - begin)
+            times[1].append(time.thread_time() - begin_cpu)
+        cache.store.settle()  # every remote hit copied to the local folder before the local pass
+    stats = cache.stats()
+    assert stats["hits"] == 2 * len(requests), stats
+    cache.close()
+    print(f"\nInference cache hits on host B (no RAM tier): each of host A's {len(requests)} answers read once "
+          "from Redis (empty local folder), then once from the local copy; tokenization excluded, the per-call "
+          "model check included. Wall clock, and the calling thread's CPU time")  # fmt: skip
+    for name, (wall, cpu) in (("remote hit", remote_hits), ("local disk hit", local_hits)):
+        wall.sort(), cpu.sort()
+        p50, p99, c50 = wall[len(wall) // 2], wall[int(len(wall) * 0.99)], cpu[len(cpu) // 2]
+        print(f"{name:<36} wall p50 {p50 * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms   CPU p50 {c50 * 1e3:.3f} ms")
+    print("goal: remote hit p50 < 2 ms")
+
+    # ---- table 3b: the semantic cache across hosts ----
+    asked = [chat(tokenizer, q) for q in questions(args.questions)]
+    begin = time.perf_counter()
+    semantic = SemanticCache(work / "semantic_b", remote=args.url, tokenizer=tokenizer)
+    opened = time.perf_counter() - begin
+    caught_up = semantic.stats()["entries"]
+    times = []
+    for _ in range(5):
+        for inputs in asked:
+            begin = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=8, do_sample=False, semantic_cache=semantic)
+            times.append(time.perf_counter() - begin)
+    hits = semantic.stats()["hits"]
+    embed = []
+    for q in questions(args.questions):
+        begin = time.perf_counter()
+        semantic.embedder.encode([q])
+        embed.append(time.perf_counter() - begin)
+    semantic.close()
+    times.sort()
+    embed.sort()
+    print(
+        f"\nSemantic cache on host B: opened with an empty folder, caught up {caught_up} answers from Redis in "
+        f"{opened * 1e3:.0f} ms (host A stored {args.host_a['semantic']}: {args.questions} questions, paraphrase "
+        f"pairs, the second of a pair a hit on host A); {len(times)} lookups of those questions: {hits} hits"
+    )
+    p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
+    print(f"hit latency p50 {p50 * 1e3:.2f} ms   p99 {p99 * 1e3:.2f} ms"
+          f"   (of which MiniLM embedding of the query: p50 {embed[len(embed) // 2] * 1e3:.2f} ms)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: %(default)s)")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="PrefixCache chunk_tokens (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (default: %(default)s)")
+    parser.add_argument("--answers", type=int, default=200, help="inference answers of host A (default: %(default)s)")
     parser.add_argument("--questions", type=int, default=40, help="semantic answers of host A (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="512 tokens, 2 repeats, 100 inference hits, 10 questions")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="redis-server on the last CPU, this process (torch: one thread per CPU left) on the others, as a "
+             "server with Redis on its own core would run; only the hit-latency tables (3)",
+    )  # fmt: skip
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.repeats, args.questions = 512, 2, 10
+        args.tokens, args.repeats, args.questions, args.answers = 512, 2, 10, 40
     if args.role == "host-a":
         return host_a(args)
 
@@ -122,14 +193,27 @@ def main() -> None:
         args.url = server.url
         run = subprocess.run(
             [sys.executable, __file__, "--role", "host-a", "--url", args.url, "--tokens", str(args.tokens),
-             "--chunk-tokens", str(args.chunk_tokens), "--questions", str(args.questions)],
+             "--chunk-tokens", str(args.chunk_tokens), "--questions", str(args.questions),
+             "--answers", str(args.answers)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         print("host A:", run.stdout.strip().splitlines()[-1])
+        args.host_a = json.loads(run.stdout.strip().splitlines()[-1])
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs at least 2 CPUs")
+            subprocess.run(["taskset", "-pc", str(cpus[-1]), str(server.proc.pid)], check=True, capture_output=True)
+            os.sched_setaffinity(0, set(cpus[:-1]))
+            torch.set_num_threads(len(cpus) - 1)
+            print(f"pinned: redis-server on CPU {cpus[-1]}, this process on CPUs {cpus[:-1]} "
+                  f"({torch.get_num_threads()} torch threads)")  # fmt: skip
         model, tokenizer = load_embedded_model(torch.float32)
         prompt = text_ids(tokenizer, args.tokens)
         same = [prompt] * args.repeats
 
+        if args.pin:
+            return hit_tables(args, work, model, tokenizer, prompt)
         # ---- table 1: time to first token on host B ----
         none = ttft(model, same)
         remote_times = []
@@ -221,57 +305,7 @@ def main() -> None:
               f"the best raw path")  # fmt: skip
         print(f"K/V bytes per token: {kv_bytes_per_token(model):,}")
 
-        # ---- table 3: inference cache remote-hit latency ----
-        short = prompt[:, :32]
-        hits = 100 if args.quick else 1000
-        remote_hits, local_hits = ([], []), ([], [])  # (wall, CPU time of the calling thread)
-        cache = InferenceCache(work / "inference_b", remote=args.url, ram_bytes=0)
-        for _ in range(hits):  # interleaved, so that both see the same machine
-            cache.store.settle()  # the previous hit's local copy written (not timed), then removed:
-            cache.store.disk.clear()  # host B's local copy gone: the read goes to Redis
-            for wall, cpu in (remote_hits, local_hits):  # then the copy the remote hit made: a local disk hit
-                begin, begin_cpu = time.perf_counter(), time.thread_time()
-                model.generate(short, max_new_tokens=8, do_sample=False, inference_cache=cache)
-                wall.append(time.perf_counter() - begin)
-                cpu.append(time.thread_time() - begin_cpu)
-                cache.store.settle()
-        assert cache.stats()["hits"] == 2 * hits, cache.stats()
-        cache.close()
-        print(f"\nInference cache hits on host B (no RAM tier), {hits} each, tokenization excluded; the model check "
-              "(weights sampled every call) included. Wall clock, and the calling thread's CPU time (without the time "
-              "this VM's CPU is taken away, which varies 1-4x here)")  # fmt: skip
-        for name, (wall, cpu) in (("remote hit (empty local folder)", remote_hits), ("local disk hit", local_hits)):
-            wall.sort(), cpu.sort()
-            p50, p99, c50 = wall[len(wall) // 2], wall[int(len(wall) * 0.99)], cpu[len(cpu) // 2]
-            print(f"{name:<36} wall p50 {p50 * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms   CPU p50 {c50 * 1e3:.3f} ms")
-        print("goal: remote hit p50 < 2 ms")
-
-        # ---- table 3b: the semantic cache across hosts ----
-        asked = [chat(tokenizer, q) for q in questions(args.questions)]
-        begin = time.perf_counter()
-        semantic = SemanticCache(work / "semantic_b", remote=args.url, tokenizer=tokenizer)
-        opened = time.perf_counter() - begin
-        caught_up = semantic.stats()["entries"]
-        times, hits = [], 0
-        for _ in range(5):
-            for inputs in asked:
-                begin = time.perf_counter()
-                model.generate(**inputs, max_new_tokens=8, do_sample=False, semantic_cache=semantic)
-                times.append(time.perf_counter() - begin)
-        hits = semantic.stats()["hits"]
-        embed = []
-        for q in questions(args.questions):
-            begin = time.perf_counter()
-            semantic.embedder.encode([q])
-            embed.append(time.perf_counter() - begin)
-        semantic.close()
-        times.sort()
-        embed.sort()
-        print(f"\nSemantic cache on host B: opened with an empty folder, caught up {caught_up} of {args.questions} "
-              f"answers from Redis in {opened * 1e3:.0f} ms; {len(times)} lookups of those questions: {hits} hits")
-        p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
-        print(f"hit latency p50 {p50 * 1e3:.2f} ms   p99 {p99 * 1e3:.2f} ms"
-              f"   (of which MiniLM embedding of the query: p50 {embed[len(embed) // 2] * 1e3:.2f} ms)")  # fmt: skip
+        hit_tables(args, work, model, tokenizer, prompt)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
