@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 
 import pytest
@@ -293,3 +294,10 @@ def test_tls_and_a_password_from_the_environment(model, tmp_path, monkeypatch, c
     finally:
         server.terminate()
         server.wait(5)
+
+
+def test_without_the_redis_client_a_remote_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'hf-neuralcache\[redis\]'"):
+        InferenceCache(tmp_path, remote="redis://127.0.0.1:6379/0")
+    assert InferenceCache(tmp_path / "local").stats()["hits"] == 0  # local caches need no client
