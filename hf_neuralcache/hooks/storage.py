@@ -70,7 +70,7 @@ RECORD_LIMIT = 1 << 20  # bytes of one JSON record (statistics, measurements, la
 ERROR_KINDS = ("storage_errors", "integrity_errors", "skipped")
 _BYPASS = "bypassed:"  # counter names of the bypass reasons
 _STORAGE_FAILURES = (OSError, diskcache.Timeout)
-_FILL_DELAY = 0.02  # seconds a remote hit waits before it is copied to the disk tier (off the request's CPU time)
+_FILL_DELAY = 1.0  # remote hits are copied to the disk tier together, at most this many seconds after the first
 _FILL_QUEUE_BYTES = 1 << 30  # remote hits waiting to be copied to the disk tier beyond this are not copied
 
 
@@ -261,6 +261,9 @@ class TieredStore:
         self._scope = threading.local()
         self._filler: concurrent.futures.ThreadPoolExecutor | None = None
         self._filling = 0  # bytes of remote hits waiting to be copied to the disk tier
+        self._fills: list = []  # (key, blob, expiry time) of those hits
+        self._fill_scheduled = False
+        self._fill_now = threading.Event()
         self.remote, self.remote_dtype = remote, remote_dtype
         if remote is not None:
             remote.on_failure = self.failed
@@ -511,37 +514,58 @@ class TieredStore:
         return loaded
 
     def _fill_later(self, key: str, blob: bytes, expire: float | None) -> None:
-        """Copy a remote hit into the disk tier in the background (the request does not wait for the write)."""
+        """Copy a remote hit into the disk tier in the background: hits are collected and written together, at most
+        `_FILL_DELAY` seconds later, in one transaction (a thread writing after every hit would compete with the
+        requests for the interpreter and double their time)."""
         if self.disabled or self.readonly is not None:
             return
         with self._lock:
             if self._filling + len(blob) > _FILL_QUEUE_BYTES:
                 return  # the next hit on this key reads Redis again
             self._filling += len(blob)
+            self._fills.append((key, blob, None if expire is None else time.time() + expire))
+            if self._fill_scheduled:
+                return
             if self._filler is None:
                 self._filler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_neuralcache-fill")
+            self._fill_scheduled = True
             filler = self._filler
-
-        def fill():
-            try:
-                time.sleep(max(queued + _FILL_DELAY - time.time(), 0.0))  # let the request that read it finish first
-                self._write_local(key, blob, None if expire is None else expire - (time.time() - queued))
-            finally:
-                with self._lock:
-                    self._filling -= len(blob)
-
-        queued = time.time()
         try:
-            filler.submit(fill)
+            filler.submit(self._drain_fills)
         except RuntimeError:  # closed meanwhile
             with self._lock:
-                self._filling -= len(blob)
+                self._fills, self._filling, self._fill_scheduled = [], 0, False
+
+    def _drain_fills(self) -> None:
+        self._fill_now.wait(_FILL_DELAY)
+        with self._lock:
+            fills, self._fills, self._fill_scheduled = self._fills, [], False
+            self._fill_now.clear()
+
+        def write():
+            with self.disk.transact(retry=True):
+                for key, blob, expires in fills:
+                    left = None if expires is None else expires - time.time()
+                    if (left is None or left > 0) and len(blob) <= self.disk_bytes:
+                        self.disk.set(key, blob, expire=left, retry=True)
+            self.evict(self.disk_bytes, keep=fills[-1][0])
+
+        try:
+            if fills and not self.disabled and self.readonly is None:
+                self.guarded("write", write)
+        finally:
+            with self._lock:
+                self._filling -= sum(len(blob) for _, blob, _ in fills)
 
     def settle(self, timeout: float = 10.0) -> None:
-        """Wait (at most `timeout` seconds) for the background copies of remote hits into the disk tier."""
+        """Write the remote hits waiting to be copied into the disk tier now, and wait (at most `timeout` seconds)."""
         filler = self._filler
         if filler is not None:
-            concurrent.futures.wait([filler.submit(lambda: None)], timeout=timeout)
+            self._fill_now.set()
+            try:
+                concurrent.futures.wait([filler.submit(lambda: None)], timeout=timeout)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     def _write_local(self, key: str, blob: bytes, expire: float | None) -> int:
         if self.disabled or self.readonly is not None or len(blob) > self.disk_bytes:
@@ -683,6 +707,7 @@ class TieredStore:
 
     def close(self) -> None:
         if self._filler is not None:
+            self._fill_now.set()
             self._filler.shutdown(wait=True)
             self._filler = None
         if self.remote is not None:
