@@ -16,10 +16,11 @@ Table 2: transfer speed of the same chunk values: a raw redis-py GET (same clien
 parser when installed), `redis-benchmark` GETs of a value of the chunk's size, and the tier's own read of the chunks
 (GET + checks, timed inside `TieredStore.get`). Goal: the tier at >= 50% of the raw GET.
 
-Table 3: hit latency of the inference cache on host B (no RAM tier): each of host A's `--answers` answers read once
-from Redis (GET + checks; copied to the local folder in the background), then once from that local copy; tokenization
-excluded, p50/p99. Then the semantic cache: host B opens with an empty folder and catches up from the Redis stream;
-its hit latency on host A's questions.
+Table 3 (in a fresh host-B process, as a server in its steady state; with `--pin` only this table, in this process,
+with redis-server on a core of its own): hit latency of the inference cache on host B (no RAM tier): each of host
+A's `--answers` answers read once from Redis (GET + checks; copied to the local folder in the background), then once
+from that local copy; tokenization excluded, p50/p99. Then the semantic cache: host B opens with an empty folder and
+catches up from the Redis stream; its hit latency on host A's questions.
 """
 
 from __future__ import annotations
@@ -113,19 +114,20 @@ def hit_tables(args, work: Path, model, tokenizer, prompt: torch.Tensor) -> None
     # ---- table 3: inference cache remote-hit latency ----
     requests = short_requests(prompt, args.answers)
     remote_hits, local_hits = ([], []), ([], [])  # (wall, CPU time of the calling thread)
-    cache = InferenceCache(work / "inference_b", remote=args.url, ram_bytes=0)
-    for times in (remote_hits, local_hits):  # each of host A's answers read from Redis once, then from disk
-        for request in requests:
-            begin, begin_cpu = time.perf_counter(), time.thread_time()
-            model.generate(request, max_new_tokens=8, do_sample=False, inference_cache=cache)
-            times[0].append(time.perf_counter() - begin)
-            times[1].append(time.thread_time() - begin_cpu)
-        cache.store.settle()  # every remote hit copied to the local folder before the local pass
-    stats = cache.stats()
-    assert stats["hits"] == 2 * len(requests), stats
-    cache.close()
-    print(f"\nInference cache hits on host B (no RAM tier): each of host A's {len(requests)} answers read once "
-          "from Redis (empty local folder), then once from the local copy; tokenization excluded, the per-call "
+    for round_ in range(3):  # three rounds, each with an empty local folder, pooled: this machine's speed drifts
+        cache = InferenceCache(work / f"inference_b{round_}", remote=args.url, ram_bytes=0)
+        for times in (remote_hits, local_hits):  # each of host A's answers read from Redis once, then from disk
+            for request in requests:
+                begin, begin_cpu = time.perf_counter(), time.thread_time()
+                model.generate(request, max_new_tokens=8, do_sample=False, inference_cache=cache)
+                times[0].append(time.perf_counter() - begin)
+                times[1].append(time.thread_time() - begin_cpu)
+            cache.store.settle()  # every remote hit copied to the local folder before the local pass
+        stats = cache.stats()
+        assert stats["hits"] == 2 * len(requests), stats
+        cache.close()
+    print(f"\nInference cache hits on host B (no RAM tier), 3 rounds: each of host A's {len(requests)} answers read "
+          "once from Redis (empty local folder), then once from the local copy; tokenization excluded, the per-call "
           "model check included. Wall clock, and the calling thread's CPU time")  # fmt: skip
     for name, (wall, cpu) in (("remote hit", remote_hits), ("local disk hit", local_hits)):
         wall.sort(), cpu.sort()
@@ -168,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: %(default)s)")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="PrefixCache chunk_tokens (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default: %(default)s)")
     parser.add_argument("--answers", type=int, default=200, help="inference answers of host A (default: %(default)s)")
     parser.add_argument("--questions", type=int, default=40, help="semantic answers of host A (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="512 tokens, 2 repeats, 100 inference hits, 10 questions")
@@ -179,11 +181,17 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--role", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--host-a-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.repeats, args.questions, args.answers = 512, 2, 10, 40
     if args.role == "host-a":
         return host_a(args)
+    if args.role == "hits":  # table 3 in a process of its own: a server's steady state, not the one after table 1
+        args.host_a = json.loads(args.host_a_json)
+        model, tokenizer = load_embedded_model(torch.float32)
+        return hit_tables(args, Path(tempfile.mkdtemp(prefix="redis_tier_hits_")), model, tokenizer,
+                          text_ids(tokenizer, args.tokens))  # fmt: skip
 
     import redis
 
@@ -255,23 +263,9 @@ def main() -> None:
         client = redis.Redis.from_url(args.url, socket_timeout=5)
         keys = sorted(k for k in client.scan_iter(match="hfnc:prefix::*"))  # the exact entries (no namespace)
         sizes = [client.strlen(k) for k in keys]
-        raw = []
-        for _ in range(args.repeats):
-            begin = time.perf_counter()
-            for k in keys:
-                client.get(k)
-            raw.append(time.perf_counter() - begin)
-        raw_rate = sum(sizes) / min(raw)
         chunk = max(sizes)
-        bench = subprocess.run(
-            ["redis-benchmark", "-p", str(server.port), "-t", "get", "-d", str(chunk), "-n", "20", "-c", "1",
-             "-r", "1", "--csv"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        # redis-benchmark GETs a key it SET itself first only with -t set,get; seed the key for -t get
+        # redis-benchmark GETs keys named key:__rand_int__ that it does not set for -t get: seed them
         client.set("key:__rand_int__", b"\0" * chunk)
-        for k in list(client.scan_iter(match="key:*")):
-            client.set(k, b"\0" * chunk)
         bench = subprocess.run(
             ["redis-benchmark", "-p", str(server.port), "-t", "get", "-d", str(chunk), "-n", "20", "-c", "1", "--csv"],
             capture_output=True, text=True,
@@ -282,13 +276,20 @@ def main() -> None:
             if cells and cells[0] == "GET":
                 bench_rate = float(cells[1]) * chunk  # requests per second x bytes
         client.delete(*client.keys("key:*"))
-        tier_rates = []
-        for n in range(args.repeats):
+        raw, tier_rates = [], []
+        for n in range(args.repeats):  # raw and tier reads in turn, after the page cache's writes are flushed
+            os.sync()
+            begin = time.perf_counter()
+            for k in keys:
+                client.get(k)
+            raw.append(time.perf_counter() - begin)
             cache = PrefixCache(work / f"t{n}", chunk_tokens=args.chunk_tokens, remote=args.url, ram_bytes=0)
             cache.store.use_model(keys[0].decode().split(":")[3])
+            os.sync()
             nbytes, seconds = timed_reads(cache.store, [k.decode().rsplit(":", 1)[1] for k in keys])
             tier_rates.append(nbytes / seconds)
             cache.close()
+        raw_rate = sum(sizes) / min(raw)
         tier_rate = max(tier_rates)
         print(f"\nTransfer of the {len(keys)} chunk values ({sum(sizes) / 1e6:.1f} MB, {chunk / 1e6:.1f} MB each), "
               f"best of {args.repeats}")  # fmt: skip
@@ -305,7 +306,13 @@ def main() -> None:
               f"the best raw path")  # fmt: skip
         print(f"K/V bytes per token: {kv_bytes_per_token(model):,}")
 
-        hit_tables(args, work, model, tokenizer, prompt)
+        run = subprocess.run(
+            [sys.executable, __file__, "--role", "hits", "--url", args.url, "--tokens", str(args.tokens),
+             "--questions", str(args.questions), "--answers", str(args.answers),
+             "--host-a-json", json.dumps(args.host_a)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        print("\n".join(line for line in run.stdout.splitlines() if not line.startswith("Loading")))
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
