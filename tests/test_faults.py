@@ -304,6 +304,28 @@ def test_a_truncated_database_is_moved_aside_at_open(model, tmp_path):
     reader.close()
 
 
+@pytest.mark.parametrize("kind", ["prefix", "inference"])
+def test_an_undecodable_damaged_schema_is_damage_not_an_exception(model, tmp_path, kind):
+    """Found by the random-damage test: a damaged schema whose text is invalid UTF-8 makes SQLite's error message
+    undecodable, and Python raised UnicodeDecodeError (not a DatabaseError) out of the cache's constructor."""
+    import sqlite3
+
+    cache = open_cache(kind, tmp_path / "c")
+    call(model, kind, cache, 1)
+    cache.close()
+    db = sqlite3.connect(tmp_path / "c" / "entries" / "cache.db")
+    db.execute("PRAGMA writable_schema=ON")
+    ((index,),) = db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL LIMIT 1")
+    bad = f"CREATE INDEX {index} ON Cache (store_".encode() + b"\xd7\xfftime)"
+    assert db.execute("UPDATE sqlite_master SET sql = CAST(? AS TEXT) WHERE name = ?", (bad, index)).rowcount == 1
+    db.commit()
+    db.close()
+    again = open_cache(kind, tmp_path / "c")  # moved aside, started empty
+    assert torch.equal(call(model, kind, again), reference(model, kind))
+    assert list((tmp_path / "c").glob("entries.unreadable-*"))
+    again.close()
+
+
 def test_a_forged_entry_is_a_miss_only_with_a_secret(model, tmp_path):
     cache = open_cache("inference", tmp_path / "i", secret="s3cret")
     call(model, "inference", cache)

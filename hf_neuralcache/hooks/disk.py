@@ -278,7 +278,10 @@ def open_database(path: Path, max_read: int, **settings):
         return type("BoundedSafeDisk", (SafeDisk,), {"max_read": max_read})
 
     try:
-        cache = diskcache.Cache(str(path), disk=disk_class(), **settings)
+        try:
+            cache = diskcache.Cache(str(path), disk=disk_class(), **settings)
+        except UnicodeDecodeError as err:  # invalid UTF-8 in diskcache's Settings table: damaged
+            raise sqlite3.DatabaseError(f"database settings are malformed (invalid UTF-8: {err.reason})") from None
         try:
             _check(cache)
         except BaseException:
