@@ -439,7 +439,17 @@ def populated(model, tmp_path_factory):
 EXAMPLES = int(os.environ.get("HF_NEURALCACHE_FAULT_EXAMPLES", "40"))  # more for a thorough run (docs/reliability.md)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The default run draws a fixed sequence of examples (a CI run must not fail on a new draw); a thorough run sets
+# HF_NEURALCACHE_FAULT_RANDOM=1 for new ones each time.
+RANDOM = os.environ.get("HF_NEURALCACHE_FAULT_RANDOM", "") not in ("", "0")
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not RANDOM,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_random_damage_never_fails_or_changes_a_request(model, populated, data):
     """1-4 random damages (bit flips, truncations, zeroed runs, garbage) to any files of a populated folder, then a
