@@ -304,20 +304,25 @@ def test_a_truncated_database_is_moved_aside_at_open(model, tmp_path):
     reader.close()
 
 
+@pytest.mark.parametrize("damage", ["undecodable schema", "blob settings key"])
 @pytest.mark.parametrize("kind", ["prefix", "inference"])
-def test_an_undecodable_damaged_schema_is_damage_not_an_exception(model, tmp_path, kind):
-    """Found by the random-damage test: a damaged schema whose text is invalid UTF-8 makes SQLite's error message
-    undecodable, and Python raised UnicodeDecodeError (not a DatabaseError) out of the cache's constructor."""
+def test_damage_that_breaks_diskcache_at_open_is_damage_not_an_exception(model, tmp_path, kind, damage):
+    """Found by the random-damage test: a damaged schema whose SQLite error text is invalid UTF-8 (Python raised
+    UnicodeDecodeError) and a Settings row whose key is not text (diskcache raised AttributeError/TypeError) escaped
+    the cache's constructor."""
     import sqlite3
 
     cache = open_cache(kind, tmp_path / "c")
     call(model, kind, cache, 1)
     cache.close()
     db = sqlite3.connect(tmp_path / "c" / "entries" / "cache.db")
-    db.execute("PRAGMA writable_schema=ON")
-    ((index,),) = db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL LIMIT 1")
-    bad = f"CREATE INDEX {index} ON Cache (store_".encode() + b"\xd7\xfftime)"
-    assert db.execute("UPDATE sqlite_master SET sql = CAST(? AS TEXT) WHERE name = ?", (bad, index)).rowcount == 1
+    if damage == "undecodable schema":
+        db.execute("PRAGMA writable_schema=ON")
+        ((index,),) = db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL LIMIT 1")
+        bad = f"CREATE INDEX {index} ON Cache (store_".encode() + b"\xd7\xfftime)"
+        assert db.execute("UPDATE sqlite_master SET sql = CAST(? AS TEXT) WHERE name = ?", (bad, index)).rowcount == 1
+    else:
+        assert db.execute("UPDATE Settings SET key = x'00' WHERE key = 'tag_index'").rowcount == 1
     db.commit()
     db.close()
     again = open_cache(kind, tmp_path / "c")  # moved aside, started empty

@@ -280,8 +280,10 @@ def open_database(path: Path, max_read: int, **settings):
     try:
         try:
             cache = diskcache.Cache(str(path), disk=disk_class(), **settings)
-        except UnicodeDecodeError as err:  # invalid UTF-8 in diskcache's Settings table: damaged
-            raise sqlite3.DatabaseError(f"database settings are malformed (invalid UTF-8: {err.reason})") from None
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            # diskcache reads its Settings table at open and trusts it: a damaged row (a NULL or BLOB key, a value of
+            # the wrong type, invalid UTF-8 in SQLite's own error text) is damage, not a bug to raise
+            raise sqlite3.DatabaseError(f"database settings are malformed ({type(err).__name__}: {err})") from None
         try:
             _check(cache)
         except BaseException:
