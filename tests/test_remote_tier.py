@@ -129,6 +129,10 @@ def test_per_namespace_byte_bound_evicts_least_recently_used(tmp_path, redis_ser
     left = sorted(k.decode().rsplit(":", 1)[1] for k in client.keys("hfnc:inference:*"))
     assert left == ["k3", "k4", "k5"]
     assert int(client.hget(tier.sizes_key, "total")) == 9000
+    tier.delete(tier.key("k4"))  # a removal keeps the total right (a stale one would evict more than asked)
+    assert int(client.hget(tier.sizes_key, "total")) == 6000 and client.zcard(tier.lru_key) == 2
+    assert tier.put(tier.key("k6"), bytes(3000), wait=True)  # fits again: nothing evicted
+    assert sorted(k.decode().rsplit(":", 1)[1] for k in client.keys("hfnc:inference:*")) == ["k3", "k5", "k6"]
     tier.close()
 
 

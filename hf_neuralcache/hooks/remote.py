@@ -30,7 +30,6 @@ import queue
 import threading
 import time
 import urllib.parse
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,6 +66,17 @@ while total > limit do
   removed = removed + 1
 end
 return removed
+"""
+
+
+# Removal under a per-namespace byte bound: the entry, its place in the LRU order and its bytes in the total.
+_BOUNDED_DELETE = """
+local key, lru, sizes = KEYS[1], KEYS[2], KEYS[3]
+local size = tonumber(redis.call('HGET', sizes, key) or '0')
+redis.call('DEL', key)
+redis.call('ZREM', lru, key)
+if redis.call('HDEL', sizes, key) == 1 then redis.call('HINCRBY', sizes, 'total', -size) end
+return size
 """
 
 
@@ -212,8 +222,7 @@ class RedisTier:
         self.timeout, self.retry_seconds, self.max_bytes = float(timeout), float(retry_seconds), max_bytes
         self.queue_bytes = queue_bytes
         self.client = client if client is not None else self._connect(url, timeout)
-        self.errors: Counter = Counter()
-        self.on_failure = None  # callback(kind, op, err): the owning store counts and logs
+        self.on_failure = None  # callback(kind, op, err, logged): the owning store counts (and logs skips)
         self.breaker = _breaker(url, self.retry_seconds)
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Write | None] = queue.Queue()
@@ -267,13 +276,12 @@ class RedisTier:
 
     def _failed(self, op: str, err: BaseException) -> None:
         first, wait = self.breaker.fail()
-        self.errors["storage_errors"] += 1
         if first:
             logger.warning("hf_neuralcache: Redis tier %s of the %s cache failed on %s (%s: %s); skipped for %.0f s, "
                            "then retried (requests go on without it)", redact(self.url), self.kind, op,
                            type(err).__name__, err, wait)  # fmt: skip
         if self.on_failure is not None:
-            self.on_failure("storage", f"redis {op}", err)
+            self.on_failure("storage", f"redis {op}", err, logged=True)  # logged above, once per outage
 
     def _succeeded(self) -> None:
         if self.breaker.open_until and self.breaker.succeed():
@@ -294,10 +302,19 @@ class RedisTier:
 
     # ---- entries ------------------------------------------------------------------------------------------------
     def get(self, rkey: str) -> bytes | None:
-        """The bytes under `rkey`, or `None` (missing, or the tier is skipped)."""
-        value = self.call("get", self.client.get, rkey)
-        if value is not None and self.max_bytes is not None:
-            self.call("touch", self.client.zadd, self.lru_key, {rkey: time.time()}, xx=True)
+        """The bytes under `rkey`, or `None` (missing, or the tier is skipped). With a byte bound, the same round
+        trip marks the entry used (its place in the namespace's least-recently-used order)."""
+        if self.max_bytes is None:
+            value = self.call("get", self.client.get, rkey)
+        else:
+
+            def get_and_touch():
+                pipe = self.client.pipeline(transaction=False)
+                pipe.get(rkey)
+                pipe.zadd(self.lru_key, {rkey: time.time()}, xx=True)
+                return pipe.execute()[0]
+
+            value = self.call("get", get_and_touch)
         return value if isinstance(value, bytes) else None
 
     def get_many(self, rkeys: list[str]) -> list[bytes | None]:
@@ -316,11 +333,10 @@ class RedisTier:
         wait for the background writer, the removal waits behind them (a removal is never overtaken by a write)."""
 
         def remove():
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(rkey)
-            if self.max_bytes is not None:
-                pipe.zrem(self.lru_key, rkey)
-            pipe.execute()
+            if self.max_bytes is None:
+                self.client.delete(rkey)
+            else:  # keep the namespace's byte total right: a stale total would evict more than the bound asks
+                self.client.eval(_BOUNDED_DELETE, 3, rkey, self.lru_key, self.sizes_key)
 
         if self._queue.empty() or not self.later("delete", remove):
             self.call("delete", remove)
@@ -384,7 +400,6 @@ class RedisTier:
         return True
 
     def _skip(self, op: str, why: str) -> None:
-        self.errors["skipped"] += 1
         if self.on_failure is not None:
             self.on_failure("skipped", f"redis {op}", RuntimeError(why))
 

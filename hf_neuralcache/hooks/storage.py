@@ -295,14 +295,15 @@ class TieredStore:
         return self.disk is None or self.meta is None
 
     # ---- failures -----------------------------------------------------------------------------------------------
-    def failed(self, kind: str, op: str, err: BaseException) -> None:
-        """Count a failure (`kind` is "storage", "integrity" or "skipped") and log it once per kind, op and error."""
+    def failed(self, kind: str, op: str, err: BaseException, logged: bool = False) -> None:
+        """Count a failure (`kind` is "storage", "integrity" or "skipped") and log it once per kind, op and error
+        (`logged`: the caller has logged it already, e.g. the remote tier, once per outage)."""
         name = kind if kind == "skipped" else f"{kind}_errors"
         self.errors[name] += 1
         if self.counters is not None:
             self.counters.add(name, 1)
         mark = (kind, op, type(err).__name__)
-        if mark not in self._logged:
+        if mark not in self._logged and not logged:
             self._logged.add(mark)
             logger.warning("hf_neuralcache: %s cache %s: %s failed (%s: %s); the request goes on without it "
                            "(logged once, counted as %s in stats())", self.kind, self.directory, op,
@@ -445,7 +446,7 @@ class TieredStore:
         """`"ram"`, `"disk"`, `"redis"` or `None`: the fastest tier holding `key`."""
         if self.ram is not None and key in self.ram:
             return "ram"
-        if not self.disabled and self.guarded("lookup", self.disk.__contains__, key, default=False):
+        if self.local(key):
             return "disk"
         return "redis" if self.remote is not None and self.remote.exists(self.remote_key(key)) else None
 
@@ -470,8 +471,8 @@ class TieredStore:
     def fill_deferred(self) -> None:
         """Start copying the remote hits this thread read with `defer_fill` into the local tiers."""
         deferred, self._scope.deferred = getattr(self._scope, "deferred", []), []
-        for key, blob, expires in deferred:
-            self._fill_later(key, blob, None if expires is None else expires - time.time())
+        for key, blob, expires_at in deferred:
+            self._fill_later(key, blob, expires_at)
 
     def get_remote(self, wanted: list[tuple[str, str]]) -> list[Loaded | None]:
         """The entries `[(key, model)]` read from the remote tier in one round trip, checked and copied into the
@@ -497,23 +498,21 @@ class TieredStore:
             else:
                 self.remote.delete(self.remote_key(key, model))
             return None
-        expires = meta.get("expires_at")
         if tier == "redis":
-            left = None if expires is None else float(expires) - time.time()
-            if left is not None and left <= 0:
+            expires_at = None if meta.get("expires_at") is None else float(meta["expires_at"])
+            if expires_at is not None and expires_at <= time.time():
                 return None  # expired by this machine's clock
             if wait:
-                self._write_local(key, blob, left)
+                self._write_local(key, blob, None if expires_at is None else expires_at - time.time())
             elif defer:
-                deferred = self._scope.__dict__.setdefault("deferred", [])
-                deferred.append((key, blob, None if expires is None else float(expires)))
+                self._scope.__dict__.setdefault("deferred", []).append((key, blob, expires_at))
             else:
-                self._fill_later(key, blob, left)
+                self._fill_later(key, blob, expires_at)
         loaded = Loaded(tensors, meta, tier, time.perf_counter() - start, len(blob))
         self._remember(key, tensors, meta)
         return loaded
 
-    def _fill_later(self, key: str, blob: bytes, expire: float | None) -> None:
+    def _fill_later(self, key: str, blob: bytes, expires_at: float | None) -> None:
         """Copy a remote hit into the disk tier in the background: hits are collected and written together, at most
         `_FILL_DELAY` seconds later, in one transaction (a thread writing after every hit would compete with the
         requests for the interpreter and double their time)."""
@@ -523,7 +522,7 @@ class TieredStore:
             if self._filling + len(blob) > _FILL_QUEUE_BYTES:
                 return  # the next hit on this key reads Redis again
             self._filling += len(blob)
-            self._fills.append((key, blob, None if expire is None else time.time() + expire))
+            self._fills.append((key, blob, expires_at))
             if self._fill_scheduled:
                 return
             if self._filler is None:
@@ -544,8 +543,8 @@ class TieredStore:
 
         def write():
             with self.disk.transact(retry=True):
-                for key, blob, expires in fills:
-                    left = None if expires is None else expires - time.time()
+                for key, blob, expires_at in fills:
+                    left = None if expires_at is None else expires_at - time.time()
                     if (left is None or left > 0) and len(blob) <= self.disk_bytes:
                         self.disk.set(key, blob, expire=left, retry=True)
             self.evict(self.disk_bytes, keep=fills[-1][0])
