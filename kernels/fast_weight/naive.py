@@ -434,3 +434,74 @@ def learned_read(
     out = torch.where(empty[..., None], 0.0, num / den.clamp(min=1e-30)[..., None])
     log_mass = torch.where(empty, float("-inf"), torch.log(den.clamp(min=1e-30)))
     return out.reshape(batch, hq, q, -1), log_mass.reshape(batch, hq, q)
+
+
+# ---- learned memory, from features (the twins of the Triton kernels in learned.py) ---------------------------------
+def learned_write_features(
+    state: LearnedState,
+    features: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    log_decay: torch.Tensor,
+    write_rate: torch.Tensor,
+) -> LearnedState:
+    """[`learned_write`] with the keys' features given: `x <- lam^m x + eta sum_j lam^(m-1-j) w_j x_j`.
+
+    Args:
+        state (`LearnedState`): The sums before the pairs.
+        features (`torch.Tensor` of shape `[B, H, m, 2F]`): `phi(k)` of the evicted keys ([`learned_features`]).
+        values (`torch.Tensor` of shape `[B, H, m, Dv]`), weights (`[B, m]`): The evicted values and their weights.
+        log_decay (`torch.Tensor` of shape `[H]`), write_rate (`[H]`): `log(lam)` and `eta` per head.
+
+    Returns:
+        `LearnedState`: the sums after the pairs (new tensors).
+    """
+    m = features.shape[-2]
+    pairs, old = decay_matrix(torch.tensor([m], device=features.device), weights, log_decay)
+    p = pairs[:, :, 0] * write_rate.float().view(1, -1, 1)  # [B, H, m]
+    a = old[:, :, 0]  # [1, H]
+    pk = p.unsqueeze(-1) * features.float()  # [B, H, m, 2F]
+    return LearnedState(
+        a[..., None, None] * state.values + pk.transpose(-1, -2) @ values.float(),
+        a[..., None] * state.mass + pk.sum(-2),
+    )
+
+
+def learned_read_features(
+    state: LearnedState,
+    query_features: torch.Tensor,
+    features: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    prefix: torch.Tensor,
+    log_decay: torch.Tensor,
+    write_rate: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`learned_read`] with the features given: `(out, log_mass)` after the first `prefix[t]` pairs of the chunk.
+
+    Args:
+        state (`LearnedState`): The sums before the chunk.
+        query_features (`torch.Tensor` of shape `[B, Hq, q, 2F]`): `phi(q)`; `Hq` a multiple of `H` (GQA).
+        features (`[B, H, m, 2F]`), values (`[B, H, m, Dv]`), weights (`[B, m]`): The chunk's evicted pairs.
+        prefix (`torch.LongTensor` of shape `[q]`): Pairs of the chunk written when each query reads.
+        log_decay (`torch.Tensor` of shape `[H]`), write_rate (`[H]`): `log(lam)` and `eta` per head.
+
+    Returns:
+        `(out, log_mass)` as [`learned_read`].
+    """
+    batch, hq, q, _ = query_features.shape
+    h = features.shape[1]
+    fq = query_features.float().view(batch, h, hq // h, q, -1)  # [B, H, g, q, 2F]
+    pairs, old = decay_matrix(prefix, weights, log_decay)  # [B, H, q, m], [1, H, q]
+    pairs = pairs * write_rate.float().view(1, -1, 1, 1)
+    scores = pairs[:, :, None] * (fq @ features.float().transpose(-1, -2)[:, :, None])  # [B, H, g, q, m]
+    old = old[:, :, None, :, None]  # [1, H, 1, q, 1]
+    num = old * (fq @ state.values[:, :, None]) + scores @ values.float()[:, :, None]  # [B, H, g, q, Dv]
+    den = old[..., 0] * (fq @ state.mass[:, :, None, :, None])[..., 0] + scores.sum(-1)  # [B, H, g, q]
+    empty = den <= 1e-30
+    out = torch.where(empty[..., None], 0.0, num / den.clamp(min=1e-30)[..., None])
+    log_mass = torch.where(empty, float("-inf"), torch.log(den.clamp(min=1e-30)))
+    return out.reshape(batch, hq, q, -1), log_mass.reshape(batch, hq, q)
+
+
+__all__ += ["learned_read_features", "learned_write_features"]  # here, after them: the file's top is shared
