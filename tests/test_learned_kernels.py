@@ -234,36 +234,37 @@ def _flat_states(cache):
 
 
 def test_tensor_cache_with_kernels_equals_the_reference_path(triton_interpreter, monkeypatch):
-    """A tiny llama through tensor_cache mode="learned": chunked prefill and decode steps (the fused in-place step),
-    then a rollback: recorded forwards of several tokens and of one (the decode-after-write step), `crop`, and
-    decode again. Kernels (`TRITON_INTERPRET=1`) vs the PyTorch path (`TRITON_INTERPRET=0`)."""
+    """A tiny llama through tensor_cache mode="learned": chunked prefill (the prefill kernel and the chunked write)
+    and decode steps (the fused step writing the state in place), then a rollback: recorded forwards of several
+    tokens and of one (the decode step after `update` wrote the pair), `crop`, and recorded decode steps again.
+    Kernels (`TRITON_INTERPRET=1`) vs the PyTorch path (`TRITON_INTERPRET=0`)."""
     model = tiny_model("llama", attn_implementation="neuralcache")
     config = _learned_params(model, window=6, sink_tokens=2)
-    ids = torch.randint(3, 256, (2, 30), generator=torch.Generator().manual_seed(1))
-    padding = torch.ones(2, 30, dtype=torch.bool)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones(2, 20, dtype=torch.bool)
     padding[1, :3] = False
     position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)
     runs = []
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
-        logits = [cached_logits(model, cache, ids[:, :20], padding[:, :20], [9, 1, 1, 6, 1, 1, 1])]
+        logits = [cached_logits(model, cache, ids[:, :15], padding[:, :15], [9, 1, 1, 4])]
         assert cache.layers[0].journal == []
         cache.activate_past_recording()
         with torch.no_grad():
-            for start, stop in ((20, 23), (23, 24), (24, 27)):  # recorded: the journal keeps the states before
+            for start, stop in ((15, 17), (17, 18), (18, 20)):  # recorded: the journal keeps the states before
                 out = model(ids[:, start:stop], attention_mask=padding[:, :stop].long(),
                             position_ids=position_ids[:, start:stop], **{CACHE_KWARG: cache})  # fmt: skip
                 logits.append(out.logits)
-            cache.crop(-5)  # back to 22 tokens, then decode 22 .. 29 one token at a time
-            for t in range(22, 30):
+            cache.crop(-4)  # back to 16 tokens, then decode 16 .. 19 one token at a time (still recorded)
+            for t in range(16, 20):
                 out = model(ids[:, t : t + 1], attention_mask=padding[:, : t + 1].long(),
                             position_ids=position_ids[:, t : t + 1], **{CACHE_KWARG: cache})  # fmt: skip
                 logits.append(out.logits)
         runs.append((torch.cat(logits, 1), _flat_states(cache)))
     (kernel_logits, kernel_states), (ref_logits, ref_states) = runs
     assert ref_states[2].abs().sum() > 0  # the memory was written
-    real = torch.cat([padding[:, :27], padding[:, 22:]], 1)
+    real = torch.cat([padding[:, :20], padding[:, 16:]], 1)
     assert_close(kernel_logits[real], ref_logits[real], 2e-5, "logits, kernels vs reference")
     for a, b in zip(kernel_states, ref_states, strict=True):
         assert_close(a, b, 1e-5, "window and memory state")
@@ -271,11 +272,11 @@ def test_tensor_cache_with_kernels_equals_the_reference_path(triton_interpreter,
 
 def test_generate_with_kernels_equals_the_reference_path(triton_interpreter, monkeypatch):
     """Greedy `generate` (prefill through the fused prefill kernel, then the fused decode step) and beams
-    (`reorder` of the state) give the PyTorch path's tokens and scores."""
+    (`reorder` of the state) give the PyTorch path's tokens and logits."""
     model = tiny_model("llama", attn_implementation="neuralcache")
     config = _learned_params(model, window=6, sink_tokens=2)
     ids = torch.randint(3, 256, (1, 14), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_scores=True,
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, cache_implementation="tensor_cache", cache_config=config)  # fmt: skip
     runs = []
     for interpret in ("1", "0"):
@@ -285,7 +286,7 @@ def test_generate_with_kernels_equals_the_reference_path(triton_interpreter, mon
         runs.append((greedy, beams))
     (greedy, beams), (ref_greedy, ref_beams) = runs
     assert torch.equal(greedy.sequences, ref_greedy.sequences)
-    assert_close(torch.stack(greedy.scores), torch.stack(ref_greedy.scores), 2e-5, "greedy scores")
+    assert_close(torch.stack(greedy.logits), torch.stack(ref_greedy.logits), 2e-5, "greedy logits")
     assert torch.equal(beams.sequences, ref_beams.sequences)
     assert greedy[CACHE_KWARG].layers[0].state.mass.abs().sum() > 0  # 24 tokens through a window of 6
 

@@ -42,9 +42,11 @@ from transformers.cache_utils import CacheLayerMixin
 from ..kernels.fast_weight import (
     fast_weight_read,
     fast_weight_write,
+    learned_features,
     learned_read,
     learned_state,
     learned_write,
+    learned_write_features,
     merge_softmax,
     moment_read,
     moment_state,
@@ -104,7 +106,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
         self.mode, self.memory, self.rule = mode, memory, rule
         self.decay, self.write_rate, self.gate, self.tc_proj = decay, write_rate, float(gate), tc_proj
-        self.state = None  # MomentState (training_free) or A [B, Hkv, D, Dv] (paper), float32
+        self.state = None  # MomentState (training_free), LearnedState (learned) or A [B, Hkv, D, Dv] (paper), float32
         self.record_past = False
         self.journal: list[tuple] = []  # (first evicted position, state before, keys, values, weights)
         self._pending = None  # what attention reads: (state before, keys, values, weights, first, write deferred)
@@ -161,6 +163,12 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         if self.mode == "paper":
             return fast_weight_write(state, keys, values, weights, self.decay_t, self.write_rate_t, self.rule)
         if self.mode == "learned":
+            from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
+
+            if use_triton(keys):  # the chunked Triton write, from the keys' features
+                memory = self.learned
+                fk = learned_features(keys, memory.k_weight, memory.k_bias)
+                return learned_write_features(state, fk, values, weights, memory.log_decay, memory.write_rate)
             return learned_write(state, keys, values, weights, self.learned)
         return moment_write(state, keys, values, weights, self.log_decay)
 
@@ -232,7 +240,8 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         """Whether a decode step runs as one kernel: window + read + merge + the write of the leaving pair."""
         from ..kernels.dispatch import use_triton
 
-        return use_triton(tensor) and self.mode == "training_free" and self.memory != "gaussian"
+        fused = self.mode == "learned" or (self.mode == "training_free" and self.memory != "gaussian")
+        return fused and use_triton(tensor)
 
     def attention(
         self,
@@ -252,7 +261,13 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
         from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
-        from ..kernels.fast_weight import fast_weight_decode, moment_decode, moment_prefill
+        from ..kernels.fast_weight import (
+            fast_weight_decode,
+            learned_decode,
+            learned_prefill,
+            moment_decode,
+            moment_prefill,
+        )
         from ..kernels.window_attention import attend
 
         before, ev_k, ev_v, weights, first, deferred = self._pending
@@ -274,11 +289,20 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             else:
                 out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
             return out.to(query.dtype)
-        if self.mode == "learned":  # window softmax merged with the memory, its mass in units of the window's
-            if kernel:
-                out, lse = attend(*window, softcap, return_lse=True)
+        if kernel and self.mode == "learned":  # the same three kernels, fed the feature map's outputs
+            memory = self.learned
+            fq = learned_features(query, memory.q_weight, memory.q_bias)  # [B, Hq, q, 2F]
+            fk = learned_features(ev_k, memory.k_weight, memory.k_bias)  # [B, Hkv, m, 2F]
+            pairs, rates = (before, fq, fk, ev_v, weights), (memory.log_decay, memory.write_rate)
+            if deferred:  # decode: one kernel for window + write of the leaving pair + read + merge, in place
+                out, _, _ = learned_decode(*window, *pairs, *rates, softcap, out=self.state)
+            elif query.shape[2] == 1:  # decode after update() wrote the pair (recording the past): prefix == m
+                out, _, _ = learned_decode(*window, *pairs, *rates, softcap)
             else:
-                out, lse = window_attention_lse(query, key, value, layout.visible.to(query.device), scaling, softcap)
+                out, _ = learned_prefill(*window, *pairs, prefix, *rates, softcap)
+            return out.to(query.dtype)
+        if self.mode == "learned":  # window softmax merged with the memory, its mass in units of the window's
+            out, lse = window_attention_lse(query, key, value, layout.visible.to(query.device), scaling, softcap)
             mem, log_mass = learned_read(before, query, ev_k, ev_v, weights, prefix, self.learned)
             out, _ = merge_softmax(out, lse, mem, lse + log_mass)
             return out.to(query.dtype)
