@@ -32,6 +32,7 @@ MODULES = [
     "hf_neuralcache.kernels.window_attention.naive",
     "hf_neuralcache.kernels.window_attention.dispatch",
     "hf_neuralcache.kernels.paged_attention",
+    "hf_neuralcache.kernels.fast_weight.dispatch",
 ]
 FENCE = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
 
