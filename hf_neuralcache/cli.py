@@ -167,7 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--window", type=_int_at_least(1), default=256, help="Window (default: %(default)s).")
     fit.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
     fit.add_argument("--features", type=_int_at_least(1), default=32, help="F, 2F features (default: %(default)s).")
-    fit.add_argument("--steps", type=_int_at_least(1), default=200, help="Steps per layer (default: %(default)s).")
+    fit.add_argument("--steps", type=_int_at_least(1), default=80, help="Steps per layer (default: %(default)s).")
+    fit.add_argument(
+        "--objective",
+        choices=("output", "attention"),
+        default="output",
+        help="'output': each layer on the cached model's inputs, matched to the full model's layer output "
+        "(default); 'attention': each layer's attention alone, on the full model's inputs.",
+    )
     fit.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
     fit.add_argument("--seed", type=int, default=0, help="Seed (default: %(default)s).")
     fit.set_defaults(run=run_tensor_cache_fit)
@@ -195,7 +202,7 @@ def run_tensor_cache_fit(args) -> int:
     start = time.perf_counter()
     params = fit_tensor_cache(
         model, tokenizer, texts, window=args.window, sink_tokens=args.sink_tokens, features=args.features,
-        steps=args.steps, max_segments=args.segments, seed=args.seed,
+        steps=args.steps, max_segments=args.segments, seed=args.seed, objective=args.objective,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     if args.out is not None:

@@ -199,3 +199,69 @@ def test_assisted_decoding_and_beams():
     beams = model.generate(_ids(2, 10), num_beams=3, num_return_sequences=2, max_new_tokens=12, early_stopping=True,
                            cache_implementation="tensor_cache", cache_config=_config(params))  # fmt: skip
     assert beams.shape == (4, 22)
+
+
+def test_fit_student_path_equals_the_cache():
+    """The sequential fit's model of the cached forward (window + sinks + each layer's memory over a whole sequence)
+    gives the logits the cache gives in chunked prefill: the fit optimises what the cache computes."""
+    from hf_neuralcache.caches import tensor_cache_fit as fit
+    from hf_neuralcache.registry import register_attention
+
+    model = _model("llama")
+    params = _params(model, window=6, sink_tokens=2)
+    ids = _ids(1, 40, seed=2)
+    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
+    expected = cached_logits(model, cache, ids, torch.ones_like(ids, dtype=torch.bool), [7, 9, 1, 1, 22])
+    register_attention(fit.FIT, fit._fit_attention)
+    previous = model.config._attn_implementation
+    memories = {i: params.layer(i) for i in params.layer_indices}
+    fit._CONTEXT.update(mode="student", window=6, sinks=2, memory=memories, exact=False)
+    model.set_attn_implementation(fit.FIT)
+    try:
+        with torch.no_grad():
+            got = model(ids, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
+        fit._CONTEXT.clear()
+    assert_close(got, expected, 2e-5, "student path vs cache")
+
+
+def test_sequential_fit_is_deterministic_and_lowers_the_layer_error():
+    model = tiny_model("llama")
+    ids = _ids(1, 200, seed=4)[0]
+    kwargs = dict(window=8, sink_tokens=2, features=4, segment_tokens=96, steps=12, progress=False)
+    params = hf_neuralcache.fit_tensor_cache(model, None, [ids], **kwargs)
+    again = hf_neuralcache.fit_tensor_cache(model, None, [ids], **kwargs)
+    assert params.fit["objective"] == "output"
+    for name, tensor in params.tensors.items():
+        assert torch.equal(tensor, again.tensors[name]), name
+    layers = params.fit["layers"]
+    assert set(layers) == {str(i) for i in params.layer_indices}
+    for stats in layers.values():
+        assert stats["fitted_mse"] <= stats["start_mse"] + 1e-9
+        if stats["disabled"]:  # did not beat the window alone: its writes are switched off
+            assert stats["fitted_mse"] >= stats["window_mse"]
+    with pytest.raises(ValueError, match="objective"):
+        hf_neuralcache.fit_tensor_cache(model, None, [ids], objective="nope", **kwargs)
+    old = hf_neuralcache.fit_tensor_cache(model, None, [ids], objective="attention", **kwargs)
+    assert old.fit["objective"] == "attention" and set(old.fit["layers"]) == set(layers)
+
+
+def test_a_layer_whose_memory_does_not_help_is_switched_off(monkeypatch):
+    from hf_neuralcache.caches import tensor_cache_fit as fit
+
+    model = tiny_model("llama")
+    ids = _ids(1, 200, seed=4)[0]
+    merged = fit._merged
+
+    def harmful(out_w, lse_w, query, key, value, rows, window, sinks, memory):  # a memory that only adds error
+        out = merged(out_w, lse_w, query, key, value, rows, window, sinks, memory)
+        return out if memory is None else out + 1.0
+
+    monkeypatch.setattr(fit, "_merged", harmful)
+    params = hf_neuralcache.fit_tensor_cache(
+        model, None, [ids], window=8, sink_tokens=2, features=4, segment_tokens=96, steps=2, progress=False
+    )
+    for i, stats in params.fit["layers"].items():
+        assert stats["disabled"] and stats["fitted_mse"] > stats["window_mse"]
+        assert torch.all(params.tensors[f"layers.{i}.write_log"] == fit.DISABLED_WRITE_LOG)
