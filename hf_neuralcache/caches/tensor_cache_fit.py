@@ -369,7 +369,7 @@ def _fit_layer_output(layer, call, hidden, target, memory_init, window, sinks, s
         y = call(layer, inputs[:, rows], rows=pool[rows])
         return ((y.float() - targets[:, rows].float()) ** 2).mean()
 
-    every = torch.arange(len(pool))
+    every = torch.randperm(len(pool), generator=generator)[: 2 * batch].sort().values  # the losses reported
     with torch.no_grad():
         window_loss, start_loss = float(loss_at(every, with_memory=False)), float(loss_at(every))
     optimizer = torch.optim.Adam(list(raw.values()), lr=lr)
