@@ -8,6 +8,12 @@ Two tables (issue 6):
   static cache's 8K figure.
 * `eager`: `DynamicCache` vs `sliding_window_kv` vs `tensor_cache` with the plain forward, at 1K, 4K and 16K.
 
+Both tables also have `tensor_cache learned` (`mode="learned"`, same window and sinks) and, under each table, the
+ratio of its tokens/s to `tensor_cache` (training_free). Its parameters come from `--learned DIR` (a folder
+`fit_tensor_cache` saved, fitted for this model, window and sinks) or, by default, from
+`TensorCacheParams.initial(model, window, sinks)`: the decode step runs the same operations on the same shapes
+whatever the fitted values are, so the speed does not depend on them.
+
 Each run prefills `context` random tokens eagerly (in chunks of `--prefill-chunk`), runs `--warmup` decode steps
 (the compilation happens there; its seconds are reported) and times `--steps` greedy steps, synchronising after
 each like `generate` does. Random weights: the speed does not depend on them.
@@ -20,6 +26,8 @@ A small CPU run (2 cores: keep it modest; inductor's CPU compile takes minutes):
 
     python benchmarks/compiled_decode.py --model small --tables compiled --contexts 256 1024 4096 --steps 16
     python benchmarks/compiled_decode.py --model smollm2 --tables eager --steps 16
+    python benchmarks/compiled_decode.py --model small --caches tensor_cache tensor_cache_learned \
+        --contexts 1024 8192 32768 --eager-contexts 1024 8192 32768 --steps 16   # learned vs training_free
 """
 
 from __future__ import annotations
@@ -34,7 +42,14 @@ import hf_neuralcache
 from hf_neuralcache.models import load_embedded_model
 from hf_neuralcache.registry import CACHE_KWARG  # `cache` from transformers 5.24, else `past_key_values`
 
-ATTENTION = {"static": "sdpa", "dynamic": "sdpa", "sliding_window_kv": "sdpa", "tensor_cache": "neuralcache"}
+ATTENTION = {
+    "static": "sdpa",
+    "dynamic": "sdpa",
+    "sliding_window_kv": "sdpa",
+    "tensor_cache": "neuralcache",
+    "tensor_cache_learned": "neuralcache",
+}
+LABELS = {"static": "StaticCache", "dynamic": "DynamicCache", "tensor_cache_learned": "tensor_cache learned"}
 # Llama-3.2-1B's shapes (random weights, no download); "small" is a 4-layer model of the same family for the CPU
 SHAPES = {
     "llama-1b": dict(
@@ -77,8 +92,23 @@ def make_cache(name: str, model, context: int, total: int, args):
         return StaticCache(config=model.config, max_cache_len=total)
     if name == "dynamic":
         return DynamicCache(config=model.config)
+    if name == "tensor_cache_learned":
+        params = learned_params(model, args)
+        return hf_neuralcache.create_cache("tensor_cache", model.config, mode="learned", params=params,
+                                           window=args.tc_window, sink_tokens=args.sinks)  # fmt: skip
     options = {"window": args.sw_window} if name == "sliding_window_kv" else {"window": args.tc_window}
     return hf_neuralcache.create_cache(name, model.config, sink_tokens=args.sinks, **options)
+
+
+def learned_params(model, args):
+    """The learned memory's parameters: `--learned DIR`, or initial ones (the speed does not depend on the values)."""
+    if getattr(args, "params", None) is None:
+        if args.learned:
+            args.params = hf_neuralcache.TensorCacheParams.from_pretrained(args.learned)
+            args.params.check(model=model, window=args.tc_window, sink_tokens=args.sinks)
+        else:
+            args.params = hf_neuralcache.TensorCacheParams.initial(model, args.tc_window, args.sinks)
+    return args.params
 
 
 def sync(device: str) -> None:
@@ -88,7 +118,7 @@ def sync(device: str) -> None:
 
 def decode_speed(model, forward, name: str, context: int, args) -> tuple[float, float]:
     """(tokens/s over the timed steps, seconds of the warm-up steps) for one cache at one context."""
-    total = context + args.warmup + args.steps + 1
+    total = context + args.warmup + args.steps * args.rounds + 1
     cache = make_cache(name, model, context, total, args)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, context), generator=generator).to(args.device)
@@ -110,12 +140,14 @@ def decode_speed(model, forward, name: str, context: int, args) -> tuple[float, 
             token, position = step(token, position)
             sync(args.device)
         warmup = time.perf_counter() - began
-        began = time.perf_counter()
-        for _ in range(args.steps):
-            token, position = step(token, position)
-            sync(args.device)
-        elapsed = time.perf_counter() - began
-    return args.steps / elapsed, warmup
+        elapsed = []
+        for _ in range(args.rounds):  # the fastest round: least disturbed by other work on a shared machine
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                token, position = step(token, position)
+                sync(args.device)
+            elapsed.append(time.perf_counter() - began)
+    return args.steps / min(elapsed), warmup
 
 
 def prepare(model, name: str, compiled: bool, args):
@@ -130,15 +162,21 @@ def table(model, title: str, caches: list[str], contexts: list[int], compiled: b
     print(f"\n{title}")
     print("| cache | " + " | ".join(f"{c // 1024}K" if c % 1024 == 0 else str(c) for c in contexts) + " |")
     print("|---|" + "---:|" * len(contexts))
+    speeds = {}
     for name in caches:
         forward = prepare(model, name, compiled, args)
         cells, warmups = [], []
         for context in contexts:
             speed, warmup = decode_speed(model, forward, name, context, args)
+            speeds[name, context] = speed
             cells.append(f"{speed:.1f}")
             warmups.append(f"{warmup:.0f}s")
-        label = {"static": "StaticCache", "dynamic": "DynamicCache"}.get(name, name)
-        print(f"| {label} | " + " | ".join(cells) + " |" + (f"  (warm-up {', '.join(warmups)})" if compiled else ""))
+        label = LABELS.get(name, name)
+        print(f"| {label} | " + " | ".join(cells) + " |" + (f"  (warm-up {', '.join(warmups)})" if compiled else ""),
+              flush=True)  # fmt: skip
+    if "tensor_cache" in caches and "tensor_cache_learned" in caches:
+        ratios = [speeds["tensor_cache_learned", c] / speeds["tensor_cache", c] for c in contexts]
+        print("| learned / training_free | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
     model.set_attn_implementation("sdpa")
 
 
@@ -151,11 +189,13 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768], help="compiled table")
     parser.add_argument("--eager-contexts", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--caches", nargs="+", default=None, help="default: all caches of each table")
+    parser.add_argument("--learned", default=None, help="fitted TensorCacheParams folder (default: initial params)")
     parser.add_argument("--sw-window", type=int, default=1024, help="sliding_window_kv window")
     parser.add_argument("--tc-window", type=int, default=256, help="tensor_cache window")
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps (compilation)")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds of --steps; the fastest is reported")
     parser.add_argument("--prefill-chunk", type=int, default=2048)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default=None, help="torch.compile mode; default reduce-overhead on cuda")
@@ -174,11 +214,11 @@ def main() -> None:
         where += f" ({torch.cuda.get_device_name()})"
     windows = f"sliding_window_kv window {args.sw_window}, tensor_cache window {args.tc_window}, {args.sinks} sinks"
     if "compiled" in args.tables:
-        caches = args.caches or ["static", "sliding_window_kv", "tensor_cache"]
+        caches = args.caches or ["static", "sliding_window_kv", "tensor_cache", "tensor_cache_learned"]
         title = f"Compiled decode tok/s ({where}; {args.backend}, mode={args.mode}; {windows})"
         table(model, title, caches, args.contexts, True, args)
     if "eager" in args.tables:
-        caches = args.caches or ["dynamic", "sliding_window_kv", "tensor_cache"]
+        caches = args.caches or ["dynamic", "sliding_window_kv", "tensor_cache", "tensor_cache_learned"]
         table(model, f"Eager decode tok/s ({where}; {windows})", caches, args.eager_contexts, False, args)
 
 

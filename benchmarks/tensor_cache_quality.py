@@ -1,44 +1,74 @@
 """tensor_cache quality on the embedded SmolLM2-135M (fp32): NLL and perplexity against the bytes each cache holds.
 
-    python benchmarks/tensor_cache_quality.py                       # 4,096 tokens of Sherlock Holmes, the 6 rows
-    python benchmarks/tensor_cache_quality.py --tokens 2048 --all   # quicker, plus every training-free variant
-    python benchmarks/tensor_cache_quality.py --chunk 64 --learned benchmarks/out/smollm2_learned_w256 \
-        --only "full,4 sinks,training_free,learned"                  # the learned memory (fit it first, below)
+    python benchmarks/tensor_cache_quality.py --chunk 64                  # 4,096 tokens of Sherlock Holmes, every row
+    python benchmarks/tensor_cache_quality.py --tokens 2048 --all        # quicker, plus every training-free variant
+    python benchmarks/tensor_cache_quality.py --chunk 64 --text paws      # another kind of text (PAWS sentences)
+    python benchmarks/tensor_cache_quality.py --chunk 64 --only "full,4 sinks,learned" \
+        --learned 256=benchmarks/out/tc_w256 --learned 128=benchmarks/out/tc_w128 --learned 64=benchmarks/out/tc_w64
 
-Fit the learned memory on Pride and Prejudice only (never on the evaluation text):
+Fit the learned memory on Pride and Prejudice only (never on the evaluation text), one folder per window:
 
-    hf-neuralcache tensor-cache fit --text ../shared/data/pride_and_prejudice.txt \
-        --out benchmarks/out/smollm2_learned_w256
+    hf-neuralcache tensor-cache fit --text ../shared/data/pride_and_prejudice.txt --window 256 \
+        --out benchmarks/out/tc_w256
+
+Rows: the full KV cache; sinks + window (`sliding_window_kv`, 4 sinks + 64 / 128 / 256 / 1024, and 256 without
+sinks); TOVA, TOVA (last query), H2O and SnapKV at 260 entries per layer and KV head (`eviction_baselines.py`: 4
+sinks always kept, keys at their original positions, evicting to the budget after each chunk, so holding budget +
+chunk entries during a forward); tensor_cache W256 training_free (`moment`) and paper (untrained); one
+"tensor_cache W{W} learned" row per `--learned W=DIR`.
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
-token-by-token decoding for these caches, so this is what decoding would compute) and averages the NLL of the
-tokens at positions >= `--score-from`. "bytes" is what the cache holds at the end (`memory_bytes()`; for the full
-KV cache the keys and values of every token). Prints a table and saves a PNG of NLL against bytes.
+token-by-token decoding for the sliding-window and tensor caches; for the eviction baselines it is their rule at
+that granularity) and averages the NLL of the tokens at positions >= `--score-from`. "bytes" is what the cache holds
+at the end (`memory_bytes()`; for the full KV cache the keys and values of every token). Prints each row as it
+finishes, then a table with the bytes as a share of 4 sinks + window 1024 and the share of the NLL gap between 4
+sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes.
+
+Texts (`--text`): `sherlock` and `pride` (the novels after their Gutenberg header), `paws` (the `sentence1` column
+of `paws_wiki_dev.tsv`, each distinct sentence once in file order, joined with newlines: unrelated Wikipedia
+sentences, another kind of text than a novel). `--model tiny` runs a 2-layer random model on the text's bytes (a
+smoke test of the machinery; its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-import hf_neuralcache
-from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
-from hf_neuralcache.models import load_embedded_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # eviction_baselines, next to this file
+import eviction_baselines  # noqa: E402  (registers the "eviction_baseline" attention function)
+
+import hf_neuralcache  # noqa: E402
+from hf_neuralcache import CACHE_KWARG  # noqa: E402  ("cache" from transformers 5.24, else "past_key_values")
+from hf_neuralcache.models import load_embedded_model, tiny_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TEXTS = {"sherlock": "adventures_of_sherlock_holmes.txt", "pride": "pride_and_prejudice.txt"}
+TEXTS = {
+    "sherlock": "adventures_of_sherlock_holmes.txt",
+    "pride": "pride_and_prejudice.txt",
+    "paws": "paws_wiki_dev.tsv",
+}
+BUDGET = 260  # entries per layer and KV head of the eviction baselines: 4 sinks + 256
 
-# (label, cache name or None for the full KV cache, cache_config)
+# (label, kind, config): kind None is the full KV cache, "eviction" a baseline of eviction_baselines.py (config:
+# its policy and options), else a cache name of hf_neuralcache with its cache_config
 ROWS = [
     ("full KV", None, {}),
     ("window 256, no sinks", "sliding_window_kv", {"window": 256, "sink_tokens": 0}),
+    ("4 sinks + window 64", "sliding_window_kv", {"window": 64, "sink_tokens": 4}),
+    ("4 sinks + window 128", "sliding_window_kv", {"window": 128, "sink_tokens": 4}),
     ("4 sinks + window 256", "sliding_window_kv", {"window": 256, "sink_tokens": 4}),
     ("4 sinks + window 1024", "sliding_window_kv", {"window": 1024, "sink_tokens": 4}),
+    (f"TOVA @{BUDGET}", "eviction", {"policy": "tova"}),
+    (f"TOVA last query @{BUDGET}", "eviction", {"policy": "tova_last"}),
+    (f"H2O @{BUDGET}", "eviction", {"policy": "h2o"}),
+    (f"SnapKV @{BUDGET}", "eviction", {"policy": "snapkv"}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
     ("tensor_cache W256 paper (untrained)", "tensor_cache", {"window": 256, "mode": "paper"}),
 ]
@@ -47,98 +77,179 @@ VARIANTS = [  # the training-free candidates measured for docs/tensor_cache.md
     for memory in ("mean", "moment", "gaussian")
     for decay in (1.0, 0.999, 0.99)
 ] + [("tensor_cache W256 paper outer (untrained)", "tensor_cache", {"window": 256, "mode": "paper", "rule": "outer"})]
+REFERENCE = "4 sinks + window 1024"  # bytes are reported as a share of its bytes
+GAP = ("4 sinks + window 256", "full KV")  # the NLL gap a row wins back: (low end, high end)
 
 
-def text_ids(tokenizer, name: str, tokens: int) -> torch.Tensor:
+def read_text(name: str) -> str:
     path = DATA / TEXTS[name]
-    text = path.read_text(encoding="utf-8-sig").split("\n", 60)[-1]  # skip the Project Gutenberg header
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    if name == "paws":
+        lines = path.read_text(encoding="utf-8").splitlines()[1:]  # header: id, sentence1, sentence2, label
+        return "\n".join(dict.fromkeys(line.split("\t")[1] for line in lines if line.strip()))
+    return path.read_text(encoding="utf-8-sig").split("\n", 60)[-1]  # skip the Project Gutenberg header
+
+
+def text_ids(tokenizer, name: str, tokens: int, vocab: int | None = None) -> torch.Tensor:
+    """The first `tokens` token ids of the text; without a tokenizer its bytes (clipped into a tiny vocabulary)."""
+    text = read_text(name)
+    if tokenizer is None:
+        ids = (torch.tensor(list(text.encode()[:tokens])) % (vocab - 3) + 3).unsqueeze(0)
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
-        raise ValueError(f"{path} has {ids.shape[1]} tokens, expected at least {tokens}.")
+        raise ValueError(f"{TEXTS[name]} has {ids.shape[1]} tokens, expected at least {tokens}.")
     return ids
+
+
+def learned_rows(model, values: list[str]) -> list:
+    """Rows of `--learned W=DIR` (or the older `DIR[,DIR...]`): the fitted params, checked against the model."""
+    rows = []
+    for value in values:
+        for item in filter(None, value.split(",")):
+            window, sep, folder = item.partition("=")
+            if not sep:
+                window, folder = None, item
+            params = hf_neuralcache.TensorCacheParams.from_pretrained(folder)
+            if window is not None and int(window) != params.window:
+                raise SystemExit(f"--learned {item}: {folder} was fitted for window {params.window}, not {window}")
+            params.check(model=model)  # fitted for these weights (generate checks this; create_cache does not)
+            config = {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
+            rows.append((f"tensor_cache W{params.window} learned", "tensor_cache", config))
+    return rows
 
 
 def dynamic_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def evaluate(model, ids: torch.Tensor, name: str | None, config: dict, chunk: int, score_from: int):
+def make_cache(model, kind: str | None, config: dict):
+    if kind is None:
+        return DynamicCache(config=model.config)
+    if kind == "eviction":
+        options = dict(config)
+        return eviction_baselines.EvictionCache(model.config, options.pop("policy"), options.pop("budget", BUDGET),
+                                                **options)  # fmt: skip
+    return hf_neuralcache.create_cache(kind, model.config, **config)
+
+
+def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: int, score_from: int):
     """`(nll, bytes held, seconds)` of feeding `ids` through the cache in chunks."""
-    if name is None:
-        cache = DynamicCache(config=model.config)
-    else:
-        cache = hf_neuralcache.create_cache(name, model.config, **config)
+    cache = make_cache(model, kind, config)
+    attention = model.config._attn_implementation
+    if kind == "eviction":  # the baselines need the attention weights: their own (eager) attention function
+        model.set_attn_implementation(eviction_baselines.ATTENTION)
     start, nll, count = time.perf_counter(), 0.0, 0
-    with torch.no_grad():
-        for begin in range(0, ids.shape[1], chunk):
-            piece = ids[:, begin : begin + chunk]
-            logits = model(piece, **{CACHE_KWARG: cache}).logits.float()
-            targets = ids[:, begin + 1 : begin + 1 + piece.shape[1]]  # the next token of each position
-            logits = logits[:, : targets.shape[1]]
-            positions = torch.arange(begin + 1, begin + 1 + targets.shape[1])
-            scored = positions >= score_from
-            if scored.any():
-                losses = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
-                nll += losses[scored].sum().item()
-                count += int(scored.sum())
-    held = dynamic_bytes(cache) if name is None else cache.memory_bytes()
+    try:
+        with torch.no_grad():
+            for begin in range(0, ids.shape[1], chunk):
+                piece = ids[:, begin : begin + chunk]
+                logits = model(piece, **{CACHE_KWARG: cache}).logits.float()
+                targets = ids[:, begin + 1 : begin + 1 + piece.shape[1]]  # the next token of each position
+                logits = logits[:, : targets.shape[1]]
+                positions = torch.arange(begin + 1, begin + 1 + targets.shape[1])
+                scored = positions >= score_from
+                if scored.any():
+                    losses = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
+                    nll += losses[scored].sum().item()
+                    count += int(scored.sum())
+    finally:
+        model.set_attn_implementation(attention)
+    held = dynamic_bytes(cache) if kind is None else cache.memory_bytes()
     return nll / count, held, time.perf_counter() - start
+
+
+def table(results: list[tuple[str, float, int, float]]) -> list[str]:
+    """The markdown table: NLL, ppl, bytes, bytes as % of 4 + 1024, share of the 4 + 256 -> full gap won back."""
+    by_label = {label: (nll, held) for label, nll, held, _ in results}
+    reference = by_label.get(REFERENCE, (None, None))[1]
+    low, high = (by_label.get(label, (None,))[0] for label in GAP)
+    lines = [
+        "| cache | NLL | ppl | bytes held | % of 4+1024 | gap recovered | s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, nll, held, seconds in results:
+        share = f"{100 * held / reference:.1f}%" if reference else ""
+        gap = f"{(low - nll) / (low - high):+.2f}" if low is not None and high is not None and low != high else ""
+        lines.append(f"| {label} | {nll:.4f} | {math.exp(nll):.3f} | {held:,} | {share} | {gap} | {seconds:.0f} |")
+    return lines
+
+
+def plot(results, path: str, title: str, score_from: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families = {  # label -> (family, marker); families of several rows are drawn as a line
+        "4 sinks + window": ("4 sinks + window (64, 128, 256, 1024)", "o"),
+        "learned": ("tensor_cache learned (W = 64, 128, 256)", "*"),
+    }
+    lines: dict[str, list] = {}
+    markers = {"TOVA": "v", "H2O": "^", "SnapKV": "D", "training_free": "P", "paper": "X", "full": "s", "no sinks": "x"}
+    for label, nll, held, _ in results:
+        family = next((f for key, f in families.items() if key in label), None)
+        if family is not None:
+            lines.setdefault(family, []).append((held, nll, label))
+            continue
+        marker = next((m for key, m in markers.items() if key in label), "o")
+        ax.scatter(held, nll, marker=marker, s=50, label=label, zorder=3)
+    for (name, marker), points in lines.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=9, label=name, zorder=2)
+        for held, nll, label in points:
+            short = label.replace("4 sinks + window ", "4+").replace("tensor_cache ", "").replace(" learned", "")
+            ax.annotate(short, (held, nll), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes held at the end (log)")
+    ax.set_ylabel(f"NLL, tokens >= {score_from}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"saved {path}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text (default 4096)")
     parser.add_argument("--score-from", type=int, default=1024, help="first scored token position (default 1024)")
-    parser.add_argument("--text", choices=sorted(TEXTS), default="sherlock", help="which novel (default sherlock)")
-    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
+    parser.add_argument("--text", choices=sorted(TEXTS), default="sherlock", help="which text (default sherlock)")
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512; the issue: 64)")
     parser.add_argument("--all", action="store_true", help="also every training-free variant (memory x decay)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
-    parser.add_argument("--learned", default="", help="comma-separated TensorCacheParams folders: learned rows")
+    parser.add_argument("--learned", action="append", default=[], metavar="W=DIR",
+                        help="a fitted TensorCacheParams folder and its window (repeatable; DIR[,DIR] also taken)")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                        help="tiny: a random 2-layer model on the text's bytes (smoke test)")  # fmt: skip
     parser.add_argument("--plot", default="benchmarks/out/tensor_cache_quality.png", help="PNG path ('' for none)")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
-    ids = text_ids(tokenizer, args.text, args.tokens)
-    rows = ROWS + (VARIANTS if args.all else [])
-    for folder in filter(None, args.learned.split(",")):
-        params = hf_neuralcache.TensorCacheParams.from_pretrained(folder)
-        config = {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
-        rows.append((f"tensor_cache W{params.window} learned", "tensor_cache", config))
+    if args.model == "tiny":
+        model, tokenizer = tiny_model("llama", attn_implementation="neuralcache"), None
+    else:
+        model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
+    ids = text_ids(tokenizer, args.text, args.tokens, model.config.vocab_size)
+    rows = ROWS + (VARIANTS if args.all else []) + learned_rows(model, args.learned)
     if args.only:
         rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
-    print(
-        f"== SmolLM2-135M fp32, {args.tokens} tokens of {TEXTS[args.text]}, NLL over tokens >= {args.score_from}, "
+    name = "SmolLM2-135M fp32" if args.model == "smollm2" else "tiny random llama (smoke test)"
+    title = (
+        f"{name}, {args.tokens} tokens of {TEXTS[args.text]}, NLL over tokens >= {args.score_from}, "
         f"prefill chunks of {args.chunk}"
     )
-    print(f"  {'cache':42s} | {'NLL':>6} | {'ppl':>7} | {'bytes held':>12} | {'vs 4+1024':>9} | {'s':>5}")
+    print(f"== {title}", flush=True)
     results = []
-    reference_bytes = None
-    for label, name, config in rows:
-        nll, held, seconds = evaluate(model, ids, name, config, args.chunk, args.score_from)
-        if label == "4 sinks + window 1024":
-            reference_bytes = held
-        ratio = f"{held / reference_bytes:9.2f}" if reference_bytes else f"{'':9s}"
-        print(f"  {label:42s} | {nll:6.4f} | {math.exp(nll):7.3f} | {held:12,} | {ratio} | {seconds:5.0f}", flush=True)
-        results.append((label, nll, held))
-
+    for label, kind, config in rows:
+        nll, held, seconds = evaluate(model, ids, kind, config, args.chunk, args.score_from)
+        print(f"  {label:42s} | {nll:6.4f} | {math.exp(nll):9.3f} | {held:12,} | {seconds:5.0f} s", flush=True)
+        results.append((label, nll, held, seconds))
+    print()
+    print("\n".join(table(results)), flush=True)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plt.figure(figsize=(7, 4.5))
-        for label, nll, held in results:
-            plt.scatter(held / 2**20, nll, marker="*" if "tensor_cache" in label else "o")
-            plt.annotate(label, (held / 2**20, nll), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        plt.xscale("log")
-        plt.xlabel("bytes held (MiB, log)")
-        plt.ylabel(f"NLL, tokens >= {args.score_from}")
-        plt.title(f"SmolLM2-135M fp32, {args.tokens} tokens of {args.text}")
-        plt.tight_layout()
-        plt.savefig(args.plot, dpi=130)
-        print(f"saved {args.plot}")
+        plot(results, args.plot, title, args.score_from)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,37 @@ def test_compiled_decode_step_is_one_graph_and_equals_eager(name):
         assert torch.equal(a.length, b.length) and torch.equal(getattr(a, "ring", a).slots, getattr(b, "ring", b).slots)
 
 
+def test_compiled_decode_step_learned_mode_equals_eager():
+    """mode="learned": the same one graph for every step (ring filling, wrapping, evicting into the learned memory)
+    and the tokens, logits and memory state of eager decoding."""
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    params = hf_neuralcache.TensorCacheParams.initial(model, window=6, sink_tokens=2, features=4, seed=1)
+    for name in params.tensors:  # a memory large enough to change the logits
+        if name.endswith("write_log"):
+            params.tensors[name].fill_(-1.0)
+    ids, padding = _ids(2, 5), torch.ones(2, 5, dtype=torch.bool)
+    padding[0, :2] = False
+    config = {"mode": "learned", "params": params, "window": 6, "sink_tokens": 2}
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model.forward, backend=counting, fullgraph=True)
+    eager = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
+    ours = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
+    want_tokens, want_logits = _decode(model.forward, model, eager, ids, padding, 14)
+    got_tokens, got_logits = _decode(compiled, model, ours, ids, padding, 14)
+    assert len(graphs) == 1
+    assert torch.equal(got_tokens, want_tokens)
+    assert_close(got_logits, want_logits, 1e-6, "learned compiled vs eager")
+    assert float(eager.layers[0].state.mass.abs().sum()) > 0  # 19 tokens through a window of 6: memory written
+    for a, b in zip(ours.layers, eager.layers, strict=True):
+        for x, y in zip(a.state, b.state, strict=True):
+            assert_close(x, y, 1e-6, "learned memory state")
+
+
 def test_generate_with_compile_config_equals_eager_generate():
     """generate compiles the decode steps of a compileable cache (here on the CPU, which it needs to be told)."""
     model = tiny_model("llama")

@@ -250,12 +250,22 @@ def test_least_frequently_used_policy_is_applied(tmp_path):
     assert PrefixCache(tmp_path / "lfu").store.disk.eviction_policy == "least-recently-used"  # the argument wins
 
 
-@pytest.mark.parametrize("mode", ["training_free", "paper"])
+@pytest.mark.parametrize("mode", ["training_free", "paper", "learned"])
 def test_tensor_cache_is_rebuilt_from_the_stored_prefix(tmp_path, mode):
-    """The window and the memory of a tensor_cache rebuilt from loaded prefix K/V give the tokens of a cold run."""
+    """The window and the memory of a tensor_cache rebuilt from loaded prefix K/V give the tokens of a cold run.
+
+    The prefix hook feeds the loaded K/V through `cache.update`, so every mode (the fitted `"learned"` memory too)
+    writes the evicted pairs into its memory as a prefill would."""
     model = tiny_model("llama", attn_implementation="neuralcache")
     prompt = ids(5 * CT + 1, seed=6)
     config = {"window": 12, "sink_tokens": 2, "mode": mode}  # 41 tokens: 27 evicted into the memory
+    if mode == "learned":  # a params folder (as saved next to a model), with a memory large enough to matter
+        params = hf_neuralcache.TensorCacheParams.initial(model, window=12, sink_tokens=2, features=4, seed=1)
+        for name in params.tensors:
+            if name.endswith("write_log"):
+                params.tensors[name].fill_(-1.0)
+        params.save_pretrained(tmp_path / "params")
+        config["params"] = str(tmp_path / "params")
     kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation="tensor_cache", cache_config=config)
     ref = model.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
     cache = PrefixCache(tmp_path / "prefix", chunk_tokens=CT)

@@ -1,0 +1,222 @@
+"""Eviction baselines for the tensor_cache quality benchmark: TOVA, H2O and SnapKV as bounded KV caches.
+
+Each keeps at most `budget` key/value entries per layer and KV head (default 260 = 4 sinks + 256), chosen from the
+attention weights the model computes. The keys are stored as the model computed them, RoPE'd at their *original*
+positions, and never re-rotated: a query at position `t` sees a kept key from position `i` with the relative
+distance `t - i` it would see under full attention. The cache reports `get_seq_length()` = tokens seen (not
+held), so the model numbers new tokens by their true position.
+
+How it runs. `import eviction_baselines` registers the attention function `"eviction_baseline"` with
+`transformers.AttentionInterface` (eager math, fp32 softmax; fine for a benchmark, slow for anything else). Use
+it with `model.set_attn_implementation("eviction_baseline")` and pass an [`EvictionCache`]. For every layer, the
+cache's `update` appends the chunk's keys and values to what the layer holds and returns all of them tagged with
+the layer; the attention function computes softmax attention of the chunk's queries over them (causal within the
+chunk; everything held precedes the chunk), hands the weights, averaged over the query heads of each KV group, to
+the layer, and the layer evicts down to exactly `budget` entries per KV head before the next layer runs. So a
+layer momentarily holds `budget + chunk` entries during a forward (`budget + 64` at 64-token chunks), and exactly
+`budget` between forwards once the text is longer than the budget. Keys with no tag (any other cache, or none) get
+the same attention with nothing recorded. No padding support: rows of a batch must be unpadded (transformers builds
+no mask for an attention implementation without a mask function; this one builds its causal mask itself).
+
+Policies (scores per KV head, the mean over its query heads; the first `sink_tokens` = 4 positions are always
+kept by all three, and the rest of the budget goes by the policy):
+
+* `"tova"` (TOVA, Oren et al. 2024, adapted to chunks): after each chunk, keep the entries with the highest
+  attention from the chunk's queries, averaged over the queries that can see the entry (a key of the chunk is seen
+  only by the queries at or after it; averaging over the visible ones does not penalise the newest keys). No state
+  between chunks. `"tova_last"`: the original rule's score, the attention of the chunk's last query alone (which
+  sees every entry).
+* `"h2o"` (Heavy-Hitter Oracle, Zhang et al. 2023): every entry accumulates the attention it receives from every
+  query while it is held (summed over queries; the mean over the group's heads); keep the `recent` most recent
+  positions (default half the non-sink budget: 128 of 256) plus the entries with the largest accumulated score. The
+  accumulated score is state held between chunks: one fp32 per entry, counted in `memory_bytes`.
+* `"snapkv"` (SnapKV, Li et al. 2024, applied after every chunk instead of once after the prompt): the attention
+  of an observation window of the chunk's last `observation` (32) queries, summed over them, max-pooled over
+  neighbouring entries (kernel 7, stride 1; neighbours in position order among the held entries, which need not be
+  adjacent positions), keep the top entries plus the observation window's own keys. No state between chunks.
+
+`memory_bytes()` counts the keys and values (fp32 for an fp32 model), the position of each entry (int64, per KV
+head: each head keeps other tokens) and H2O's accumulated scores.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = ["ATTENTION", "POLICIES", "EvictionCache", "EvictionLayer", "eviction_attention_forward"]
+
+ATTENTION = "eviction_baseline"
+POLICIES = ("tova", "tova_last", "h2o", "snapkv")
+
+
+class EvictionLayer(CacheLayerMixin):
+    """One layer: up to `budget` entries per KV head (keys, values, original positions), evicted by `policy`.
+
+    Args:
+        policy (`str`): One of `POLICIES`.
+        budget (`int`): Entries kept per KV head after each forward (sinks included).
+        sink_tokens (`int`): First positions always kept.
+        recent (`int`, *optional*): H2O's recent window; default half the non-sink budget.
+        observation (`int`): SnapKV's observation window (last queries of the chunk).
+        pool (`int`): SnapKV's max-pool kernel (odd).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, policy: str, budget: int, sink_tokens: int = 4, recent: int | None = None,
+                 observation: int = 32, pool: int = 7):  # fmt: skip
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if recent is None:
+            recent = (budget - sink_tokens) // 2
+        if budget < sink_tokens + (recent if policy == "h2o" else 0) + (observation if policy == "snapkv" else 0):
+            raise ValueError(f"budget {budget} is smaller than what {policy!r} always keeps")
+        if pool % 2 != 1:
+            raise ValueError(f"pool must be odd, got {pool}")
+        self.policy, self.budget, self.sink_tokens = policy, budget, sink_tokens
+        self.recent, self.observation, self.pool = recent, observation, pool
+        self.seen = 0
+        self.positions = self.accumulated = None
+        self.chunk = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
+        self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        self.accumulated = torch.zeros(batch, heads, 0, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the chunk; return every held entry plus the chunk, the keys tagged with this layer."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, q, _ = key_states.shape
+        new = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, heads, q)
+        self.keys = torch.cat([self.keys, key_states], -2)
+        self.values = torch.cat([self.values, value_states], -2)
+        self.positions = torch.cat([self.positions, new], -1)
+        self.accumulated = torch.cat([self.accumulated, self.accumulated.new_zeros(batch, heads, q)], -1)
+        self.seen += q
+        self.chunk = q
+        keys = self.keys.view(self.keys.shape)  # a fresh tensor object to carry the tag
+        keys._eviction_layer = weakref.ref(self)
+        return keys, self.values
+
+    # ---- eviction -------------------------------------------------------------------------------------------------
+    def observe(self, weights: torch.Tensor) -> None:
+        """`weights` `[B, Hkv, q, K]`: this forward's attention (mean over each group's query heads); evict."""
+        held, q = weights.shape[-1], weights.shape[-2]
+        if self.policy == "h2o":
+            self.accumulated = self.accumulated + weights.sum(-2)
+        if held <= self.budget:
+            return
+        forced = self.positions < self.sink_tokens
+        if self.policy == "tova":
+            old = held - q
+            seen_by = (q - (torch.arange(held, device=weights.device) - old).clamp(min=0)).clamp(min=1)
+            score = weights.sum(-2) / seen_by
+        elif self.policy == "tova_last":
+            score = weights[:, :, -1]
+        elif self.policy == "h2o":
+            score = self.accumulated
+            forced = forced | (self.positions >= self.seen - self.recent)
+        else:  # snapkv
+            window = min(self.observation, q)
+            score = weights[:, :, -window:].sum(-2)
+            batch, heads = score.shape[:2]
+            score = torch.nn.functional.max_pool1d(
+                score.reshape(batch * heads, 1, held), self.pool, stride=1, padding=self.pool // 2
+            ).reshape(batch, heads, held)
+            forced = forced | (self.positions >= self.seen - window)
+        score = score.float().masked_fill(forced, float("inf"))
+        keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # [B, Hkv, budget], position order
+        self.keep(keep)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor."""
+        gather = lambda t: t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))  # noqa: E731
+        self.keys, self.values = gather(self.keys), gather(self.values)
+        self.positions = self.positions.gather(2, index)
+        self.accumulated = self.accumulated.gather(2, index)
+
+    # ---- sizes ----------------------------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen  # tokens seen: the model numbers the next token by its true position
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = 0 if self.keys is None else self.keys.shape[-2]
+        return held + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def memory_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        tensors = [self.keys, self.values, self.positions] + ([self.accumulated] if self.policy == "h2o" else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = self.accumulated = None
+        self.seen, self.is_initialized = 0, False
+
+
+class EvictionCache(Cache):
+    """A cache of [`EvictionLayer`]s, one per decoder layer (run with `attn_implementation="eviction_baseline"`).
+
+    Args:
+        config (`PreTrainedConfig`): The model's config.
+        policy (`str`): `"tova"`, `"tova_last"`, `"h2o"` or `"snapkv"`.
+        budget (`int`, *optional*, defaults to 260): Entries per layer and KV head (4 sinks + 256).
+        **options: `sink_tokens`, `recent`, `observation`, `pool` (see [`EvictionLayer`]).
+    """
+
+    def __init__(self, config, policy: str, budget: int = 260, **options):
+        layers = config.get_text_config().num_hidden_layers
+        super().__init__(layers=[EvictionLayer(policy, budget, **options) for _ in range(layers)])
+        self.policy, self.budget = policy, budget
+
+    def memory_bytes(self) -> int:
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def held(self) -> list[int]:
+        """Entries each layer holds per KV head now."""
+        return [0 if layer.keys is None else layer.keys.shape[-2] for layer in self.layers]
+
+
+def eviction_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Softmax attention over an [`EvictionLayer`]'s entries plus the chunk; passes the weights to the layer.
+
+    Same contract as transformers' attention functions: `query` `[B, Hq, q, D]`, `key`/`value` `[B, Hkv, K, D]`;
+    returns `([B, q, Hq, Dv], None)`. The mask is built here (causal, the chunk being the last `q` keys): transformers
+    builds none for an attention implementation without a registered mask function, so `attention_mask` is `None`
+    and padding is not supported. Untagged keys (another cache, or none) get the same attention, nothing recorded.
+    """
+    batch, hq, q, dim = query.shape
+    hkv, held = key.shape[1], key.shape[2]
+    scaling = dim**-0.5 if scaling is None else scaling
+    grouped = query.float().reshape(batch, hkv, hq // hkv, q, dim)
+    scores = grouped @ key.float().unsqueeze(2).transpose(-1, -2) * scaling  # [B, Hkv, G, q, K]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    old = held - q  # entries from earlier forwards precede the chunk: query i sees them and chunk keys <= i
+    visible = torch.arange(held, device=key.device) <= old + torch.arange(q, device=key.device).unsqueeze(-1)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    out = weights @ value.float().unsqueeze(2)  # [B, Hkv, G, q, Dv]
+    ref = getattr(key, "_eviction_layer", None)
+    if ref is not None:
+        ref().observe(weights.mean(2))
+    out = out.reshape(batch, hq, q, -1).transpose(1, 2).contiguous().to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, eviction_attention_forward)

@@ -1,0 +1,157 @@
+"""benchmarks/eviction_baselines.py: TOVA, H2O and SnapKV as bounded caches (the tensor_cache quality baselines)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_neuralcache import CACHE_KWARG
+from hf_neuralcache.models import tiny_model
+from hf_neuralcache.testing import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    if "eviction_baselines" not in sys.modules:
+        path = ROOT / "benchmarks" / "eviction_baselines.py"
+        spec = importlib.util.spec_from_file_location("eviction_baselines", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["eviction_baselines"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["eviction_baselines"]
+
+
+eb = _load()
+POLICIES = eb.POLICIES
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _feed(model, cache, ids, chunk, after=None):
+    logits = []
+    with torch.no_grad():
+        for begin in range(0, ids.shape[1], chunk):
+            logits.append(model(ids[:, begin : begin + chunk], **{CACHE_KWARG: cache}).logits)
+            if after is not None:
+                after(begin + logits[-1].shape[1])
+    return torch.cat(logits, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", attn_implementation=eb.ATTENTION)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_at_least_the_length_is_full_attention(model, policy):
+    ids = _ids(2, 40, seed=1)
+    cache = eb.EvictionCache(model.config, policy, budget=40, sink_tokens=2, observation=4)
+    got = _feed(model, cache, ids, 7)
+    ref = _feed(tiny_model("llama"), DynamicCache(config=model.config), ids, 7)  # the same weights, SDPA
+    assert_close(got, ref, 1e-5, f"{policy} with a budget >= the length")
+    assert cache.held() == [40, 40] and cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_small_budget_holds_the_budget_keeps_sinks_and_original_keys(model, policy):
+    ids = _ids(1, 43, seed=2)
+    budget, sinks, chunk = 12, 2, 5
+    cache = eb.EvictionCache(model.config, policy, budget=budget, sink_tokens=sinks, observation=4)
+    full = DynamicCache(config=model.config)
+    _feed(model, full, ids, 43)
+
+    def check(seen):
+        assert cache.get_seq_length() == seen
+        assert cache.held() == [min(seen, budget)] * 2
+        for layer in cache.layers:
+            positions = layer.positions
+            assert (positions[..., :sinks] == torch.arange(sinks)).all()  # the sinks stay
+            assert (positions.diff(dim=-1) > 0).all() and int(positions.max()) < seen
+            if policy in ("h2o", "snapkv"):  # both always keep the newest tokens (TOVA may drop them)
+                assert int(positions.max()) == seen - 1
+        # layer 0's keys do not depend on attention: the kept ones equal the full run's at their positions, RoPE'd at
+        # their original positions (never re-rotated)
+        layer = cache.layers[0]
+        index = layer.positions.unsqueeze(-1).expand(*layer.positions.shape, layer.keys.shape[-1])
+        assert_close(layer.keys, full.layers[0].keys.gather(2, index), 1e-6, "kept keys")
+
+    logits = _feed(model, cache, ids, chunk, after=check)
+    assert torch.isfinite(logits).all()
+    if policy == "h2o":  # recent window: the last (12 - 2) // 2 = 5 positions are always held
+        assert (cache.layers[1].positions[..., -5:] == torch.arange(38, 43)).all()
+    if policy == "snapkv":  # the observation window is held: the last chunk (40-42) is shorter than 4
+        assert (cache.layers[1].positions[..., -3:] == torch.arange(40, 43)).all()
+    assert cache.memory_bytes() == sum(
+        12 * 2 * (16 * 4 * 2 + 8 + (4 if policy == "h2o" else 0)) for _ in range(2)
+    )  # budget x KV heads x (K and V fp32 + an int64 position [+ H2O's fp32 score])
+
+
+def _layer(policy, budget, sinks, held, **options):
+    """An EvictionLayer holding positions 0 .. held - 1 (1 batch row, 1 KV head), as after one forward."""
+    layer = eb.EvictionLayer(policy, budget, sink_tokens=sinks, **options)
+    layer.update(torch.randn(1, 1, held, 4), torch.randn(1, 1, held, 4))
+    return layer
+
+
+def _kept(layer):
+    return layer.positions[0, 0].tolist()
+
+
+def test_tova_keeps_the_highest_mean_attention():
+    layer = _layer("tova", 6, 2, 10)
+    weights = torch.zeros(1, 1, 10, 10)
+    weights[..., 5] = 0.5  # every query (that sees it) attends to 5 and 8
+    weights[..., 8] = 0.3
+    weights[..., 9, 9] = 0.9  # seen by the last query only: its mean over visible queries is 0.9
+    weights[..., 3] = 0.01
+    weights = weights.tril()
+    layer.observe(weights)
+    assert _kept(layer) == [0, 1, 3, 5, 8, 9]
+    last = _layer("tova_last", 5, 2, 10)
+    weights = torch.zeros(1, 1, 10, 10)
+    weights[..., -1, [4, 6, 7]] = torch.tensor([0.2, 0.3, 0.1])
+    weights[..., :-1, 2] = 1.0  # earlier queries do not count
+    last.observe(weights)
+    assert _kept(last) == [0, 1, 4, 6, 7]
+
+
+def test_h2o_accumulates_over_forwards_and_keeps_the_recent_window():
+    layer = _layer("h2o", 7, 2, 8, recent=2)
+    first = torch.zeros(1, 1, 8, 8)
+    first[..., 3] = 0.2  # 8 queries x 0.2 = 1.6 accumulated
+    first[..., 4] = 0.1  # 0.8
+    layer.observe(first)  # 8 entries > 7: evicts 2 or 5 (score 0; 6 and 7 are recent)
+    assert len(_kept(layer)) == 7 and {0, 1, 3, 4, 6, 7} <= set(_kept(layer))
+    layer.update(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))  # positions 8, 9, 10
+    second = torch.zeros(1, 1, 3, 10)
+    index = _kept(layer).index(4)
+    second[..., index] = 0.5  # 4 overtakes 3: 0.8 + 1.5 = 2.3 > 1.6
+    second[..., 7] = 0.1  # position 8: 0.3
+    layer.observe(second)
+    # sinks 0, 1; recent 9, 10; heavy hitters by accumulated score: 4 (2.3), 3 (1.6), 8 (0.3)
+    assert _kept(layer) == [0, 1, 3, 4, 8, 9, 10]
+
+
+def test_snapkv_pools_the_observation_window_and_keeps_it():
+    layer = _layer("snapkv", 2 + 4 + 3, 2, 20, observation=4, pool=3)
+    weights = torch.zeros(1, 1, 20, 20)
+    weights[..., -4:, 9] = 0.5  # the observation window attends to 9: pooled over 8, 9, 10
+    weights[..., :-4, 3] = 1.0  # earlier queries do not count
+    layer.observe(weights)
+    assert _kept(layer) == [0, 1, 8, 9, 10, 16, 17, 18, 19]
+
+
+def test_untagged_keys_get_the_same_attention():
+    """A DynamicCache (untagged keys) under "eviction_baseline" computes what SDPA computes, chunk by chunk."""
+    ids = _ids(1, 20, seed=3)
+    a = _feed(tiny_model("llama"), DynamicCache(), ids, 6)
+    b = _feed(tiny_model("llama", attn_implementation=eb.ATTENTION), DynamicCache(), ids, 6)
+    assert_close(a, b, 1e-5, "untagged keys")

@@ -1,0 +1,46 @@
+"""benchmarks/tensor_cache_quality.py on the tiny random model (`--model tiny`): each kind of row, table and PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_neuralcache
+from hf_neuralcache.models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if "tensor_cache_quality" not in sys.modules:
+        path = ROOT / "benchmarks" / "tensor_cache_quality.py"
+        spec = importlib.util.spec_from_file_location("tensor_cache_quality", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tensor_cache_quality"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["tensor_cache_quality"]
+
+
+def test_smoke_tiny_model(bench, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    params = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=16, sink_tokens=4, features=4)
+    params.save_pretrained(tmp_path / "w16")
+    only = "full,4 sinks + window 64,4 sinks + window 256,TOVA,H2O,SnapKV,training_free,learned"
+    bench.main(["--model", "tiny", "--text", "paws", "--tokens", "320", "--score-from", "64", "--chunk", "32",
+                "--only", only, "--learned", f"16={tmp_path / 'w16'}", "--plot", str(tmp_path / "q.png")])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| cache")]
+    labels = [row.split(" | ")[0][2:] for row in rows]
+    assert labels == [
+        "full KV", "4 sinks + window 64", "4 sinks + window 256", "TOVA @260", "TOVA last query @260", "H2O @260",
+        "SnapKV @260", "tensor_cache W256 training_free", "tensor_cache W16 learned",
+    ]  # fmt: skip
+    full = rows[0].split(" | ")
+    assert full[-2] == "+1.00"  # the full KV cache wins back the whole gap (320 tokens: 4 + 256 evicts)
+    assert (tmp_path / "q.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="fitted for window 16, not 32"):
+        bench.main(["--model", "tiny", "--learned", f"32={tmp_path / 'w16'}", "--plot", ""])
