@@ -276,3 +276,40 @@ def test_tensor_cache_is_rebuilt_from_the_stored_prefix(tmp_path, mode):
             assert_close(a, b, 1e-5, "logits with a prefix hit into a tensor_cache")
     assert cache.stats()["hits"] == 1 and cache.stats()["tokens_reused"] == 5 * CT
     cache.close()
+
+
+def test_refitted_params_in_the_same_folder_are_a_miss(tmp_path):
+    """The prefix key names what the learned memory's folder holds, not its path: after a refit into the same folder
+    the K/V stored with the old parameters (their lower layers' memory shaped them) are not reused."""
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    prompt = ids(5 * CT + 1, seed=6)
+
+    def write(seed):
+        params = hf_neuralcache.TensorCacheParams.initial(model, window=12, sink_tokens=2, features=4, seed=seed)
+        for name in params.tensors:
+            if name.endswith("write_log"):
+                params.tensors[name].fill_(-1.0)
+        params.save_pretrained(tmp_path / "params")
+
+    config = {"window": 12, "sink_tokens": 2, "mode": "learned", "params": str(tmp_path / "params")}
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="tensor_cache", cache_config=config)
+    cache = PrefixCache(tmp_path / "prefix", chunk_tokens=CT)
+    write(seed=1)
+    model.generate(prompt, prefix_cache=cache, **kwargs)
+    model.generate(prompt, prefix_cache=cache, **kwargs)
+    assert cache.stats()["hits"] == 1
+    write(seed=2)  # refit into the same folder
+    ref = model.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
+    out = model.generate(prompt, prefix_cache=cache, output_logits=True, return_dict_in_generate=True, **kwargs)
+    assert cache.stats()["hits"] == 1  # a miss: the old K/V are not reused
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        assert_close(a, b, 1e-5, "logits after a refit")
+    params = hf_neuralcache.TensorCacheParams.from_pretrained(tmp_path / "params")  # an object: keyed by content too
+    object_kwargs = dict(kwargs, cache_config=dict(config, params=params))
+    model.generate(prompt, prefix_cache=cache, **object_kwargs)
+    model.generate(prompt, prefix_cache=cache, **object_kwargs)
+    assert cache.stats()["hits"] == 2
+    params.tensors["layers.0.k_bias"] += 0.5  # the same object, edited: a miss
+    model.generate(prompt, prefix_cache=cache, **object_kwargs)
+    assert cache.stats()["hits"] == 2
+    cache.close()

@@ -17,7 +17,7 @@ import torch
 
 from ..kernels.fast_weight import LearnedMemory
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "TensorCacheParams", "config_signature"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "TensorCacheParams", "config_signature", "content_digest"]
 
 CONFIG_NAME = "tensor_cache_config.json"
 WEIGHTS_NAME = "tensor_cache.safetensors"
@@ -219,3 +219,52 @@ class TensorCacheParams:
             config["model_signature"],
             fit,
         )
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns) -> digest
+
+
+def _file_digest(path: str) -> str:
+    import xxhash
+
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return f"missing:{os.fspath(path)}"
+    memo = (os.fspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        digest = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_DIGESTS[memo] = digest.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def content_digest(params, config=None) -> str:
+    """A digest of what `params` holds, for cache keys (the prefix cache's): refitting into the same folder changes it.
+
+    Args:
+        params (`TensorCacheParams`, `str` or `os.PathLike`): Fitted parameters, their folder (a relative path is
+            looked up in `config._name_or_path` first, as the cache does), or a file (`paper_params`).
+        config (`PreTrainedConfig`, *optional*): The model's config.
+
+    Returns:
+        `str`: hex digest (of the tensors and settings, or of the files' bytes; a missing path gives `missing:PATH`).
+    """
+    import xxhash
+
+    if isinstance(params, TensorCacheParams):
+        settings = {k: v for k, v in params.config_dict().items() if k != "fit"}
+        digest = xxhash.xxh3_128(json.dumps(settings, sort_keys=True).encode())
+        for name in sorted(params.tensors):
+            digest.update(name.encode())
+            digest.update(params.tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    path = os.fspath(params)
+    model_dir = getattr(config, "_name_or_path", "") or ""
+    if model_dir and not os.path.isabs(path) and os.path.exists(os.path.join(model_dir, path)):
+        path = os.path.join(model_dir, path)
+    if os.path.isdir(path):
+        return ":".join(_file_digest(os.path.join(path, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    return _file_digest(path)

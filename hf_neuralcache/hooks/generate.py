@@ -266,7 +266,7 @@ def _run_checked(original, model, args: tuple, kwargs: dict, request, inference,
         config = request.generation_config
         regime = {
             "cache": config.cache_implementation or "dynamic",
-            "cache_config": config.cache_config or {},
+            "cache_config": _content_keyed(config.cache_config or {}, model.config),
             "attn": model.config._attn_implementation,
         }
         plan = _safely(prefix, "plan", prefix.plan, model, regime, request.input_ids, request.attention_mask)
@@ -358,3 +358,15 @@ def _capture_prefill(cache, plan, layers: int) -> None:
         return update(key_states, value_states, layer_idx, *args, **kwargs)
 
     cache.update = capturing_update
+
+
+def _content_keyed(cache_config: dict, model_config) -> dict:
+    """`cache_config` with fitted-parameter paths/objects replaced by a digest of their content (a refit into the same
+    folder must not reuse K/V computed with the old parameters)."""
+    from ..caches.tensor_cache_params import content_digest
+
+    keyed = dict(cache_config)
+    for name in ("params", "paper_params"):
+        if keyed.get(name) is not None:
+            keyed[name] = content_digest(keyed[name], model_config)
+    return keyed
