@@ -337,7 +337,10 @@ def _teacher(model, segments: torch.Tensor):
     return layers, calls, first_input[0], outputs
 
 
-def _fit_layer_output(layer, call, hidden, target, memory_init, window, sinks, steps, batch, lr, generator, pool_size):
+def _fit_layer_output(
+    layer, call, hidden, target, memory_init, window, sinks, steps, batch, lr, generator, pool_size,
+    segments_per_step=2,
+):  # fmt: skip
     """Fit one layer's memory so that the layer's output on the student's `hidden` matches `target` (teacher's)."""
     T = hidden.shape[1]
     _CONTEXT.update(mode="capture")
@@ -354,6 +357,10 @@ def _fit_layer_output(layer, call, hidden, target, memory_init, window, sinks, s
         out_w, lse_w = _window_lse(query, k, v, pool, window, sinks, scaling, _CONTEXT.pop("softcap", None))
         inputs, targets = hidden[:, pool.to(hidden.device)], target[:, pool.to(target.device)]
     raw = {name: t.clone().to(q.device).requires_grad_(True) for name, t in memory_init.items()}
+    n_segments = hidden.shape[0]
+    # with 3 segments or more the last one is held out: the losses reported and the switch-off decision use it
+    held_out = torch.tensor([n_segments - 1]) if n_segments >= 3 else torch.arange(n_segments)
+    training = torch.arange(n_segments - 1) if n_segments >= 3 else torch.arange(n_segments)
 
     def memory():
         return LearnedMemory(
@@ -361,28 +368,32 @@ def _fit_layer_output(layer, call, hidden, target, memory_init, window, sinks, s
             torch.nn.functional.logsigmoid(raw["decay_logit"]), torch.exp(raw["write_log"]),
         )  # fmt: skip
 
-    def loss_at(rows, with_memory=True):
-        out = out_w[:, :, rows]
+    def loss_at(segs, rows, with_memory=True):
+        out = out_w[segs][:, :, rows]
         if with_memory:
-            out = _merged(out, lse_w[:, :, rows], query[:, :, rows], k, v, pool[rows], window, sinks, memory())
+            out = _merged(
+                out, lse_w[segs][:, :, rows], query[segs][:, :, rows], k[segs], v[segs], pool[rows], window, sinks,
+                memory(),
+            )  # fmt: skip
         _CONTEXT.update(mode="rows", rows_out=out)
-        y = call(layer, inputs[:, rows], rows=pool[rows])
-        return ((y.float() - targets[:, rows].float()) ** 2).mean()
+        y = call(layer, inputs[segs][:, rows], rows=pool[rows])
+        return ((y.float() - targets[segs][:, rows].float()) ** 2).mean()
 
     every = torch.randperm(len(pool), generator=generator)[: 2 * batch].sort().values  # the losses reported
     with torch.no_grad():
-        window_loss, start_loss = float(loss_at(every, with_memory=False)), float(loss_at(every))
+        window_loss, start_loss = float(loss_at(held_out, every, with_memory=False)), float(loss_at(held_out, every))
     optimizer = torch.optim.Adam(list(raw.values()), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in range(steps):
+        segs = training[torch.randperm(len(training), generator=generator)[:segments_per_step]].sort().values
         rows = torch.randperm(len(pool), generator=generator)[:batch].sort().values
-        loss = loss_at(rows)
+        loss = loss_at(segs, rows)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        end_loss = float(loss_at(every))
+        end_loss = float(loss_at(held_out, every))
     _CONTEXT.pop("rows_out", None)
     fitted = {name: t.detach().cpu().clone() for name, t in raw.items()}
     disabled = end_loss >= window_loss
