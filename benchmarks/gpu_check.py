@@ -365,6 +365,8 @@ def p3_compiled_decode(size: dict, gpu: bool, save) -> dict:
         sinks=4,
         backend=size["backend"],
         mode=size["mode"],
+        rounds=1,
+        learned=None,
     )
     torch._dynamo.config.cache_size_limit = 64
     if size["model"] == "tiny":
