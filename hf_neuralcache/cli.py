@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'output': each layer on the cached model's inputs, matched to the full model's layer output "
         "(default); 'attention': each layer's attention alone, on the full model's inputs.",
     )
-    fit.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
+    fit.add_argument("--segments", type=_int_at_least(1), default=3, help="4,096-token segments (default: 3).")
     fit.add_argument("--seed", type=int, default=0, help="Seed (default: %(default)s).")
     fit.set_defaults(run=run_tensor_cache_fit)
     return parser
