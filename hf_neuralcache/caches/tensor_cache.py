@@ -45,7 +45,6 @@ from ..kernels.fast_weight import (
     learned_features,
     learned_read,
     learned_state,
-    learned_write,
     learned_write_features,
     merge_softmax,
     moment_read,
@@ -162,14 +161,10 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
     def _write(self, state, keys, values, weights):
         if self.mode == "paper":
             return fast_weight_write(state, keys, values, weights, self.decay_t, self.write_rate_t, self.rule)
-        if self.mode == "learned":
-            from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
-
-            if use_triton(keys):  # the chunked Triton write, from the keys' features
-                memory = self.learned
-                fk = learned_features(keys, memory.k_weight, memory.k_bias)
-                return learned_write_features(state, fk, values, weights, memory.log_decay, memory.write_rate)
-            return learned_write(state, keys, values, weights, self.learned)
+        if self.mode == "learned":  # the chunked Triton write when Triton runs, else the reference
+            memory = self.learned
+            fk = learned_features(keys, memory.k_weight, memory.k_bias)
+            return learned_write_features(state, fk, values, weights, memory.log_decay, memory.write_rate)
         return moment_write(state, keys, values, weights, self.log_decay)
 
     def _evicted(self, start: int, stop: int, key_states: torch.Tensor, value_states: torch.Tensor):

@@ -385,15 +385,8 @@ def learned_write(
     Returns:
         `LearnedState`: the sums after the pairs (new tensors).
     """
-    m = keys.shape[-2]
-    pairs, old = decay_matrix(torch.tensor([m], device=keys.device), weights, memory.log_decay)
-    p = pairs[:, :, 0] * memory.write_rate.float().view(1, -1, 1)  # [B, H, m]
-    a = old[:, :, 0]  # [1, H]
-    pk = p.unsqueeze(-1) * learned_features(keys, memory.k_weight, memory.k_bias)  # [B, H, m, 2F]
-    return LearnedState(
-        a[..., None, None] * state.values + pk.transpose(-1, -2) @ values.float(),
-        a[..., None] * state.mass + pk.sum(-2),
-    )
+    features = learned_features(keys, memory.k_weight, memory.k_bias)
+    return learned_write_features(state, features, values, weights, memory.log_decay, memory.write_rate)
 
 
 def learned_read(
@@ -419,21 +412,11 @@ def learned_read(
         `log(phi(q) z)`, the memory's softmax mass relative to the window's (`-inf` where the memory is empty).
         Merge as `merge_softmax(out_w, lse_w, out, lse_w + log_mass)`.
     """
-    batch, hq, q, _ = query.shape
-    h = keys.shape[1]
-    g = hq // h
-    fq = learned_features(query, memory.q_weight, memory.q_bias).view(batch, h, g, q, -1)  # [B, H, g, q, 2F]
-    fk = learned_features(keys, memory.k_weight, memory.k_bias)  # [B, H, m, 2F]
-    pairs, old = decay_matrix(prefix, weights, memory.log_decay)  # [B, H, q, m], [1, H, q]
-    pairs = pairs * memory.write_rate.float().view(1, -1, 1, 1)
-    scores = pairs[:, :, None] * (fq @ fk.transpose(-1, -2)[:, :, None])  # [B, H, g, q, m]
-    old = old[:, :, None, :, None]  # [1, H, 1, q, 1]
-    num = old * (fq @ state.values[:, :, None]) + scores @ values.float()[:, :, None]  # [B, H, g, q, Dv]
-    den = old[..., 0] * (fq @ state.mass[:, :, None, :, None])[..., 0] + scores.sum(-1)  # [B, H, g, q]
-    empty = den <= 1e-30
-    out = torch.where(empty[..., None], 0.0, num / den.clamp(min=1e-30)[..., None])
-    log_mass = torch.where(empty, float("-inf"), torch.log(den.clamp(min=1e-30)))
-    return out.reshape(batch, hq, q, -1), log_mass.reshape(batch, hq, q)
+    query_features = learned_features(query, memory.q_weight, memory.q_bias)  # [B, Hq, q, 2F]
+    features = learned_features(keys, memory.k_weight, memory.k_bias)  # [B, H, m, 2F]
+    return learned_read_features(
+        state, query_features, features, values, weights, prefix, memory.log_decay, memory.write_rate
+    )
 
 
 # ---- learned memory, from features (the twins of the Triton kernels in learned.py) ---------------------------------
