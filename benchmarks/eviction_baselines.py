@@ -44,6 +44,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from hf_neuralcache.kernels.fast_weight import naive
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -63,6 +64,11 @@ class EvictionLayer(CacheLayerMixin):
         recent (`int`, *optional*): H2O's recent window; default half the non-sink budget.
         observation (`int`): SnapKV's observation window (last queries of the chunk).
         pool (`int`): SnapKV's max-pool kernel (odd).
+        memory (`str` or `LearnedMemory`, *optional*): Also write every evicted entry into a fixed-size memory that
+            the queries read and merge with the held entries' softmax in one normaliser, as `tensor_cache` does for
+            the entries that leave its window: `"moment"` (the training-free estimator) or the fitted parameters of
+            one layer (`TensorCacheParams.layer(i)`, the `"learned"` mode). `None` (default): evicted entries are
+            dropped.
     """
 
     is_compileable = False
@@ -70,8 +76,11 @@ class EvictionLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, policy: str, budget: int, sink_tokens: int = 4, recent: int | None = None,
-                 observation: int = 32, pool: int = 7):  # fmt: skip
+                 observation: int = 32, pool: int = 7, memory=None):  # fmt: skip
         super().__init__()
+        if memory is not None and not (memory == "moment" or hasattr(memory, "k_weight")):
+            raise ValueError(f"memory must be None, 'moment' or a LearnedMemory, got {memory!r}")
+        self.memory, self.state = memory, None
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if recent is None:
@@ -92,6 +101,12 @@ class EvictionLayer(CacheLayerMixin):
         self.keys, self.values = key_states[:, :, :0].clone(), value_states[:, :, :0].clone()
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
         self.accumulated = torch.zeros(batch, heads, 0, dtype=torch.float32, device=self.device)
+        if self.memory == "moment":
+            self.state = naive.moment_state(batch, heads, key_states.shape[-1], value_states.shape[-1], "moment",
+                                            device=self.device)  # fmt: skip
+        elif self.memory is not None:
+            features = 2 * self.memory.k_weight.shape[-1]
+            self.state = naive.learned_state(batch, heads, features, value_states.shape[-1], device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -141,11 +156,36 @@ class EvictionLayer(CacheLayerMixin):
         self.keep(keep)
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor."""
-        gather = lambda t: t.gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))  # noqa: E731
+        """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor; the rest go to memory."""
+        gather = lambda t, i=index: t.gather(2, i.unsqueeze(-1).expand(*i.shape, t.shape[-1]))  # noqa: E731
+        if self.state is not None:
+            dropped = torch.ones(self.positions.shape, dtype=torch.bool, device=self.device)
+            dropped.scatter_(2, index, False)
+            batch, heads, held = dropped.shape
+            # the same count leaves every head; in position order (oldest first), as tensor_cache writes them
+            gone = torch.arange(held, device=self.device).expand(batch, heads, held)[dropped].view(batch, heads, -1)
+            keys, values = gather(self.keys, gone), gather(self.values, gone)
+            weights = keys.new_ones(batch, keys.shape[2], dtype=torch.float32)
+            if self.memory == "moment":
+                self.state = naive.moment_write(self.state, keys, values, weights, keys.new_zeros(heads))
+            else:
+                self.state = naive.learned_write(self.state, keys, values, weights, self.memory)
         self.keys, self.values = gather(self.keys), gather(self.values)
         self.positions = self.positions.gather(2, index)
         self.accumulated = self.accumulated.gather(2, index)
+
+    def read_memory(self, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Merge the memory's read (`query` `[B, Hq, q, D]`) into the held entries' `out` `[B, Hq, q, Dv]`, `lse`."""
+        batch, heads = self.state[0].shape[:2]
+        none = query.new_zeros(batch, heads, 0, query.shape[-1])
+        nothing, prefix = query.new_zeros(batch, 0), torch.zeros(query.shape[2], dtype=torch.long, device=query.device)
+        if self.memory == "moment":
+            out_m, lse_m = naive.moment_read(self.state, query, none, none, nothing, prefix,
+                                             query.new_zeros(heads), scaling)  # fmt: skip
+        else:
+            out_m, log_mass = naive.learned_read(self.state, query, none, none, nothing, prefix, self.memory)
+            lse_m = lse + log_mass
+        return naive.merge_softmax(out, lse, out_m, lse_m)[0]
 
     # ---- sizes ----------------------------------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -162,10 +202,11 @@ class EvictionLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         tensors = [self.keys, self.values, self.positions] + ([self.accumulated] if self.policy == "h2o" else [])
+        tensors += [t for t in (self.state or ()) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = self.accumulated = None
+        self.keys = self.values = self.positions = self.accumulated = self.state = None
         self.seen, self.is_initialized = 0, False
 
 
@@ -176,12 +217,15 @@ class EvictionCache(Cache):
         config (`PreTrainedConfig`): The model's config.
         policy (`str`): `"tova"`, `"tova_last"`, `"h2o"` or `"snapkv"`.
         budget (`int`, *optional*, defaults to 260): Entries per layer and KV head (4 sinks + 256).
+        memory (`str` or `TensorCacheParams`, *optional*): `"moment"`, or fitted params (each layer gets its own
+            `params.layer(i)`): write the evicted entries into a memory (see [`EvictionLayer`]).
         **options: `sink_tokens`, `recent`, `observation`, `pool` (see [`EvictionLayer`]).
     """
 
-    def __init__(self, config, policy: str, budget: int = 260, **options):
+    def __init__(self, config, policy: str, budget: int = 260, memory=None, **options):
         layers = config.get_text_config().num_hidden_layers
-        super().__init__(layers=[EvictionLayer(policy, budget, **options) for _ in range(layers)])
+        per_layer = [memory if memory in (None, "moment") else memory.layer(i) for i in range(layers)]
+        super().__init__(layers=[EvictionLayer(policy, budget, memory=m, **options) for m in per_layer])
         self.policy, self.budget = policy, budget
 
     def memory_bytes(self) -> int:
@@ -210,12 +254,17 @@ def eviction_attention_forward(module, query, key, value, attention_mask, dropou
         scores = torch.tanh(scores / softcap) * softcap
     old = held - q  # entries from earlier forwards precede the chunk: query i sees them and chunk keys <= i
     visible = torch.arange(held, device=key.device) <= old + torch.arange(q, device=key.device).unsqueeze(-1)
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = scores.softmax(-1)
     out = weights @ value.float().unsqueeze(2)  # [B, Hkv, G, q, Dv]
+    out = out.reshape(batch, hq, q, -1)
     ref = getattr(key, "_eviction_layer", None)
-    if ref is not None:
-        ref().observe(weights.mean(2))
-    out = out.reshape(batch, hq, q, -1).transpose(1, 2).contiguous().to(query.dtype)
+    layer = None if ref is None else ref()
+    if layer is not None and layer.state is not None:  # the memory holds what was evicted before this forward
+        out = layer.read_memory(query, out, scores.logsumexp(-1).reshape(batch, hq, q), scaling)
+    if layer is not None:
+        layer.observe(weights.mean(2))
+    out = out.transpose(1, 2).contiguous().to(query.dtype)
     return out, None
 
 

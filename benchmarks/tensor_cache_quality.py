@@ -69,6 +69,7 @@ ROWS = [
     (f"TOVA last query @{BUDGET}", "eviction", {"policy": "tova_last"}),
     (f"H2O @{BUDGET}", "eviction", {"policy": "h2o"}),
     (f"SnapKV @{BUDGET}", "eviction", {"policy": "snapkv"}),
+    (f"TOVA @{BUDGET} + moment memory", "eviction", {"policy": "tova", "memory": "moment"}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
     ("tensor_cache W256 paper (untrained)", "tensor_cache", {"window": 256, "mode": "paper"}),
 ]
@@ -115,6 +116,8 @@ def learned_rows(model, values: list[str]) -> list:
             params.check(model=model)  # fitted for these weights (generate checks this; create_cache does not)
             config = {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
             rows.append((f"tensor_cache W{params.window} learned", "tensor_cache", config))
+            rows.append((f"TOVA @{BUDGET} + learned memory (W{params.window} fit)", "eviction",
+                         {"policy": "tova", "memory": params}))  # fmt: skip
     return rows
 
 

@@ -155,3 +155,68 @@ def test_untagged_keys_get_the_same_attention():
     a = _feed(tiny_model("llama"), DynamicCache(), ids, 6)
     b = _feed(tiny_model("llama", attn_implementation=eb.ATTENTION), DynamicCache(), ids, 6)
     assert_close(a, b, 1e-5, "untagged keys")
+
+
+def _learned_memory(heads=1, dim=4, features=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return eb.naive.LearnedMemory(
+        torch.randn(heads, dim, features, generator=g), torch.randn(heads, features, generator=g),
+        torch.randn(heads, dim, features, generator=g), torch.randn(heads, features, generator=g),
+        torch.full((heads,), -0.1), torch.full((heads,), 0.7),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("memory", ["moment", "learned"])
+def test_memory_gets_exactly_the_evicted_entries(memory):
+    torch.manual_seed(0)
+    keys, values = torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4)
+    learned = _learned_memory() if memory == "learned" else None
+    layer = eb.EvictionLayer("tova", 6, 2, memory=learned or "moment")
+    layer.update(keys, values)
+    weights = torch.zeros(1, 1, 10, 10)
+    weights[..., 5], weights[..., 8], weights[..., 9, 9], weights[..., 3] = 0.5, 0.3, 0.9, 0.01
+    layer.observe(weights.tril())
+    assert _kept(layer) == [0, 1, 3, 5, 8, 9]
+    gone = torch.tensor([2, 4, 6, 7])  # oldest first
+    ones = torch.ones(1, 4)
+    if memory == "moment":
+        empty = eb.naive.moment_state(1, 1, 4, 4, "moment")
+        want = eb.naive.moment_write(empty, keys[:, :, gone], values[:, :, gone], ones, torch.zeros(1))
+    else:
+        empty = eb.naive.learned_state(1, 1, 6, 4)
+        want = eb.naive.learned_write(empty, keys[:, :, gone], values[:, :, gone], ones, learned)
+    for got, ref in zip(layer.state, want, strict=True):
+        if ref is not None:
+            assert_close(got, ref, 1e-6, f"{memory} state")
+    held = 6 * 4 * 2 * 4 + 6 * 8  # keys, values (fp32), positions (int64)
+    assert layer.memory_bytes() == held + sum(t.numel() * 4 for t in want if t is not None)
+    with pytest.raises(ValueError, match="memory must be"):
+        eb.EvictionLayer("tova", 6, 2, memory="gaussian")
+
+
+def test_moment_memory_merges_into_one_softmax():
+    """With equal evicted keys the moment estimate is exact: held entries + memory = attention over every entry."""
+    torch.manual_seed(1)
+    k0 = torch.randn(4)
+    keys = k0.expand(1, 1, 10, 4).clone()
+    keys[:, :, [0, 1, 3, 5, 8, 9]] = torch.randn(6, 4)  # the entries TOVA keeps differ; the evicted are all k0
+    values = torch.randn(1, 1, 10, 4)
+    layer = eb.EvictionLayer("tova", 6, 2, memory="moment")
+    layer.update(keys, values)
+    weights = torch.zeros(1, 1, 10, 10)
+    weights[..., 5], weights[..., 8], weights[..., 9, 9], weights[..., 3] = 0.5, 0.3, 0.9, 0.01
+    layer.observe(weights.tril())
+    new_k, new_v, query = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)  # GQA 2
+    held_k, held_v = layer.update(new_k, new_v)
+    layer.budget = 100  # no eviction after this forward: only the merge is under test
+    out, _ = eb.eviction_attention_forward(None, query, held_k, held_v, None, scaling=0.5)
+    all_k, all_v = torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2)
+    visible = torch.arange(13) <= 10 + torch.arange(3)[:, None]
+    scores = (query @ all_k.transpose(-1, -2) * 0.5).masked_fill(~visible, float("-inf"))
+    ref = (scores.softmax(-1) @ all_v).transpose(1, 2)
+    assert_close(out, ref, 1e-5, "held + memory vs every entry")
+    without = eb.EvictionLayer("tova", 100, 2)
+    k2, v2 = without.update(torch.cat([keys[:, :, [0, 1, 3, 5, 8, 9]], new_k], 2),
+                            torch.cat([values[:, :, [0, 1, 3, 5, 8, 9]], new_v], 2))  # fmt: skip
+    dropped, _ = eb.eviction_attention_forward(None, query, k2, v2, None, scaling=0.5)
+    assert (dropped - ref).abs().max() > 1e-3  # the memory's share matters here
