@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ ROWS = [
     (f"H2O @{BUDGET}", "eviction", {"policy": "h2o"}),
     (f"SnapKV @{BUDGET}", "eviction", {"policy": "snapkv"}),
     (f"TOVA @{BUDGET} + moment memory", "eviction", {"policy": "tova", "memory": "moment"}),
+    ("tensor_cache W64 training_free", "tensor_cache", {"window": 64}),
+    ("tensor_cache W128 training_free", "tensor_cache", {"window": 128}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
     ("tensor_cache W256 paper (untrained)", "tensor_cache", {"window": 256, "mode": "paper"}),
 ]
@@ -185,14 +188,15 @@ def plot(results, path: str, title: str, score_from: int) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 5))
-    families = {  # label -> (family, marker); families of several rows are drawn as a line
-        "4 sinks + window": ("4 sinks + window (64, 128, 256, 1024)", "o"),
-        "learned": ("tensor_cache learned (W = 64, 128, 256)", "*"),
+    families = {  # label pattern -> (family, marker); families of several rows are drawn as a line
+        r"^4 sinks \+ window": ("4 sinks + window (64, 128, 256, 1024)", "o"),
+        r"^tensor_cache W\d+ learned$": ("tensor_cache learned (W = 64, 128, 256)", "*"),
+        r"^tensor_cache W\d+ training_free$": ("tensor_cache training_free (W = 64, 128, 256)", "P"),
     }
     lines: dict[str, list] = {}
     markers = {"TOVA": "v", "H2O": "^", "SnapKV": "D", "training_free": "P", "paper": "X", "full": "s", "no sinks": "x"}
     for label, nll, held, _ in results:
-        family = next((f for key, f in families.items() if key in label), None)
+        family = next((f for pattern, f in families.items() if re.search(pattern, label)), None)
         if family is not None:
             lines.setdefault(family, []).append((held, nll, label))
             continue
@@ -202,7 +206,7 @@ def plot(results, path: str, title: str, score_from: int) -> None:
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=9, label=name, zorder=2)
         for held, nll, label in points:
-            short = label.replace("4 sinks + window ", "4+").replace("tensor_cache ", "").replace(" learned", "")
+            short = label.replace("4 sinks + window ", "4+").replace("tensor_cache ", "").split(" ")[0]
             ax.annotate(short, (held, nll), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("bytes held at the end (log)")
