@@ -14,8 +14,9 @@ Fit the learned memory on Pride and Prejudice only (never on the evaluation text
 Rows: the full KV cache; sinks + window (`sliding_window_kv`, 4 sinks + 64 / 128 / 256 / 1024, and 256 without
 sinks); TOVA, TOVA (last query), H2O and SnapKV at 260 entries per layer and KV head (`eviction_baselines.py`: 4
 sinks always kept, keys at their original positions, evicting to the budget after each chunk, so holding budget +
-chunk entries during a forward); tensor_cache W256 training_free (`moment`) and paper (untrained); one
-"tensor_cache W{W} learned" row per `--learned W=DIR`.
+chunk entries during a forward); TOVA at 260 with a `moment` memory of what it evicts (retained tokens + memory);
+tensor_cache training_free (`moment`) at W = 64, 128, 256 and paper (untrained) at 256; one "tensor_cache W{W}
+learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it.
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
 token-by-token decoding for the sliding-window and tensor caches; for the eviction baselines it is their rule at
@@ -119,8 +120,9 @@ def learned_rows(model, values: list[str]) -> list:
             params.check(model=model)  # fitted for these weights (generate checks this; create_cache does not)
             config = {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
             rows.append((f"tensor_cache W{params.window} learned", "tensor_cache", config))
-            rows.append((f"TOVA @{BUDGET} + learned memory (W{params.window} fit)", "eviction",
-                         {"policy": "tova", "memory": params}))  # fmt: skip
+            if params.window + params.sink_tokens == BUDGET:  # the same entries: TOVA's retained tokens + this memory
+                rows.append((f"TOVA @{BUDGET} + learned memory (W{params.window} fit)", "eviction",
+                             {"policy": "tova", "memory": params}))  # fmt: skip
     return rows
 
 
@@ -195,7 +197,14 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     }
     lines: dict[str, list] = {}
     markers = {"TOVA": "v", "H2O": "^", "SnapKV": "D", "training_free": "P", "paper": "X", "full": "s", "no sinks": "x"}
+    # rows far above the rest (the untrained paper mode, a window without sinks) would flatten the chart: the y axis
+    # stops a little above the 4 + 64 row (or the worst row when there is none), and those rows are named instead
+    top = max((nll for label, nll, _, _ in results if label == "4 sinks + window 64"), default=None)
+    top = max(nll for _, nll, _, _ in results) if top is None else top + 0.02
+    off = [f"{label} ({nll:.3f})" for label, nll, _, _ in results if nll > top]
     for label, nll, held, _ in results:
+        if nll > top:
+            continue
         family = next((f for pattern, f in families.items() if re.search(pattern, label)), None)
         if family is not None:
             lines.setdefault(family, []).append((held, nll, label))
@@ -208,6 +217,9 @@ def plot(results, path: str, title: str, score_from: int) -> None:
         for held, nll, label in points:
             short = label.replace("4 sinks + window ", "4+").replace("tensor_cache ", "").split(" ")[0]
             ax.annotate(short, (held, nll), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if off:
+        ax.set_ylim(top=top)
+        ax.text(0.01, 0.01, "off the chart: " + ", ".join(off), transform=ax.transAxes, fontsize=7, va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("bytes held at the end (log)")
     ax.set_ylabel(f"NLL, tokens >= {score_from}")

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--window", type=_int_at_least(1), default=256, help="Window (default: %(default)s).")
     fit.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
-    fit.add_argument("--features", type=_int_at_least(1), default=32, help="F, 2F features (default: %(default)s).")
+    fit.add_argument("--features", type=_int_at_least(1), default=16, help="F, 2F features (default: %(default)s).")
     fit.add_argument("--steps", type=_int_at_least(1), default=80, help="Steps per layer (default: %(default)s).")
     fit.add_argument(
         "--objective",

@@ -29,15 +29,20 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     params = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=16, sink_tokens=4, features=4)
     params.save_pretrained(tmp_path / "w16")
+    w256 = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=256, sink_tokens=4, features=4)
+    w256.save_pretrained(tmp_path / "w256")
     only = "full,4 sinks + window 64,4 sinks + window 256,TOVA,H2O,SnapKV,training_free,learned"
     bench.main(["--model", "tiny", "--text", "paws", "--tokens", "320", "--score-from", "64", "--chunk", "32",
-                "--only", only, "--learned", f"16={tmp_path / 'w16'}", "--plot", str(tmp_path / "q.png")])  # fmt: skip
+                "--only", only, "--learned", f"16={tmp_path / 'w16'}", "--learned", f"256={tmp_path / 'w256'}",
+                "--plot", str(tmp_path / "q.png")])  # fmt: skip
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| cache")]
     labels = [row.split(" | ")[0][2:] for row in rows]
     assert labels == [
         "full KV", "4 sinks + window 64", "4 sinks + window 256", "TOVA @260", "TOVA last query @260", "H2O @260",
-        "SnapKV @260", "tensor_cache W256 training_free", "tensor_cache W16 learned",
+        "SnapKV @260", "TOVA @260 + moment memory", "tensor_cache W64 training_free",
+        "tensor_cache W128 training_free", "tensor_cache W256 training_free", "tensor_cache W16 learned",
+        "tensor_cache W256 learned", "TOVA @260 + learned memory (W256 fit)",  # only a W + sinks = 260 fit has it
     ]  # fmt: skip
     full = rows[0].split(" | ")
     assert full[-2] == "+1.00"  # the full KV cache wins back the whole gap (320 tokens: 4 + 256 evicts)

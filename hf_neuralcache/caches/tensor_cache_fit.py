@@ -412,7 +412,7 @@ def fit_tensor_cache(
     texts: list,
     window: int = 256,
     sink_tokens: int = 4,
-    features: int = 32,
+    features: int = 16,
     segment_tokens: int = 4096,
     max_segments: int = 3,
     steps: int = 80,
@@ -431,7 +431,7 @@ def fit_tensor_cache(
             segments of `segment_tokens` tokens.
         window (`int`, *optional*, defaults to 256): The window the memory sits behind.
         sink_tokens (`int`, *optional*, defaults to 4): The sinks.
-        features (`int`, *optional*, defaults to 32): `F`; each head's feature map has `2F` features and its state
+        features (`int`, *optional*, defaults to 16): `F`; each head's feature map has `2F` features and its state
             `2F x (Dv + 1)` floats.
         segment_tokens (`int`, *optional*, defaults to 4096): Tokens per segment (the positions the fit covers).
         max_segments (`int`, *optional*, defaults to 3): Segments used (from the start of the texts); with 3 or more

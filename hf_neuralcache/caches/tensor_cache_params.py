@@ -77,7 +77,7 @@ class TensorCacheParams:
     # ---- building -------------------------------------------------------------------------------------------------
     @classmethod
     def initial(
-        cls, model, window: int, sink_tokens: int, features: int = 32, seed: int = 0, layers: list[int] | None = None
+        cls, model, window: int, sink_tokens: int, features: int = 16, seed: int = 0, layers: list[int] | None = None
     ) -> TensorCacheParams:
         """Parameters before fitting: random feature maps (std `D**-0.5`), `lam = 0.998`, `eta = exp(-5)`."""
         from ..hooks.fingerprint import model_fingerprint
