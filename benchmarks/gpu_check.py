@@ -19,7 +19,8 @@ Sections, in the order they run (`--only` picks some):
 - `p2_beam_search`: beam search x8 with paged_kv vs greedy decoding of a batch of 8 (goal <= 1.5x);
 - `prefix_cache`: prefix load time per tier vs recompute, bytes/s vs the tier's bandwidth (goal >= 50%);
 - `pytest_gpu`: `pytest -m gpu` (the compiled kernels against their references);
-- `p3_compiled_decode`: compiled decode tok/s at 1K/8K/32K (goal: within 10% from 1K to 32K, >= 150 tok/s at 32K).
+- `p3_compiled_decode`: compiled decode tok/s at 1K/8K/32K (goal: within 10% from 1K to 32K, >= 150 tok/s at 32K),
+  and the learned mode's tok/s as a ratio to training_free (reported, not part of the goal).
 """
 
 from __future__ import annotations
@@ -378,7 +379,7 @@ def p3_compiled_decode(size: dict, gpu: bool, save) -> dict:
     rows = {}
     # dry run: Dynamo cannot trace the Triton interpreter, so the PyTorch references get compiled
     with contextlib.nullcontext() if gpu else reference_kernels(count=False):
-        for name in ("sliding_window_kv", "tensor_cache"):
+        for name in ("sliding_window_kv", "tensor_cache", "tensor_cache_learned"):
             forward = compiled_decode.prepare(model, name, True, args)
             for context in size["contexts"]:
                 speed, warmup = compiled_decode.decode_speed(model, forward, name, context, args)
@@ -388,15 +389,21 @@ def p3_compiled_decode(size: dict, gpu: bool, save) -> dict:
     flat = {name: r[last]["tokens_per_s"] / r[first]["tokens_per_s"] for name, r in rows.items()}
     at_last = {name: r[last]["tokens_per_s"] for name, r in rows.items()}
     cells = [f"{name} " + "/".join(f"{r[c]['tokens_per_s']:.0f}" for c in r) for name, r in rows.items()]
+    # the goal is issue 6's (sliding_window_kv, tensor_cache); the learned mode is reported beside it, as a ratio
+    goal_rows = ("sliding_window_kv", "tensor_cache")
+    learned = {c: rows["tensor_cache_learned"][c]["tokens_per_s"] / rows["tensor_cache"][c]["tokens_per_s"]
+               for c in rows["tensor_cache"]}  # fmt: skip
     return dict(
-        value=min(at_last.values()),
+        value=min(at_last[n] for n in goal_rows),
         goal=">= 150 tok/s at 32K, within 10% of 1K",
-        met=all(v >= 150 for v in at_last.values()) and all(f >= 0.9 for f in flat.values()),
+        met=all(at_last[n] >= 150 for n in goal_rows) and all(flat[n] >= 0.9 for n in goal_rows),
         summary=f"tok/s at {'/'.join(str(c) for c in size['contexts'])}: "
         + "; ".join(cells)
         + "; last/first "
-        + ", ".join(f"{n} {f:.2f}" for n, f in flat.items()),
-        data=dict(rows, last_over_first=flat),
+        + ", ".join(f"{n} {f:.2f}" for n, f in flat.items())
+        + "; learned/training_free "
+        + "/".join(f"{r:.2f}x" for r in learned.values()),
+        data=dict(rows, last_over_first=flat, learned_over_training_free=learned),
     )
 
 

@@ -35,6 +35,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert result["status"] == "ok", (name, result.get("error"))
         assert {"summary", "goal", "met", "value", "data"} <= set(result), name
     assert report["sections"]["correctness"]["met"] is True  # the interpreted kernels give the reference's tokens
+    p3 = report["sections"]["p3_compiled_decode"]
+    assert "tensor_cache_learned" in p3["data"] and "learned/training_free" in p3["summary"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "**Dry run**" in table and "| check | result | goal | met | status | s |" in table
     for name in SECTIONS:
