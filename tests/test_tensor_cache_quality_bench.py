@@ -27,6 +27,8 @@ def bench():
 
 def test_smoke_tiny_model(bench, tmp_path, capsys):
     pytest.importorskip("matplotlib")
+    if not (bench.DATA / bench.TEXTS["paws"]).is_file():
+        pytest.skip(f"shared data not found: {bench.DATA}")  # a checkout without ../shared beside it
     params = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=16, sink_tokens=4, features=4)
     params.save_pretrained(tmp_path / "w16")
     w256 = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=256, sink_tokens=4, features=4)
