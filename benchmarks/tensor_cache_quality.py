@@ -73,8 +73,11 @@ ROWS = [
     (f"H2O @{BUDGET}", "eviction", {"policy": "h2o"}),
     (f"SnapKV @{BUDGET}", "eviction", {"policy": "snapkv"}),
     (f"TOVA @{BUDGET} + moment memory", "eviction", {"policy": "tova", "memory": "moment"}),
-    # the most entries that fit, with the moment memory, in 30% of 4 + 1024's bytes (the learned-memory issue's cap)
+    # the most entries that fit, with the moment memory, in 30% of 4 + 1024's bytes (the learned-memory issue's cap),
+    # and beside a learned F = 16 memory (benchmarks/tova_memory_e2e.py); each also alone, to measure the memory
+    ("TOVA @272", "eviction", {"policy": "tova", "budget": 272}),
     ("TOVA @272 + moment memory", "eviction", {"policy": "tova", "memory": "moment", "budget": 272}),
+    ("TOVA @288", "eviction", {"policy": "tova", "budget": 288}),
     ("tensor_cache W64 training_free", "tensor_cache", {"window": 64}),
     ("tensor_cache W128 training_free", "tensor_cache", {"window": 128}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),

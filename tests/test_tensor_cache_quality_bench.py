@@ -42,7 +42,8 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
     labels = [row.split(" | ")[0][2:] for row in rows]
     assert labels == [
         "full KV", "4 sinks + window 64", "4 sinks + window 256", "TOVA @260", "TOVA last query @260", "H2O @260",
-        "SnapKV @260", "TOVA @260 + moment memory", "TOVA @272 + moment memory", "tensor_cache W64 training_free",
+        "SnapKV @260", "TOVA @260 + moment memory", "TOVA @272", "TOVA @272 + moment memory", "TOVA @288",
+        "tensor_cache W64 training_free",
         "tensor_cache W128 training_free", "tensor_cache W256 training_free", "tensor_cache W16 learned",
         "tensor_cache W256 learned", "TOVA @260 + learned memory (W256 fit)",  # only a W + sinks = 260 fit has it
     ]  # fmt: skip
