@@ -37,6 +37,12 @@ kept by all three, and the rest of the budget goes by the policy):
 
 `memory_bytes()` counts the keys and values (fp32 for an fp32 model), the position of each entry (int64, per KV
 head: each head keeps other tokens) and H2O's accumulated scores.
+
+Retained tokens plus a memory (`EvictionCache(..., memory="moment")`, or fitted `TensorCacheParams`): every entry a
+policy evicts is written, oldest first, into a fixed-size memory of the layer (`tensor_cache`'s training-free
+`moment` estimator or its learned feature-map memory, the PyTorch references in `kernels/fast_weight/naive.py`);
+the next forwards' queries read it and merge it with the held entries' softmax in one normaliser. The policy scores
+the held entries by their softmax alone. `memory_bytes()` then also counts the memory's state.
 """
 
 from __future__ import annotations
