@@ -183,13 +183,14 @@ class EvictionLayer(CacheLayerMixin):
     def read_memory(self, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scaling: float) -> torch.Tensor:
         """Merge the memory's read (`query` `[B, Hq, q, D]`) into the held entries' `out` `[B, Hq, q, Dv]`, `lse`."""
         batch, heads = self.state[0].shape[:2]
-        none = query.new_zeros(batch, heads, 0, query.shape[-1])
+        # no pairs of this chunk: the memory holds only what earlier forwards evicted
+        keys, values = self.keys[:, :, :0], self.values[:, :, :0]
         nothing, prefix = query.new_zeros(batch, 0), torch.zeros(query.shape[2], dtype=torch.long, device=query.device)
         if self.memory == "moment":
-            out_m, lse_m = naive.moment_read(self.state, query, none, none, nothing, prefix,
+            out_m, lse_m = naive.moment_read(self.state, query, keys, values, nothing, prefix,
                                              query.new_zeros(heads), scaling)  # fmt: skip
         else:
-            out_m, log_mass = naive.learned_read(self.state, query, none, none, nothing, prefix, self.memory)
+            out_m, log_mass = naive.learned_read(self.state, query, keys, values, nothing, prefix, self.memory)
             lse_m = lse + log_mass
         return naive.merge_softmax(out, lse, out_m, lse_m)[0]
 

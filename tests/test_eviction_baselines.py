@@ -200,13 +200,13 @@ def test_moment_memory_merges_into_one_softmax():
     k0 = torch.randn(4)
     keys = k0.expand(1, 1, 10, 4).clone()
     keys[:, :, [0, 1, 3, 5, 8, 9]] = torch.randn(6, 4)  # the entries TOVA keeps differ; the evicted are all k0
-    values = torch.randn(1, 1, 10, 4)
+    values = torch.randn(1, 1, 10, 3)  # value size 3, key size 4: the two must not be confused
     layer = eb.EvictionLayer("tova", 6, 2, memory="moment")
     layer.update(keys, values)
     weights = torch.zeros(1, 1, 10, 10)
     weights[..., 5], weights[..., 8], weights[..., 9, 9], weights[..., 3] = 0.5, 0.3, 0.9, 0.01
     layer.observe(weights.tril())
-    new_k, new_v, query = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)  # GQA 2
+    new_k, new_v, query = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 3), torch.randn(1, 2, 3, 4)  # GQA 2
     held_k, held_v = layer.update(new_k, new_v)
     layer.budget = 100  # no eviction after this forward: only the merge is under test
     out, _ = eb.eviction_attention_forward(None, query, held_k, held_v, None, scaling=0.5)
