@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_helpers import load_benchmark
 from transformers import DynamicCache
 
 from hf_neuralcache import CACHE_KWARG
 from hf_neuralcache.models import tiny_model
 from hf_neuralcache.testing import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    if "eviction_baselines" not in sys.modules:
-        path = ROOT / "benchmarks" / "eviction_baselines.py"
-        spec = importlib.util.spec_from_file_location("eviction_baselines", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["eviction_baselines"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["eviction_baselines"]
-
-
-eb = _load()
+eb = load_benchmark("eviction_baselines")
 POLICIES = eb.POLICIES
 
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from benchmark_helpers import load_benchmark
 
 import hf_neuralcache
 from hf_neuralcache.models import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    if "tensor_cache_quality" not in sys.modules:
-        path = ROOT / "benchmarks" / "tensor_cache_quality.py"
-        spec = importlib.util.spec_from_file_location("tensor_cache_quality", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["tensor_cache_quality"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["tensor_cache_quality"]
+    return load_benchmark("tensor_cache_quality")
 
 
 def test_smoke_tiny_model(bench, tmp_path, capsys):
