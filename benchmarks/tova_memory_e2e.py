@@ -86,22 +86,12 @@ def main() -> None:
     segments = [ids_all[:, s : s + 4096] for s in range(0, 4 * 4096, 4096)]  # Pride only
     sher = q.text_ids(tok, "sherlock", 4096, model.config.vocab_size)
 
-    def evaluate():
-        with torch.no_grad():
-            cache = new_cache()
-            model.set_attn_implementation(eb.ATTENTION)
-            nll, count = 0.0, 0
-            for b in range(0, 4096, 64):
-                piece = sher[:, b : b + 64]
-                logits = model(piece, **{CACHE_KWARG: cache}).logits.float()
-                tgt = sher[:, b + 1 : b + 1 + piece.shape[1]]
-                logits = logits[:, : tgt.shape[1]]
-                pos = torch.arange(b + 1, b + 1 + tgt.shape[1])
-                m = pos >= 1024
-                if m.any():
-                    nll += torch.nn.functional.cross_entropy(logits[0], tgt[0], reduction="none")[m].sum().item()
-                    count += int(m.sum())
-        return nll / count
+    class Fitted:  # what EvictionCache asks of fitted parameters: each layer's memory
+        layer = staticmethod(memory)
+
+    def evaluate():  # the quality benchmark's own loop and scoring, with TOVA + this memory
+        config = {"policy": "tova", "budget": args.budget, "memory": Fitted()}
+        return q.evaluate(model, sher, "eviction", config, chunk=64, score_from=1024)[0]
 
     def save():
         from safetensors.torch import save_file
@@ -127,7 +117,6 @@ def main() -> None:
                     if layer.keys is not None:
                         layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
                 piece = seg[:, b : b + 128]
-                loss = 0.0
                 if b + 128 > 512:  # train once eviction is under way
                     out1 = model(piece[:, :64], **{CACHE_KWARG: cache}).logits
                     out2 = model(piece[:, 64:], **{CACHE_KWARG: cache}).logits
