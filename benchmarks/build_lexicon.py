@@ -9,7 +9,8 @@ with its copyright notice: the notice travels inside the JSON as `license`). Tho
 break WordNet's byte offsets, so they are copied with LF ends to a temporary folder and read with NLTK's WordNet
 reader.
 
-What is kept, per single-word lemma (letters, digits, hyphens, apostrophes): the synsets of its first `--senses`
+What is kept, per lemma of one to three words (letters, digits, hyphens, apostrophes; a phrase joined by "_":
+"get_rid_of", "find_out"): the synsets of its first `--senses`
 senses in each part of speech (WordNet lists senses most frequent first), and the synsets *related* to those senses
 that keep a request's meaning when one word replaces the other: adjective clusters (`similar_to`), and the
 derivational and pertainym links of the lemma itself ("inventor" / "invent", "quickly" / "quick"). Hypernyms are not
@@ -34,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "hf_neuralcache" / "semantic" / "lexicon.json.gz"
 POS = "nvar"  # nouns, verbs, adjectives (satellites folded in), adverbs
-_LEMMA = re.compile(r"^[a-z][a-z0-9'-]*$")
+_LEMMA = re.compile(r"^[a-z][a-z0-9'-]*(?:_[a-z0-9'-]+){0,2}$")  # a word, or a phrase of up to 3 ("get_rid_of")
 
 
 def _wordnet_folder(given: Path | None) -> Path:

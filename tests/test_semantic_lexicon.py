@@ -99,7 +99,10 @@ def test_guard_accepts_synonyms(query, candidate):
      ("How do I make a vegan chocolate cake?", "How do I make a chocolate cake?", "qualifier added: 'vegan'"),
      ("Translate 'good night' into French.", "Translate 'good night' from French.", "direction reversed"),
      ("Convert PNG to JPEG.", "How do I convert JPEG into PNG?", "direction reversed"),
-     ("How many ounces are in a pound?", "How many pounds are in an ounce?", "order differs")],
+     ("How many ounces are in a pound?", "How many pounds are in an ounce?", "order differs"),
+     ("How do I turn off the alarm on my phone?", "How do I turn on the alarm on my phone?", "particle differs"),
+     ("Where do koalas sleep?", "Where do koalas sleep in winter?", "qualifier added: 'in winter'"),
+     ("What time zone is Tokyo in?", "What time is it in Tokyo?", "qualifier added: 'time zone'")],
 )  # fmt: skip
 def test_guard_refuses_look_alikes(query, candidate, reason):
     for q, c in ((query, candidate), (candidate, query)):
@@ -114,6 +117,32 @@ def test_guard_keeps_paraphrases_that_the_new_rules_could_catch():
     assert reason is None or not reason.startswith("direction")
     assert guard.check("How does a refrigerator work?", "Explain how a fridge works.").ok  # "how a": manner
     assert guard.check("How do I reverse a string in Java?", "Reverse a string using Java.").ok  # "using": a verb
+
+
+@pytest.mark.parametrize(
+    "query, candidate",
+    [("How do I get rid of moths in a closet?", "How can I eliminate moths in a closet?"),  # a WordNet phrase
+     ("When did the Roman Empire fall?", "When did the Roman Empire come down?"),
+     ("Write a haiku about the moon.", "Compose a haiku on the theme of the moon.")],  # the phrase shares "moon"
+)  # fmt: skip
+def test_guard_phrases_and_rewordings(query, candidate):
+    assert LookAlikeGuard().check(query, candidate).ok and LookAlikeGuard().check(candidate, query).ok
+
+
+def test_broken_lexicon_falls_back_to_stems(tmp_path, monkeypatch, caplog):
+    (tmp_path / "lexicon.json.gz").write_bytes(b"truncated")
+    monkeypatch.setattr(lexicon_module, "LEXICON", tmp_path / "lexicon.json.gz")
+    default_lexicon.cache_clear()
+    try:
+        guard = LookAlikeGuard()
+        with caplog.at_level("WARNING", logger="hf_neuralcache.semantic"):
+            verdict = guard.check("Recommend a good movie.", "Recommend a good film.")
+        assert not verdict.ok and "different words" in verdict.reason  # stems only: a miss, not an error
+        assert "SHA-256" in caplog.text and guard.synonyms is False
+        assert guard.check("What is the capital of Peru?", "What's the capital of Peru?").ok
+    finally:
+        monkeypatch.undo()
+        default_lexicon.cache_clear()
 
 
 def test_guard_synonyms_argument():

@@ -63,10 +63,13 @@ figures are next to `DEFAULT_THRESHOLD` in [`hf_neuralcache.semantic.calibration
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+
+logger = logging.getLogger("hf_neuralcache.semantic")
 
 __all__ = ["STRICTNESS", "GuardVerdict", "LookAlikeGuard", "normalize_query", "stem"]
 
@@ -87,6 +90,9 @@ _FUNCTION = _set(
     since until while whether upon"""
 )
 _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
+_DETERMINERS = _set("a an the my your his her its our their this that these those some any")
+_PREPOSITIONS = _set("in on at for with without during after before under inside outside near since until")
+_OPPOSITE_PARTICLES = (("on", "off"), ("up", "down"))
 _SAME_WAY = {"into": "to", "onto": "to", "towards": "to", "toward": "to"}  # "X to Y" = "X into Y"
 _NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
 # a prefix that negates the word it is hyphenated to ("non-leap", "anti-war", "un-American"); "non" alone too
@@ -261,6 +267,7 @@ class _Analysis:
     hyphenated: dict = field(default_factory=dict)  # stem of a hyphenated qualifier -> the compound ("low-fat")
     compounds: dict = field(default_factory=dict)  # stem of each part of a hyphenated word -> its joined stem
     premodifies: dict = field(default_factory=dict)  # content stem -> stem of the word right after it, if a word
+    tokens: tuple = ()  # every lower-case word in text order (for phrases: "get rid of")
 
 
 def _words(text: str) -> tuple[list[str], list[str]]:
@@ -321,7 +328,7 @@ def _analyse(text: str) -> _Analysis:
             for part in compound.split("-"):  # "e-mail" is "email" written in two
                 out.compounds[stem(part)] = stem(compound.replace("-", ""))
     words, surface = _words(text)
-    out.words = set(words)
+    out.words, out.tokens = set(words), tuple(words)
     start, opener, pending = True, True, []  # sentence start; request opening; number words being combined
     for i, (word, form) in enumerate(zip(words, surface, strict=True)):
         prev, nxt = (words[i - 1] if i else ""), (words[i + 1] if i + 1 < len(words) else "")
@@ -520,7 +527,12 @@ class LookAlikeGuard:
         if self.synonyms is True:
             from .lexicon import default_lexicon
 
-            return default_lexicon()
+            try:
+                return default_lexicon()
+            except (OSError, ValueError) as e:  # a broken install: match by stem only rather than fail a lookup
+                logger.warning("LookAlikeGuard: %s; words are matched by stem only", e)
+                self.synonyms = False
+                return None
         return self.synonyms or None
 
     def check(self, query: str, candidate: str) -> GuardVerdict:
@@ -555,6 +567,10 @@ class LookAlikeGuard:
                 if left and right:
                     sides = f"{_forms(a, left)} and {_forms(a, right)}"
                     return _no(f"direction reversed: {marker!r} has {sides} on opposite sides")
+        for on, off in _OPPOSITE_PARTICLES:  # "turn on" / "turn off", "scale up" / "scale down"
+            more_on = a.tokens.count(on) - b.tokens.count(on)  # "turn off X on my phone" / "turn on X on my phone"
+            if more_on and more_on == b.tokens.count(off) - a.tokens.count(off):
+                return _no(f"particle differs: {on!r} vs {off!r}")
         ways_a, ways_b = ({_SAME_WAY.get(m, m) for m, *_ in x.relations} for x in (a, b))
         if {"to", "from"} & ways_a and {"to", "from"} & ways_b and len({"to", "from"} & (ways_a | ways_b)) == 2:
             for (m, _, after_a), (n, _, after_b) in ((r, q) for r in a.relations for q in b.relations):
@@ -597,6 +613,11 @@ class LookAlikeGuard:
                 if heads:
                     w, head = next(iter(heads.items()))
                     return _no(f"qualifier added: {x.surface.get(w, w)!r} before {x.surface.get(head, head)!r}")
+                if lexicon is not None:
+                    for w in extra:
+                        phrase = _added_phrase(x, y, w, lexicon)
+                        if phrase:
+                            return _no(f"qualifier added: {phrase!r}")
         return GuardVerdict(True)
 
 
@@ -682,6 +703,50 @@ def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
             continue
         out.add(word)
     if lexicon is not None and out:
-        others = {y.surface.get(w, w) for w in y.content if w not in y.acronyms}
-        out = {w for w in out if not any(lexicon.synonyms(x.surface.get(w, w), v) for v in others)}
+        others = [unit for unit, _ in _units(y, lexicon)]
+        matched = set()
+        for unit, covers in _units(x, lexicon):
+            if covers & out and any(lexicon.synonyms(unit, v) for v in others):
+                matched |= covers
+        out -= matched
     return out
+
+
+def _added_phrase(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
+    """The qualifier that extra content stem `word` of `x` adds, if it adds one: a prepositional phrase that shares
+    nothing with `y` ("in captivity"), or a compound that WordNet lists as its own entry with a shared word ("time
+    zone" is not "time")."""
+    form = x.surface.get(word, word).lower()
+    if form not in x.tokens:
+        return None
+    i = x.tokens.index(form)
+    for j, k in ((i - 1, i), (i, i + 1)):  # "time zone", "zone time"
+        if 0 <= j and k < len(x.tokens) and stem(x.tokens[j if k == i else k]) in y.stems:
+            compound = f"{x.tokens[j]}_{x.tokens[k]}"
+            if x.tokens[j].isalpha() and x.tokens[k].isalpha() and compound in lexicon and lexicon.pos(compound) == "n":
+                return compound.replace("_", " ")
+    j = i - 1
+    while j >= 0 and x.tokens[j] in _DETERMINERS:
+        j -= 1
+    if j < 0 or x.tokens[j] not in _PREPOSITIONS:
+        return None
+    end = next((k for k in range(i, len(x.tokens)) if x.tokens[k] in ".!?;:"), len(x.tokens))
+    tail = x.tokens[j + 1 : end]
+    if any(stem(t) in y.stems for t in tail if t not in _FUNCTION and t not in _DETERMINERS):
+        return None  # the phrase names something the other text has: a rewording ("on the theme of autumn")
+    return " ".join(x.tokens[j:end])
+
+
+def _units(text: _Analysis, lexicon) -> list[tuple[str, set[str]]]:
+    """The text's content words and the WordNet phrases of 2-3 words in it ("get_rid_of"), each with the content
+    stems it covers."""
+    units = [(text.surface.get(w, w), {w}) for w in dict.fromkeys(text.content) if w not in text.acronyms]
+    tokens = text.tokens
+    for i in range(len(tokens)):
+        for n in (2, 3):
+            phrase = "_".join(tokens[i : i + n])
+            if i + n <= len(tokens) and phrase.replace("_", "").replace("-", "").isalpha() and phrase in lexicon:
+                covers = {stem(t) for t in tokens[i : i + n]} & set(text.content)
+                if covers:
+                    units.append((phrase, covers))
+    return units

@@ -25,7 +25,7 @@ __all__ = ["LEXICON", "Lexicon", "default_lexicon"]
 
 LEXICON = Path(__file__).with_name("lexicon.json.gz")
 # the digest of the shipped file: a file that differs (truncated, edited, another build) is refused
-LEXICON_SHA256 = "04d1461dbfdb320d2471652e523b8f187d0430a1e2c7122877879c8279ad54ae"
+LEXICON_SHA256 = "21ed34adc4418fe315e696e7ebd45dde92eb26f373da7f5abc7a4092d18efffc"
 # WordNet's detachment rules (morphy(7WN)): suffix -> ending, per part of speech
 _RULES = {
     "n": (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
@@ -87,6 +87,10 @@ class Lexicon:
         """The lexicon's base forms of `word` (lower-cased; irregular forms from WordNet's exception lists, then
         WordNet's suffix rules). Empty when WordNet does not know the word."""
         word = word.lower()
+        if "_" in word:  # a phrase: its first word may be inflected ("got_rid_of" -> "get_rid_of")
+            head, rest = word.split("_", 1)
+            forms = dict.fromkeys([word, *(f"{h}_{rest}" for h in self.lemmas(head))])
+            return tuple(w for w in forms if w in self._words)
         out = [word] if word in self._words else []
         out += [w for w in self._exceptions.get(word, ()) if w in self._words]
         for rules in _RULES.values():
