@@ -59,6 +59,7 @@ def main() -> None:
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v4": load_pairs(HERE / "data" / "fresh_pairs_v4.tsv"),
         "fresh_pairs_v3": load_pairs(HERE / "data" / "fresh_pairs_v3.tsv"),
         "fresh_pairs_v2": load_pairs(HERE / "data" / "fresh_pairs_v2.tsv"),
         "fresh_query_pairs": load_pairs(HERE / "data" / "fresh_query_pairs.tsv"),
