@@ -4,9 +4,11 @@ Sentence embeddings place "What is the capital of France?" near "... of Germany?
 still to "Convert 5 miles to km". A look-alike differs from its request in a **slot**: a number, a name, a negation,
 the direction of a relation, the kind of question, the order of the roles, or a content word put in place of another.
 A paraphrase rewords the frame around the same slots. [`LookAlikeGuard`] compares the slots of the two texts with
-precompiled regular expressions and word tables: pure Python, deterministic, about 40 microseconds to analyse a short
-request (memoized per text) and about 15 to compare two analysed texts. Nothing is learned from data: the rules and
-tables are general English (function words, irregular verbs, number words, units, dimension adjectives).
+precompiled regular expressions, word tables and a word lexicon distilled from WordNet 3.0
+([`hf_neuralcache.semantic.lexicon`]: which words and 2-3 word phrases can replace each other, and their parts of
+speech): pure Python, deterministic, about 40 microseconds to analyse a short request (memoized per text) and 0.1 to
+0.3 ms to compare two texts. Nothing is learned from the evaluation data: the rules and tables are general English
+(function words, irregular verbs, number words, units, dimension adjectives) and WordNet's word relations.
 
 **Analysis of a text.** Unicode NFKC, straight quotes, single spaces ([`normalize_query`]); words are lower-cased and
 reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", one common suffix, a final "e"/"y":
@@ -36,16 +38,25 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | negation in both texts or in neither | yes | yes |
 | the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
-| no relation reversed: two slots on opposite sides of the same marker ("X to Y" / "Y to X") | yes, vs excluded | yes |
-| no substitution: not both texts hold content words the other lacks (frame words pair only together) | yes | yes |
+| no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
+| no opposite particles ("turn on" / "turn off", "scale up" / "scale down") | yes | yes |
+| no substitution: not both texts hold content words the other lacks (2) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
 | passive in one text only while the roles keep their places ("A loves B" / "A is loved by B") | no | yes |
 | no hyphenated qualifier in one text only ("yogurt" / "low-fat yogurt") | no | yes |
+| no added qualifier (3) | no | yes |
 | at most one extra content word (frame words not counted) in either text | no | yes |
 
-`"vetoes"` runs only the checks up to and including the direction (numbers, names, negation, negating prefixes,
-question kind, reversed relation): the hard vetoes that [`EquivalenceCheck`] keeps in front of its learned score.
+(1) or the same slot after opposite markers ("into French" / "from French"). (2) Frame words pair only together; a
+word is not lacking when the other text has a WordNet synonym or phrase for it ("remove" / "delete", "get rid of" /
+"eliminate"). (3) With the lexicon: a noun or adjective right before a shared noun ("vegan chocolate cake"), a
+prepositional phrase that shares nothing with the other text ("in captivity"), or a compound that WordNet lists as
+its own entry, made with a shared word ("time zone" / "time").
+
+`"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
+question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
+of its learned score.
 `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also matches one that is
 it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant: "travel" / "travelled"),
 but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple"). Common clipped words read
@@ -54,10 +65,12 @@ as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphena
 when two texts use the same words, only their order can tell them apart, while a reworded paraphrase may move one
 block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is loved by Alice"). The
 extra-word budget stops most specializations ("center a div" / "center a div vertically with flexbox"). All of this
-also refuses true paraphrases that use synonyms ("exit" / "quit"), reorder the same words, or add several words: the
-price of precision. It knows no synonyms and parses no grammar, so a look-alike that changes a word into a
-function word, or adds a single qualifier ("reverse a list" / "reverse a linked list"), still passes. Measured
-figures are next to `DEFAULT_THRESHOLD` in [`hf_neuralcache.semantic.calibration`].
+also refuses true paraphrases that use words WordNet does not list as synonyms ("kill" / "terminate", "point" /
+"temperature"), reorder the same words, or add several words: the price of precision. It parses no grammar, so a
+look-alike that changes a word into a function word, adds a qualifier in a form the rules above do not see ("doubly
+linked list", "in color from my phone"), or swaps words WordNet files as synonyms ("freezing point" / "melting
+point") still passes. A name that WordNet knows as a common word matches its synonym ("Earth" / "world"). Measured
+figures are in docs/semantic_cache.md.
 """
 
 from __future__ import annotations
