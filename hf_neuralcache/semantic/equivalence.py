@@ -1,12 +1,13 @@
 """The learned equivalence check: after the nearest-neighbour search, score whether a candidate asks the same thing.
 
 [`EquivalenceCheck`] keeps a few hard vetoes in front ([`LookAlikeGuard`] at strictness `"vetoes"`: numbers, names,
-negation, question kind, a reversed relation) and replaces the rest of the hand rules by a small learned score. Its
-features come from the embedder's own contextual word-piece states (all-MiniLM-L6-v2, the same forward pass that
-embeds the request, so a lookup costs no second pass for the query): each content piece of one text is matched to its
-most similar piece in the other, and a piece that finds no close match ("dogs" / "cats", "poach" / "boil") pulls the
-score down while a synonym ("purchase" / "buy") does not. A logistic regression over these alignment statistics and
-the sentence cosine gives a probability; a pair is accepted when it reaches `threshold`.
+negation, question kind, a reversed relation, opposite particles) and replaces the rest of the hand rules by a small
+learned score. Its features come from the embedder's own contextual word-piece states (all-MiniLM-L6-v2, the same
+forward pass that embeds the request, so a lookup costs no second pass for the query): each content piece of one
+text is matched to its most similar piece in the other, and a piece that finds no close match ("dogs" / "cats",
+"poach" / "boil") pulls the score down while a synonym ("purchase" / "buy") does not. A logistic regression over
+these alignment statistics and the sentence cosine gives a probability; a pair is accepted when it reaches
+`threshold`.
 
 The weights (a few dozen numbers) ship as `equivalence.safetensors` beside this file, with their model card
 `equivalence.md`: how they were trained (`benchmarks/train_equivalence.py`), on what data, and the figures. Scores
@@ -105,7 +106,8 @@ class EquivalenceCheck:
             Where the word-piece states come from; pass the cache's own to share its model and its memory of the
             last embedded texts. Defaults to a new `MiniLMEmbedder()`.
         vetoes (`bool`, *optional*, defaults to `True`):
-            Whether numbers, names, negation, question kind and direction must agree before the score is asked.
+            Whether numbers, names, negation, question kind, direction and particles must agree before the score is
+            asked.
         weights (`str` or `Path`, *optional*):
             Another safetensors file of weights (`coef`, `bias`, `mean`, `scale`).
 
