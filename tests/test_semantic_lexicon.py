@@ -77,7 +77,8 @@ def test_build_reproduces_the_shipped_file(tmp_path):
 
     build = load_benchmark("build_lexicon")
     out = tmp_path / "lexicon.json.gz"
-    raw = json.dumps(build.build(build._wordnet_folder(None), 4), separators=(",", ":"), sort_keys=True).encode()
+    lexicon = build.build(build._wordnet_folder(None), build.SENSES)
+    raw = json.dumps(lexicon, separators=(",", ":"), sort_keys=True).encode()
     out.write_bytes(gzip.compress(raw, mtime=0))
     assert hashlib.sha256(out.read_bytes()).hexdigest() == LEXICON_SHA256
 
@@ -102,7 +103,10 @@ def test_guard_accepts_synonyms(query, candidate):
      ("How many ounces are in a pound?", "How many pounds are in an ounce?", "order differs"),
      ("How do I turn off the alarm on my phone?", "How do I turn on the alarm on my phone?", "particle differs"),
      ("Where do koalas sleep?", "Where do koalas sleep in winter?", "qualifier added: 'in winter'"),
-     ("What time zone is Tokyo in?", "What time is it in Tokyo?", "qualifier added: 'time zone'")],
+     ("What time zone is Tokyo in?", "What time is it in Tokyo?", "qualifier added: 'time zone'"),
+     ("How do I print a photo from my phone?", "How do I print a photo in color from my phone?", "qualifier added"),
+     ("How do I traverse a linked list?", "How do I traverse a doubly linked list?", "qualifier added: 'doubly"),
+     ("How deep should I plant tulip seeds?", "How deep should I plant tulip seedlings?", "different words")],
 )  # fmt: skip
 def test_guard_refuses_look_alikes(query, candidate, reason):
     for q, c in ((query, candidate), (candidate, query)):
@@ -123,7 +127,8 @@ def test_guard_keeps_paraphrases_that_the_new_rules_could_catch():
     "query, candidate",
     [("How do I get rid of moths in a closet?", "How can I eliminate moths in a closet?"),  # a WordNet phrase
      ("When did the Roman Empire fall?", "When did the Roman Empire come down?"),
-     ("Write a haiku about the moon.", "Compose a haiku on the theme of the moon.")],  # the phrase shares "moon"
+     ("Write a haiku about the moon.", "Compose a haiku on the theme of the moon."),  # the phrase shares "moon"
+     ("Can cardboard be recycled?", "Is cardboard recyclable?")],  # a suffix that changes the part of speech
 )  # fmt: skip
 def test_guard_phrases_and_rewordings(query, candidate):
     assert LookAlikeGuard().check(query, candidate).ok and LookAlikeGuard().check(candidate, query).ok

@@ -50,27 +50,28 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 
 (1) or the same slot after opposite markers ("into French" / "from French"). (2) Frame words pair only together; a
 word is not lacking when the other text has a WordNet synonym or phrase for it ("remove" / "delete", "get rid of" /
-"eliminate"). (3) With the lexicon: a noun or adjective right before a shared noun ("vegan chocolate cake"), a
-prepositional phrase that shares nothing with the other text ("in captivity"), or a compound that WordNet lists as
-its own entry, made with a shared word ("time zone" / "time").
+"eliminate"); a word that is another plus a suffix matches it ("recycle" / "recyclable") unless WordNet lists both
+as different words of one part of speech ("seed" / "seedling"). (3) With the lexicon: a noun or adjective right
+before a shared noun ("vegan chocolate cake"), a word put inside two shared ones ("doubly linked list"), a
+prepositional phrase that shares nothing with the other text, up to the next preposition ("in captivity", "in color
+from my phone"), or a compound that WordNet lists as its own entry, made with a shared word ("time zone" / "time").
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
-of its learned score.
-`"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also matches one that is
-it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant: "travel" / "travelled"),
-but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple"). Common clipped words read
-as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphenated word matches it written as one
-("e-mail" / "email"). The order rules stop PAWS-style swaps ("A represented B" / "B represented A"):
-when two texts use the same words, only their order can tell them apart, while a reworded paraphrase may move one
-block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is loved by Alice"). The
-extra-word budget stops most specializations ("center a div" / "center a div vertically with flexbox"). All of this
-also refuses true paraphrases that use words WordNet does not list as synonyms ("kill" / "terminate", "point" /
-"temperature"), reorder the same words, or add several words: the price of precision. It parses no grammar, so a
-look-alike that changes a word into a function word, adds a qualifier in a form the rules above do not see ("doubly
-linked list", "in color from my phone"), or swaps words WordNet files as synonyms ("freezing point" / "melting
-point") still passes. A name that WordNet knows as a common word matches its synonym ("Earth" / "world"). Measured
-figures are in docs/semantic_cache.md.
+of its learned score. `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
+matches one that is it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant:
+"travel" / "travelled"), but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple").
+Common clipped words read as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphenated word
+matches it written as one ("e-mail" / "email"). The order rules stop PAWS-style swaps ("A represented B" / "B
+represented A"): when two texts use the same words, only their order can tell them apart, while a reworded
+paraphrase may move one block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is
+loved by Alice"). The extra-word budget stops most specializations ("center a div" / "center a div vertically with
+flexbox"). All of this also refuses true paraphrases that use words WordNet does not list as synonyms ("kill" /
+"terminate", "point" / "temperature"), reorder the same words, or add several words: the price of precision. It
+parses no grammar, so a look-alike that changes a word into a function word, adds a qualifier in a form the rules
+above do not see, or swaps words WordNet files as synonyms ("freezing point" / "melting point") still passes. A name
+that WordNet knows as a common word matches its synonym ("Earth" / "world"). Measured figures are in
+docs/semantic_cache.md.
 """
 
 from __future__ import annotations
@@ -712,8 +713,13 @@ def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
         if word in x.acronyms:
             if _spells(y.content, word):
                 continue
-        elif len(word) >= 4 and _prefixed(word, [w for w in y.content if w not in y.acronyms]):
-            continue
+        elif len(word) >= 4:
+            partners = [w for w in y.content if w not in y.acronyms and _prefixed(word, [w])]
+            if lexicon is not None:  # two words WordNet lists apart are not one word: "seed" / "seedling"
+                form = x.surface.get(word, word)
+                partners = [w for w in partners if not _apart(form, y.surface.get(w, w), lexicon)]
+            if partners:
+                continue
         out.add(word)
     if lexicon is not None and out:
         others = [unit for unit, _ in _units(y, lexicon)]
@@ -733,6 +739,10 @@ def _added_phrase(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     if form not in x.tokens:
         return None
     i = x.tokens.index(form)
+    inside = x.tokens[i + 1 : i + 3]  # "doubly" in "a doubly linked list" / "a linked list": both next words shared
+    if len(inside) == 2 and all(t.isalpha() and t not in _FUNCTION and stem(t) in y.stems for t in inside):
+        if lexicon.pos(form) != "v" and y.tokens and " ".join(inside) in " ".join(y.tokens):
+            return f"{form} {' '.join(inside)}"
     for j, k in ((i - 1, i), (i, i + 1)):  # "time zone", "zone time"
         if 0 <= j and k < len(x.tokens) and stem(x.tokens[j if k == i else k]) in y.stems:
             compound = f"{x.tokens[j]}_{x.tokens[k]}"
@@ -743,11 +753,21 @@ def _added_phrase(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
         j -= 1
     if j < 0 or x.tokens[j] not in _PREPOSITIONS:
         return None
-    end = next((k for k in range(i, len(x.tokens)) if x.tokens[k] in ".!?;:"), len(x.tokens))
+    stops = _PREPOSITIONS | _DIRECTIONS | {".", "!", "?", ";", ":", "by", "via", "through", "about"}
+    end = next((k for k in range(i, len(x.tokens)) if x.tokens[k] in stops), len(x.tokens))
     tail = x.tokens[j + 1 : end]
     if any(stem(t) in y.stems for t in tail if t not in _FUNCTION and t not in _DETERMINERS):
         return None  # the phrase names something the other text has: a rewording ("on the theme of autumn")
     return " ".join(x.tokens[j:end])
+
+
+def _apart(first: str, second: str, lexicon) -> bool:
+    """Whether WordNet knows both words as different lemmas of one part of speech that are not synonyms ("seed" /
+    "seedling"); a suffix that changes the part of speech ("recycle" / "recyclable") keeps the meaning."""
+    a, b = lexicon.lemmas(first), lexicon.lemmas(second)
+    if not a or not b or set(a) & set(b) or lexicon.pos(first) != lexicon.pos(second):
+        return False
+    return not lexicon.synonyms(first, second)
 
 
 def _units(text: _Analysis, lexicon) -> list[tuple[str, set[str]]]:
