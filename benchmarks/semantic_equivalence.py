@@ -27,6 +27,7 @@ import torch
 from hf_neuralcache.semantic import (
     DEFAULT_EQUIVALENCE_THRESHOLD,
     DEFAULT_THRESHOLD,
+    STRICT_LEARNED_THRESHOLD,
     EquivalenceCheck,
     LookAlikeGuard,
     MiniLMEmbedder,
@@ -57,9 +58,11 @@ def main() -> None:
     embedder.token_memo = 1_000_000
     strict, stems_only = LookAlikeGuard("strict"), LookAlikeGuard("strict", synonyms=False)
     check = EquivalenceCheck(args.threshold, embedder=embedder)
+    both = EquivalenceCheck(STRICT_LEARNED_THRESHOLD, embedder=embedder, vetoes="strict")  # guard="strict+learned"
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v6": load_pairs(HERE / "data" / "fresh_pairs_v6.tsv"),
         "fresh_pairs_v5": load_pairs(HERE / "data" / "fresh_pairs_v5.tsv"),
         "fresh_pairs_v4": load_pairs(HERE / "data" / "fresh_pairs_v4.tsv"),
         "fresh_pairs_v3": load_pairs(HERE / "data" / "fresh_pairs_v3.tsv"),
@@ -80,10 +83,12 @@ def main() -> None:
         guard_ms = 1e3 * (time.perf_counter() - guard_start) / len(pairs)
         stems = np.array([stems_only.check(a, b).ok for a, b, _ in pairs]) & (cos >= DEFAULT_THRESHOLD)
         new = np.array([c >= args.floor and check.check(a, b).ok for (a, b, _), c in zip(pairs, cos, strict=True)])
+        combined = np.array([both.check(a, b).ok for a, b, _ in pairs]) & (cos >= DEFAULT_THRESHOLD)
         print(f"{name} ({len(pairs)} pairs, {int(labels.sum())} same; {time.perf_counter() - start:.0f} s)")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + LookAlikeGuard strict : {rates(old, labels)}, {guard_ms:.2f} ms/pair")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + strict, synonyms=False: {rates(stems, labels)}")
         print(f"  cosine >= {args.floor} + EquivalenceCheck({args.threshold}): {rates(new, labels)}")
+        print(f"  cosine >= {DEFAULT_THRESHOLD} + strict+learned {STRICT_LEARNED_THRESHOLD}: {rates(combined, labels)}")
         if args.errors and "fresh" in name:
             for (a, b, y), p in zip(pairs, new, strict=True):
                 if p != y:
@@ -91,6 +96,9 @@ def main() -> None:
             for (a, b, y), p in zip(pairs, old, strict=True):
                 if p != y:
                     print(f"    guard {'missed' if y else 'WRONG '} {a!r} / {b!r}: {strict.check(a, b).reason}")
+            for (a, b, y), p in zip(pairs, combined, strict=True):
+                if p != y:
+                    print(f"    both  {'missed' if y else 'WRONG '} {a!r} / {b!r}: {both.check(a, b).reason}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,33 @@ def test_semantic_cache_selects_the_learned_check_and_shares_its_embedder(tmp_pa
         cache.close()
 
 
+def test_strict_plus_learned_refuses_what_either_refuses(tmp_path):
+    from hf_neuralcache.semantic import STRICT_LEARNED_THRESHOLD
+
+    embedder = WordEmbedder()
+    cache = SemanticCache(tmp_path / "c", embedder=embedder, guard="strict+learned")
+    try:
+        check = cache.guard
+        assert check.embedder is embedder and check.threshold == STRICT_LEARNED_THRESHOLD
+        assert check.vetoes.strictness == "strict" and "vetoes='strict'" in repr(check)
+        with_vetoes = EquivalenceCheck(STRICT_LEARNED_THRESHOLD, embedder=embedder)
+        pairs = [
+            ("How do I make a vegan chocolate cake?", "How do I make a chocolate cake?"),  # the guard refuses
+            ("What do horses eat?", "What do horses eat?"),
+            ("Name a big city.", "Name a large city."),
+        ]
+        for query, candidate in pairs:
+            strict = LookAlikeGuard("strict").check(query, candidate).ok
+            scored = check.score(query, candidate) >= STRICT_LEARNED_THRESHOLD
+            assert check.check(query, candidate).ok == (strict and scored)
+            assert not check.check(query, candidate).ok or with_vetoes.check(query, candidate).ok
+        assert not check.check(*pairs[0]).ok and "qualifier added" in check.check(*pairs[0]).reason
+    finally:
+        cache.close()
+    with pytest.raises(ValueError, match="vetoes"):
+        EquivalenceCheck(embedder=embedder, vetoes="off")
+
+
 @needs_minilm
 def test_minilm_token_states_come_from_the_embedding_pass():
     from hf_neuralcache.semantic import MiniLMEmbedder

@@ -2,7 +2,7 @@
 
 from .calibration import DEFAULT_THRESHOLD, CalibrationResult, calibrate, load_pairs, plot_curves
 from .embedders import Embedder, HiddenStateEmbedder, MiniLMEmbedder, minilm_folder
-from .equivalence import DEFAULT_EQUIVALENCE_THRESHOLD, EquivalenceCheck
+from .equivalence import DEFAULT_EQUIVALENCE_THRESHOLD, STRICT_LEARNED_THRESHOLD, EquivalenceCheck
 from .guard import STRICTNESS, GuardVerdict, LookAlikeGuard, normalize_query
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "LookAlikeGuard",
     "MiniLMEmbedder",
     "STRICTNESS",
+    "STRICT_LEARNED_THRESHOLD",
     "calibrate",
     "load_pairs",
     "minilm_folder",

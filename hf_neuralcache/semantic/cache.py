@@ -52,8 +52,9 @@ class SemanticCache(StoreBackedCache):
         threshold (`float`, *optional*): Least cosine similarity; defaults to the calibrated `DEFAULT_THRESHOLD`.
         guard (`str` or guard object, *optional*, defaults to `"strict"`): The look-alike check after the search:
             a strictness (`"strict"`, `"balanced"`, `"vetoes"`, `"off"`), `"learned"` (an [`EquivalenceCheck`]
-            sharing this cache's MiniLM embedder; experimental, see the docs' figures) or an object with
-            `check(query, candidate)`.
+            sharing this cache's MiniLM embedder; experimental, see the docs' figures), `"strict+learned"` (the strict
+            guard, then the learned score must also reach `STRICT_LEARNED_THRESHOLD`: fewer wrong answers, fewer
+            hits) or an object with `check(query, candidate)`.
         namespace (`str`, *optional*): Separates tenants completely.
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
@@ -158,10 +159,14 @@ class SemanticCache(StoreBackedCache):
             from .embedders import MiniLMEmbedder
 
             embedder = MiniLMEmbedder()
-        if guard == "learned":
-            from .equivalence import EquivalenceCheck
+        if guard in ("learned", "strict+learned"):
+            from .equivalence import STRICT_LEARNED_THRESHOLD, EquivalenceCheck
 
-            guard = EquivalenceCheck(embedder=embedder if hasattr(embedder, "encode_tokens") else None)
+            tokens = embedder if hasattr(embedder, "encode_tokens") else None
+            if guard == "learned":
+                guard = EquivalenceCheck(embedder=tokens)
+            else:
+                guard = EquivalenceCheck(STRICT_LEARNED_THRESHOLD, embedder=tokens, vetoes="strict")
         elif isinstance(guard, str):
             from .guard import LookAlikeGuard
 

@@ -24,13 +24,24 @@ import numpy as np
 
 from .guard import GuardVerdict, LookAlikeGuard
 
-__all__ = ["DEFAULT_COSINE_FLOOR", "DEFAULT_EQUIVALENCE_THRESHOLD", "FEATURES", "EquivalenceCheck", "pair_features"]
+__all__ = [
+    "DEFAULT_COSINE_FLOOR",
+    "DEFAULT_EQUIVALENCE_THRESHOLD",
+    "FEATURES",
+    "STRICT_LEARNED_THRESHOLD",
+    "EquivalenceCheck",
+    "pair_features",
+]
 
 WEIGHTS = Path(__file__).with_name("equivalence.safetensors")
 FEATURES = ("cosine", "worst_piece", "second_worst_side", "mean_match", "low_share", "word_overlap", "length_gap")
 # chosen from benchmarks/train_equivalence.py's held-out generated pairs, where no threshold reaches precision 0.98:
 # 0.85 is the most precise point (0.965) that keeps recall above one half (0.53); see equivalence.md
 DEFAULT_EQUIVALENCE_THRESHOLD = 0.85
+# behind the whole strict guard (`SemanticCache(guard="strict+learned")`): the best recall among the thresholds whose
+# precision reaches 0.98 on the development pairs pooled (fresh_pairs_v2-v5, the 60, the LLM dev pairs:
+# 0.984 / 0.602) and on held-out generated pairs (0.988), chosen before fresh_pairs_v6 was run (docs/semantic_cache.md)
+STRICT_LEARNED_THRESHOLD = 0.55
 # least cosine of a candidate worth scoring (the cosine is also one of the features)
 DEFAULT_COSINE_FLOOR = 0.70
 
@@ -105,9 +116,11 @@ class EquivalenceCheck:
         embedder (`MiniLMEmbedder`, *optional*):
             Where the word-piece states come from; pass the cache's own to share its model and its memory of the
             last embedded texts. Defaults to a new `MiniLMEmbedder()`.
-        vetoes (`bool`, *optional*, defaults to `True`):
-            Whether numbers, names, negation, question kind, direction and particles must agree before the score is
-            asked.
+        vetoes (`bool` or `str`, *optional*, defaults to `True`):
+            What must pass before the score is asked: `True` (the hard vetoes, `LookAlikeGuard("vetoes")`: numbers,
+            names, negation, question kind, direction, particles), a strictness of [`LookAlikeGuard`] (`"strict"`:
+            the whole guard, so that the score can only refuse more; use it with `STRICT_LEARNED_THRESHOLD`) or
+            `False` (the score alone).
         weights (`str` or `Path`, *optional*):
             Another safetensors file of weights (`coef`, `bias`, `mean`, `scale`).
 
@@ -139,14 +152,19 @@ class EquivalenceCheck:
         if not callable(getattr(embedder, "encode_tokens", None)):
             raise ValueError(f"expected an embedder with encode_tokens (a MiniLMEmbedder), got {embedder!r}")
         self.threshold, self.embedder = float(threshold), embedder
-        self.vetoes = LookAlikeGuard("vetoes") if vetoes else None
+        if vetoes is True:
+            vetoes = "vetoes"
+        if vetoes is not False and vetoes not in ("strict", "balanced", "vetoes"):
+            raise ValueError(f"expected vetoes in (True, False, 'strict', 'balanced', 'vetoes'), got {vetoes!r}")
+        self.vetoes = LookAlikeGuard(vetoes) if vetoes else None
         w = _load_weights(Path(weights) if weights is not None else WEIGHTS)
         self._coef, self._bias = w["coef"].astype(np.float64), float(w["bias"][0])
         self._mean, self._scale = w["mean"].astype(np.float64), w["scale"].astype(np.float64)
         self._vector = functools.lru_cache(maxsize=4096)(self._sentence)
 
     def __repr__(self) -> str:
-        return f"EquivalenceCheck(threshold={self.threshold}, vetoes={self.vetoes is not None})"
+        vetoes = self.vetoes.strictness if self.vetoes is not None else None
+        return f"EquivalenceCheck(threshold={self.threshold}, vetoes={vetoes!r})"
 
     def _sentence(self, text: str) -> np.ndarray:
         return self.embedder.encode([text])[0]
