@@ -128,8 +128,18 @@ def main() -> None:
         real = cache.embedder.encode(fill_texts)
         query_vectors = cache.embedder.encode(queries)
         print(f"embedded {len(fill_texts) + len(queries):,} sentences in {time.perf_counter() - start:.1f} s")
-        # one real answer in the store, so the end-to-end path reads an entry
+        # real answers in the store, so the end-to-end path reads entries as `get` does: one per real sentence
+        # (with its word-piece states when the guard keeps them, see EquivalenceCheck.summary), one for the rest
         cache.store.put("answer", {"new_tokens": torch.arange(16).reshape(1, 16)}, {"output": "tensor"})
+        start = time.perf_counter()
+        for label, text in enumerate(fill_texts[: len(real)]):
+            tensors = {"new_tokens": torch.arange(16).reshape(1, 16), "embedding": torch.from_numpy(real[label])}
+            meta = {"output": "tensor", "request": text, "embedder": cache.embedder.fingerprint}
+            if cache._summaries:
+                pieces, states = cache.guard.summary(text)
+                tensors["equivalence_states"], meta["equivalence_pieces"] = torch.from_numpy(states), pieces
+            cache.store.put(f"answer-{label}", tensors, meta)
+        print(f"stored {len(real):,} answers in {time.perf_counter() - start:.1f} s")
         rng = np.random.default_rng(0)
         columns = ["build s", "recall@k", *(f"{what} {q}" for what in ("ANN", "ANN cpu", "e2e", "e2e cpu")
                                                for q in ("p50", "p99"))]  # fmt: skip
@@ -148,8 +158,10 @@ def main() -> None:
                 cache.index.add(labels, vectors)
                 stored[added : added + len(vectors)] = vectors
                 for label in labels:  # the real sentences' own texts, so the guard judges real candidates
-                    request = fill_texts[label] if label < len(real) else "a stored request"
-                    cache._labels[label] = {"key": "answer", "context": "", "request": request}
+                    if label < len(real):
+                        cache._labels[label] = {"key": f"answer-{label}", "context": "", "request": fill_texts[label]}
+                    else:
+                        cache._labels[label] = {"key": "answer", "context": "", "request": "a stored request"}
                 added += len(vectors)
             build = time.perf_counter() - start
             ann, ann_cpu, e2e, e2e_cpu, found = [], [], [], [], 0
@@ -162,8 +174,15 @@ def main() -> None:
                     for label, similarity in cache.index.search(cache.embedder.encode([text])[0], cache.candidates):
                         if similarity < cache.threshold:
                             break
-                        if cache.guard.check(text, cache._labels[label]["request"]).ok:
-                            cache.store.get("answer")
+                        record = cache._labels[label]
+                        if cache._summaries:  # as SemanticCache.get: the entry first, then the check with its states
+                            entry = cache.store.get(record["key"])
+                            summary = cache._summary(entry, record)
+                            verdict = cache.guard.check(text, record["request"], summary, similarity)
+                        else:
+                            verdict = cache.guard.check(text, record["request"])
+                        if verdict.ok:
+                            entry = entry if cache._summaries else cache.store.get(record["key"])
                             break
 
                 timed(lookup, e2e, e2e_cpu)

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from hf_neuralcache.semantic import EquivalenceCheck, GuardVerdict, LookAlikeGuard, calibrate
 from hf_neuralcache.semantic.cache import SemanticCache
@@ -155,3 +156,48 @@ def test_minilm_token_states_come_from_the_embedding_pass():
     assert pieces[:3] == ["how", "do", "i"] and states.shape == (len(pieces), 384)
     np.testing.assert_allclose(np.linalg.norm(states, axis=1), 1.0, atol=1e-5)
     embedder._model = model
+
+
+@needs_minilm
+def test_strict_plus_learned_keeps_each_requests_states_and_runs_no_pass_over_a_candidate(tmp_path):
+    from semantic_helpers import WordTokenizer, ask
+
+    from hf_neuralcache.models import tiny_model
+    from hf_neuralcache.semantic import MiniLMEmbedder
+    from hf_neuralcache.testing import ForwardCounter
+
+    model, embedder = tiny_model("llama"), MiniLMEmbedder()
+    cache = SemanticCache(tmp_path / "c", embedder=embedder, guard="strict+learned", tokenizer=WordTokenizer())
+    try:
+        first = ask(model, cache, "what is the capital of france")
+        (key,) = [record["key"] for record in cache._labels.values()]
+        entry = cache.store.get(key)
+        pieces, states = entry.meta["equivalence_pieces"], entry.tensors["equivalence_states"]
+        assert pieces == ["capital", "france"] and states.dtype == torch.float16 and states.shape == (2, 384)
+        # the stored summary gives the score computed from the text, to float16's precision
+        query, candidate = "tell me the capital of france please", "what is the capital of france"
+        cosine = float(embedder.encode([query])[0] @ embedder.encode([candidate])[0])
+        summary = cache.guard.summary(candidate)
+        assert cache.guard.score(query, candidate, summary, cosine) == pytest.approx(
+            cache.guard.score(query, candidate), abs=2e-3
+        )
+
+        def lookup(question):
+            embedder._tokens.clear()  # as in a process that did not embed the stored request itself
+            with ForwardCounter(embedder._model) as passes, ForwardCounter(model) as forwards:
+                out = ask(model, cache, question)
+            return out, passes.count, forwards.count
+
+        hit, passes, forwards = lookup("tell me the capital of france please")
+        assert forwards == 0 and passes == 1  # the query's embedding only: its states come from that pass
+        assert torch.equal(hit[0, -5:], first[0, -5:])
+        _, passes, forwards = lookup("what is the capital of germany")
+        assert forwards > 0 and cache.stats()["hits"] == 1
+        # a damaged summary is not used: the guard embeds the stored request again and answers the same
+        damaged = dict(entry.tensors, equivalence_states=torch.full_like(states, float("nan")))
+        cache.store.put(key, damaged, entry.meta)
+        assert cache._summary(cache.store.get(key), cache._labels[cache._by_key[key]]) is None
+        hit, passes, forwards = lookup("tell me the capital of france please")
+        assert forwards == 0 and passes == 2 and torch.equal(hit[0, -5:], first[0, -5:])
+    finally:
+        cache.close()

@@ -106,7 +106,8 @@ def _fits(tensors: dict, meta: dict) -> bool:
             return False
     sequences = tensors.get("sequences")
     ok = sequences is None or (sequences.dim() == 2 and sequences.dtype == torch.long)
-    return ok and names == set(tensors) - {"new_tokens", "embedding"}
+    # the semantic cache keeps its request's embedding and (guard "strict+learned") word-piece states beside them
+    return ok and names == set(tensors) - {"new_tokens", "embedding", "equivalence_states"}
 
 
 def output_from_entry(tensors: dict, meta: dict, device, sequences: torch.Tensor | None = None):

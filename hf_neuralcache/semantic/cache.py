@@ -176,6 +176,7 @@ class SemanticCache(StoreBackedCache):
             raise ValueError(
                 f"guard must be a strictness name or an object with check(query, candidate), got {guard!r}"
             )
+        self._summaries = callable(getattr(self.guard, "summary", None))
         self.threshold = float(threshold)
         self.namespace, self.max_entries, self.ttl = namespace, max_entries, ttl
         self.sampled_answers = sampled_answers_setting(sampled_answers, cache_sampled)
@@ -436,7 +437,16 @@ class SemanticCache(StoreBackedCache):
             record = self._labels.get(label)
             if record is None or record["context"] != context:
                 continue
-            if not self.guard.check(text, record["request"]).ok:
+            entry = None
+            if self._summaries:  # the candidate's word-piece states were stored with it: no forward pass over it
+                entry = self.store.get(record["key"])
+                if entry is None:
+                    self._forget(label)
+                    continue
+                verdict = self.guard.check(text, record["request"], self._summary(entry, record), similarity)
+            else:
+                verdict = self.guard.check(text, record["request"])
+            if not verdict.ok:
                 rejected = True
                 continue
             key = record["key"]
@@ -444,7 +454,8 @@ class SemanticCache(StoreBackedCache):
                 key = SampleSlots(self.store, key, self.sampled_answers).pick()
                 if key is None:
                     break  # still collecting answers: a miss (put() fills the next slot)
-            entry = self.store.get(key)
+                entry = None
+            entry = self.store.get(key) if entry is None else entry
             if entry is None:  # evicted, expired or bad since it was indexed
                 if key == record["key"]:
                     self._forget(label)
@@ -462,6 +473,23 @@ class SemanticCache(StoreBackedCache):
             return output
         self.counters.add("near_misses" if rejected else "misses", 1)
         return None
+
+    def _summary(self, entry, record: dict):
+        """The guard's summary of the record's request kept in its answer (see `EquivalenceCheck.summary`), or
+        `None` when there is none usable (stored by another guard or embedder, or damaged): the guard then computes
+        it again."""
+        states, pieces = entry.tensors.get("equivalence_states"), entry.meta.get("equivalence_pieces")
+        if entry.meta.get("request") != record["request"] or entry.meta.get("embedder") != self.embedder.fingerprint:
+            return None
+        if states is None or states.dtype != torch.float16 or states.dim() != 2 or states.shape[1] != self.embedder.dim:
+            return None
+        if not isinstance(pieces, list) or len(pieces) != states.shape[0]:
+            return None
+        if not all(isinstance(piece, str) for piece in pieces):
+            return None
+        states = states.numpy()
+        norms = np.linalg.norm(states.astype(np.float32), axis=1)
+        return (pieces, states) if np.isfinite(norms).all() and np.abs(norms - 1.0).max(initial=0.0) < 1e-2 else None
 
     def _matches(self, label: int, entry, record: dict, vector: np.ndarray) -> bool:
         """Whether `entry` answers the record's request and its stored embedding clears the threshold too."""
@@ -506,6 +534,10 @@ class SemanticCache(StoreBackedCache):
             return
         vector = self.embedder.encode([text])[0]
         tensors["embedding"] = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+        if self._summaries:  # from the embedding pass just run (the embedder's memory): no second pass
+            pieces, states = self.guard.summary(text)
+            tensors["equivalence_states"] = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float16))
+            meta["equivalence_pieces"] = list(pieces)
         self._make_room(sum(t.numel() * t.element_size() for t in tensors.values()) + 4096)
         label = self.records.reserve(self._seen + 1)
         if label is None:  # the folder could not be written (counted by the store)

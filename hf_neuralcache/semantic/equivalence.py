@@ -30,6 +30,7 @@ __all__ = [
     "FEATURES",
     "STRICT_LEARNED_THRESHOLD",
     "EquivalenceCheck",
+    "content_states",
     "pair_features",
 ]
 
@@ -56,8 +57,9 @@ _STOP = frozenset(
 _WORD = re.compile(r"[^\W_]+")
 
 
-def _content(pieces: list[str], states: np.ndarray) -> np.ndarray:
-    """States `[C, D]` of the pieces that carry content (whole words not in the stop list, and their continuations)."""
+def content_states(pieces: list[str], states: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The pieces that carry content (whole words not in the stop list, and their continuations) and their states
+    `[C, D]`; all of them when none does. Applying it twice changes nothing, so a cache may keep only these."""
     keep, word_kept = [], False
     for piece in pieces:
         if piece.startswith("##"):
@@ -65,8 +67,9 @@ def _content(pieces: list[str], states: np.ndarray) -> np.ndarray:
             continue
         word_kept = piece.lower() not in _STOP and any(c.isalnum() for c in piece)
         keep.append(word_kept)
-    keep = np.array(keep, dtype=bool)
-    return states[keep] if keep.any() else states
+    if not any(keep):
+        return list(pieces), states
+    return [piece for piece, kept in zip(pieces, keep, strict=True) if kept], states[np.array(keep, dtype=bool)]
 
 
 def pair_features(first: tuple[list[str], np.ndarray], second: tuple[list[str], np.ndarray], cosine: float,
@@ -79,7 +82,7 @@ def pair_features(first: tuple[list[str], np.ndarray], second: tuple[list[str], 
         cosine (`float`): Cosine similarity of the two sentence embeddings.
         words (`tuple[str, str]`): The two texts, for the word overlap.
     """
-    a, b = _content(*first), _content(*second)
+    a, b = content_states(*first)[1], content_states(*second)[1]
     if not len(a) or not len(b):
         return np.array([cosine, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0])
     sims = a @ b.T  # [Ta, Tb]
@@ -169,26 +172,42 @@ class EquivalenceCheck:
     def _sentence(self, text: str) -> np.ndarray:
         return self.embedder.encode([text])[0]
 
-    def features(self, query: str, candidate: str) -> np.ndarray:
-        """The `FEATURES` of the pair (see [`pair_features`])."""
-        first, second = self.embedder.encode_tokens([query, candidate])
-        cosine = float(self._vector(query) @ self._vector(candidate))
+    def summary(self, text: str) -> tuple[list[str], np.ndarray]:
+        """What a cache keeps with a stored request so that checking it later needs no forward pass over it: the
+        content word pieces of `text` and their states, float16 `[C, D]` (about 0.8 KB a piece with MiniLM)."""
+        pieces, states = content_states(*self.embedder.encode_tokens([text])[0])
+        return pieces, states.astype(np.float16)
+
+    def features(self, query: str, candidate: str, summary=None, cosine: float | None = None) -> np.ndarray:
+        """The `FEATURES` of the pair (see [`pair_features`]); `summary` (the candidate's [`summary`]) and `cosine`
+        (of the two sentence embeddings), when the caller has them, save the forward passes over the candidate."""
+        if summary is None:
+            first, second = self.embedder.encode_tokens([query, candidate])
+        else:
+            first, second = self.embedder.encode_tokens([query])[0], (summary[0], summary[1].astype(np.float32))
+        if cosine is None:
+            cosine = float(self._vector(query) @ self._vector(candidate))
         return pair_features(first, second, cosine, (query, candidate))
 
-    def score(self, query: str, candidate: str) -> float:
-        """Probability that the two texts ask the same thing (the vetoes are not applied)."""
-        z = (self.features(query, candidate) - self._mean) / self._scale
+    def score(self, query: str, candidate: str, summary=None, cosine: float | None = None) -> float:
+        """Probability that the two texts ask the same thing (the vetoes are not applied); `summary` and `cosine` as
+        in [`features`]."""
+        z = (self.features(query, candidate, summary, cosine) - self._mean) / self._scale
         return float(1.0 / (1.0 + np.exp(-(z @ self._coef + self._bias))))
 
-    def check(self, query: str, candidate: str) -> GuardVerdict:
-        """Whether `candidate` (a cached request) asks the same as `query`; `reason` names a veto or the score."""
+    def check(self, query: str, candidate: str, summary=None, cosine: float | None = None) -> GuardVerdict:
+        """Whether `candidate` (a cached request) asks the same as `query`; `reason` names a veto or the score.
+
+        `summary` (the candidate's [`summary`], kept when it was stored) and `cosine` (of the two sentence
+        embeddings) are optional: a cache passes them so that a lookup runs no forward pass over the candidate.
+        """
         if not isinstance(query, str) or not isinstance(candidate, str):
             raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
         if self.vetoes is not None:
             verdict = self.vetoes.check(query, candidate)
             if not verdict.ok:
                 return verdict
-        score = self.score(query, candidate)
+        score = self.score(query, candidate, summary, cosine)
         if score < self.threshold:
             return GuardVerdict(False, f"equivalence score {score:.3f} < {self.threshold:.3f}")
         return GuardVerdict(True)
