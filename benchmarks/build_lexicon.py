@@ -9,18 +9,22 @@ break WordNet's byte offsets, so they are copied with LF ends to a temporary fol
 reader.
 
 What is kept, per lemma of one to three words (letters, digits, hyphens, apostrophes; a phrase joined by "_":
-"get_rid_of", "find_out"): the synsets of its first `--senses`
-senses in each part of speech (WordNet lists senses most frequent first), and the synsets *related* to those senses
-that keep a request's meaning when one word replaces the other: adjective clusters (`similar_to`), and the
-derivational and pertainym links of the lemma itself ("inventor" / "invent", "quickly" / "quick"). Hypernyms are not
-kept: "dog" / "animal" asks something else. Also the parts of speech of the lemma (tagged-sense counts), and
-WordNet's exception lists (irregular inflections: "geese" -> "goose"), so that `Lexicon.lemmas` can undo inflection
-with WordNet's own detachment rules.
+"get_rid_of", "find_out"): the synsets of its first `--senses` senses in each part of speech (WordNet lists senses
+most frequent first), and the synsets *related* to those senses that keep a request's meaning when one word replaces
+the other: adjective clusters (`similar_to`), and the derivational and pertainym links of the lemma itself
+("inventor" / "invent", "quickly" / "quick"), and for the first `VERB_HYPERNYM_SENSES` senses of a verb its direct
+hypernyms ("delete" / "remove", "hone" / "sharpen", "train" / "teach": a verb and the more general verb that names
+the same action on the same object), unless the hypernym is so general that it names no action ("change":
+`VERB_HYPERNYM_MAX_BELOW`). Noun hypernyms are not kept: "dog" / "animal" asks something else; nor are siblings
+("boil" / "fry", both kinds of "cook"). Also the parts of speech of the lemma (tagged-sense counts), and WordNet's
+exception lists (irregular inflections: "geese" -> "goose"), so that `Lexicon.lemmas` can undo inflection with
+WordNet's own detachment rules.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib.util
 import json
@@ -35,6 +39,11 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "hf_neuralcache" / "semantic" / "lexicon.json.gz"
 POS = "nvar"  # nouns, verbs, adjectives (satellites folded in), adverbs
 SENSES = 8  # senses kept per part of speech, most frequent first
+# a verb's senses whose hypernyms are related, and how far up (two levels also related "press" / "telescope")
+VERB_HYPERNYM_SENSES, VERB_HYPERNYM_DEPTH = 4, 1
+# a hypernym this general relates nothing: "change" (1,703 verbs below it) would make "reset" / "change", "fall" /
+# "change" one action; "remove" (198) still counts ("delete" / "remove")
+VERB_HYPERNYM_MAX_BELOW = 250
 _LEMMA = re.compile(r"^[a-z][a-z0-9'-]*(?:_[a-z0-9'-]+){0,2}$")  # a word, or a phrase of up to 3 ("get_rid_of")
 
 
@@ -69,6 +78,12 @@ def _reader(folder: Path, scratch: Path):
         return WordNet30(str(root), None), (root / "LICENSE").read_text(encoding="utf-8")
 
 
+@functools.cache
+def _below(synset) -> int:
+    """How many synsets lie below `synset` (all its hyponyms, at any depth)."""
+    return sum(1 for _ in synset.closure(lambda s: s.hyponyms()))
+
+
 def build(folder: Path, senses: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         wn, license_text = _reader(folder, Path(scratch))
@@ -85,6 +100,9 @@ def build(folder: Path, senses: int) -> dict:
                         continue
                     own.add(synset.name())
                     related.update(s.name() for s in synset.similar_tos())
+                    if pos == "v" and rank < VERB_HYPERNYM_SENSES:
+                        up = synset.closure(lambda s: s.hypernyms(), depth=VERB_HYPERNYM_DEPTH)
+                        related.update(s.name() for s in up if _below(s) <= VERB_HYPERNYM_MAX_BELOW)
                     for lem in lemmas:
                         related.update(other.synset().name() for other in lem.derivationally_related_forms())
                         related.update(other.synset().name() for other in lem.pertainyms())

@@ -27,6 +27,7 @@ MODULES = [
     "hf_neuralcache.semantic.cache",
     "hf_neuralcache.semantic.index",
     "hf_neuralcache.semantic.guard",
+    "hf_neuralcache.semantic.lexicon",
     "hf_neuralcache.semantic.equivalence",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",

@@ -22,7 +22,8 @@ def lexicon():
 @pytest.mark.parametrize(
     "first, second",
     [("movie", "film"), ("movies", "films"), ("kid", "children"), ("sea", "ocean"), ("inventor", "invented"),
-     ("fixing", "repaired"), ("big", "large"), ("automobile", "car"), ("Earth", "world")],
+     ("fixing", "repaired"), ("big", "large"), ("automobile", "car"), ("Earth", "world"),
+     ("delete", "remove"), ("hone", "sharpen"), ("mend", "repair")],  # a verb and its hypernym
 )  # fmt: skip
 def test_synonyms(lexicon, first, second):
     assert lexicon.synonyms(first, second) and lexicon.synonyms(second, first)
@@ -31,7 +32,8 @@ def test_synonyms(lexicon, first, second):
 @pytest.mark.parametrize(
     "first, second",
     [("gold", "silver"), ("read", "write"), ("dog", "animal"), ("day", "week"), ("ascending", "descending"),
-     ("pounds", "ounces"), ("brown", "white"), ("hot", "cold"), ("dog", "cat"), ("buy", "sell")],
+     ("pounds", "ounces"), ("brown", "white"), ("hot", "cold"), ("dog", "cat"), ("buy", "sell"),
+     ("fry", "boil"), ("reset", "change"), ("sonnet", "write")],  # siblings; "change" is too general a hypernym
 )  # fmt: skip
 def test_not_synonyms(lexicon, first, second):
     assert not lexicon.synonyms(first, second) and not lexicon.synonyms(second, first)
@@ -87,7 +89,9 @@ def test_build_reproduces_the_shipped_file(tmp_path):
     "query, candidate",
     [("Recommend a good movie about space.", "Recommend a good film about space."),
      ("What is the largest lake on Earth?", "Which is the largest lake in the world?"),
-     ("How do I fix a leaking tap?", "How can I repair a leaking tap?")],
+     ("How do I fix a leaking tap?", "How can I repair a leaking tap?"),
+     ("How do I delete a partition on Windows?", "How can I remove a partition in Windows?"),
+     ("How do I train a puppy to sit?", "How can I teach a puppy to sit?")],
 )  # fmt: skip
 def test_guard_accepts_synonyms(query, candidate):
     assert LookAlikeGuard().check(query, candidate).ok
@@ -106,7 +110,13 @@ def test_guard_accepts_synonyms(query, candidate):
      ("What time zone is Tokyo in?", "What time is it in Tokyo?", "qualifier added: 'time zone'"),
      ("How do I print a photo from my phone?", "How do I print a photo in color from my phone?", "qualifier added"),
      ("How do I traverse a linked list?", "How do I traverse a doubly linked list?", "qualifier added: 'doubly"),
-     ("How deep should I plant tulip seeds?", "How deep should I plant tulip seedlings?", "different words")],
+     ("How deep should I plant tulip seeds?", "How deep should I plant tulip seedlings?", "different words"),
+     ("How do I log in to Spotify?", "How do I log out of Spotify?", "particle differs: 'in' vs 'out'"),
+     ("Can I take ibuprofen while breastfeeding?", "Can I take ibuprofen?", "qualifier added: 'while breastfeeding'"),
+     ("Is it safe to run a marathon when it is hot?", "Is it safe to run a marathon?", "qualifier added: 'when it"),
+     ("How do I get a library card?", "How do I cancel a library card?", "action differs: 'cancel' vs 'get'"),
+     ("How much protein is in an egg?", "How much protein is in half an egg?", "numbers differ"),
+     ("Write a sonnet about rain.", "Write a limerick about rain.", "different words")],  # not via the shared "write"
 )  # fmt: skip
 def test_guard_refuses_look_alikes(query, candidate, reason):
     for q, c in ((query, candidate), (candidate, query)):
@@ -121,6 +131,10 @@ def test_guard_keeps_paraphrases_that_the_new_rules_could_catch():
     assert reason is None or not reason.startswith("direction")
     assert guard.check("How does a refrigerator work?", "Explain how a fridge works.").ok  # "how a": manner
     assert guard.check("How do I reverse a string in Java?", "Reverse a string using Java.").ok  # "using": a verb
+    assert guard.check("What should I do when my phone gets wet?", "What should I do if my phone gets wet?").ok
+    assert guard.check("When did the Roman Empire fall?", "When did the Roman Empire come down?").ok  # the opening
+    assert guard.check("How do I get to the airport?", "How do I travel to the airport?").ok  # "get" has no object
+    assert guard.check("What is the half-life of uranium?", "What's the half-life of uranium?").ok  # not a half
 
 
 @pytest.mark.parametrize(

@@ -33,13 +33,13 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 
 | check | `"balanced"` | `"strict"` (default) |
 |---|---|---|
-| numbers equal (as multisets) | yes | yes |
+| numbers equal (as multisets; "half", "twice" count as numbers) | yes | yes |
 | each name of one text occurs in the other (any case; by stem or prefix; acronyms exactly or as initials) | yes | yes |
 | negation in both texts or in neither | yes | yes |
 | the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
-| no opposite particles ("turn on" / "turn off", "scale up" / "scale down") | yes | yes |
+| no opposite particles ("turn on" / "turn off", "scale up" / "scale down", "sign in to" / "sign out of") | yes | yes |
 | no substitution: not both texts hold content words the other lacks (2) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
@@ -47,14 +47,18 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | no hyphenated qualifier in one text only ("yogurt" / "low-fat yogurt") | no | yes |
 | no added qualifier (3) | no | yes |
 | at most one extra content word (frame words not counted) in either text | no | yes |
+| no extra verb in the place of "get" before the same object ("renew a passport" / "get a passport") | no | yes |
 
 (1) or the same slot after opposite markers ("into French" / "from French"). (2) Frame words pair only together; a
 word is not lacking when the other text has a WordNet synonym or phrase for it ("remove" / "delete", "get rid of" /
-"eliminate"); a word that is another plus a suffix matches it ("recycle" / "recyclable") unless WordNet lists both
-as different words of one part of speech ("seed" / "seedling"). (3) With the lexicon: a noun or adjective right
-before a shared noun ("vegan chocolate cake"), a word put inside two shared ones ("doubly linked list"), a
-prepositional phrase that shares nothing with the other text, up to the next preposition ("in captivity", "in color
-from my phone"), or a compound that WordNet lists as its own entry, made with a shared word ("time zone" / "time").
+"eliminate"), but a word both texts have stands for no other word ("Write a sonnet" / "Write a limerick": "sonnet"
+is not matched with "write") unless a phrase holds it ("chemical formula" / "formula"); a word that is another plus
+a suffix matches it ("recycle" / "recyclable") unless WordNet lists both as different words of one part of speech
+("seed" / "seedling"). (3) With the lexicon: a noun or adjective right before a shared noun ("vegan chocolate
+cake"), a word put inside two shared ones ("doubly linked list"), a prepositional phrase or a condition ("while",
+"when", "if", "unless" not opening the request) that shares nothing with the other text, up to the next preposition
+("in captivity", "in color from my phone", "while pregnant", "when it is hot"), or a compound that WordNet lists as
+its own entry, made with a shared word ("time zone" / "time").
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
@@ -67,7 +71,7 @@ represented A"): when two texts use the same words, only their order can tell th
 paraphrase may move one block ("Who wrote X?" / "X was written by whom?"), and a passive reverses the roles ("Bob is
 loved by Alice"). The extra-word budget stops most specializations ("center a div" / "center a div vertically with
 flexbox"). All of this also refuses true paraphrases that use words WordNet does not list as synonyms ("kill" /
-"terminate", "point" / "temperature"), reorder the same words, or add several words: the price of precision. It
+"replace", "point" / "temperature"), reorder the same words, or add several words: the price of precision. It
 parses no grammar, so a look-alike that changes a word into a function word, adds a qualifier in a form the rules
 above do not see, or swaps words WordNet files as synonyms ("freezing point" / "melting point") still passes. A name
 that WordNet knows as a common word matches its synonym ("Earth" / "world"). Measured figures are in
@@ -106,7 +110,14 @@ _FUNCTION = _set(
 _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
 _DETERMINERS = _set("a an the my your his her its our their this that these those some any")
 _PREPOSITIONS = _set("in on at for with without during after before under inside outside near since until")
-_OPPOSITE_PARTICLES = (("on", "off"), ("up", "down"))
+_OPPOSITE_PARTICLES = (("on", "off"), ("up", "down"), ("in", "out"))  # "sign in to" / "sign out of"
+# words that open a condition on the request: "... while pregnant", "... if I have diabetes" (not at the start)
+_CONDITIONS = _set("while whilst when whenever if unless once")
+# the light verb that a content verb in the same place with the same object replaces: "get" / "renew a passport"
+_GET = _set("get gets got getting gotten")
+# parts and multiples of a quantity, read as numbers: "half an avocado" is not "an avocado"
+# ("quarter" is not one: "quarterfinal", "a quarter of an hour", "the first quarter"; nor "half-life")
+_FRACTIONS = {"half": 0.5, "halves": 0.5, "twice": 2.0, "thrice": 3.0}
 # markers that point the same way, recorded as one: "X to Y" = "X into Y", "versus" = "vs"
 _SAME_WAY = {"into": "to", "onto": "to", "towards": "to", "toward": "to", "versus": "vs"}
 _NEGATIONS = _set("not no never none nothing nobody neither nor without cannot n't")
@@ -361,6 +372,8 @@ def _analyse(text: str) -> _Analysis:
             and (form != "I" or not nxt.isalpha() or (i > 1 and surface[i - 2][:1].isupper()))
         ):  # "World War II", "World War I ended"; not "Can I", "Python I have"
             number = str(sum(-v if v < n else v for v, n in zip(*_roman_pairs(form), strict=True)))
+        elif word in _FRACTIONS and f"{word}-" not in text.lower():
+            number = f"x{_format(_FRACTIONS[word])}"  # "x0.5": a part, not the count 0.5
         elif word in _ORDINALS and not (word == "second" and (prev in _SECOND_UNIT or prev[:1].isdigit())):
             number = str(_ORDINALS[word])
         elif (word in _NUMBER_WORDS or (word in _SCALES and pending)) and not (
@@ -620,6 +633,9 @@ class LookAlikeGuard:
                 qualifiers = [q for w in extra if lexicon is not None and (q := _qualifier(x, y, w, lexicon))]
                 if qualifiers:
                     return _no(f"qualifier added: {qualifiers[0]}")
+                actions = [v for w in extra if lexicon is not None and (v := _replaces_get(x, y, w, lexicon))]
+                if actions:
+                    return _no(f"action differs: {actions[0]}")
         return GuardVerdict(True)
 
 
@@ -710,10 +726,13 @@ def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
                 continue
         out.add(word)
     if lexicon is not None and out:
-        others = [unit for unit, _ in _units(y, lexicon)]
+        others = _units(y, lexicon)
         matched = set()
         for unit, covers in _units(x, lexicon):
-            if covers & out and any(lexicon.synonyms(unit, v) for v in others):
+            # a word both texts have stands only for a phrase that holds it ("chemical formula" / "formula"), not
+            # for another word: "Write a sonnet" / "Write a limerick" do not match "sonnet" with "write"
+            if covers & out and any(lexicon.synonyms(unit, v) for v, their in others
+                                    if not their <= x.stems.keys() or their <= covers):  # fmt: skip
                 matched |= covers
         out -= matched
     return out
@@ -726,7 +745,8 @@ def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     """The qualifier that extra content stem `word` of `x` adds, if it adds one (quoted, for the verdict): a noun or
     adjective right before a noun that `y` has ("vegan" before "cake"), a word put inside two shared ones ("doubly
     linked list"), a compound that WordNet lists as its own entry with a shared word ("time zone" is not "time"), or a
-    prepositional phrase that shares nothing with `y` ("in captivity")."""
+    prepositional phrase or a condition that shares nothing with `y` ("in captivity", "while pregnant", "when it is
+    hot")."""
     form = x.surface.get(word, word).lower()
     if form not in x.tokens:
         return None
@@ -748,7 +768,11 @@ def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     j = i - 1
     while j >= 0 and x.tokens[j] in _DETERMINERS:
         j -= 1
-    if j < 0 or x.tokens[j] not in _PREPOSITIONS:
+    if j >= 0 and x.tokens[j] not in _PREPOSITIONS:  # or a condition: "while pregnant", "when it is hot"
+        while j > 0 and x.tokens[j] not in _CONDITIONS and x.tokens[j] in _FUNCTION:
+            j -= 1
+        j = j if j > 0 and x.tokens[j] in _CONDITIONS else -1  # not the request's own "When did ..."
+    if j < 0:
         return None
     stops = _PREPOSITIONS | _DIRECTIONS | {".", "!", "?", ";", ":", "by", "via", "through", "about"}
     end = next((k for k in range(i, len(x.tokens)) if x.tokens[k] in stops), len(x.tokens))
@@ -756,6 +780,30 @@ def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     if any(stem(t) in y.stems for t in tail if t not in _FUNCTION and t not in _DETERMINERS):
         return None  # the phrase names something the other text has: a rewording ("on the theme of autumn")
     return repr(" ".join(x.tokens[j:end]))
+
+
+def _object(tokens: tuple, k: int) -> str | None:
+    """The word after `tokens[k]` past determiners: a verb's direct object when it is a content word."""
+    k += 1
+    while k < len(tokens) and tokens[k] in _DETERMINERS:
+        k += 1
+    word = tokens[k] if k < len(tokens) else ""
+    return stem(word) if word.isalpha() and word not in _FUNCTION and word not in _DIRECTIONS else None
+
+
+def _replaces_get(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
+    """The verb (quoted) that extra stem `word` of `x` puts where `y` has "get" before the same object: "renew a
+    passport" is not "get a passport"."""
+    form = x.surface.get(word, word).lower()
+    if form not in x.tokens or lexicon.pos(form) != "v":
+        return None
+    thing = _object(x.tokens, x.tokens.index(form))
+    if thing is None:
+        return None
+    for k, token in enumerate(y.tokens):
+        if token in _GET and _object(y.tokens, k) == thing:
+            return f"{form!r} vs {token!r}"
+    return None
 
 
 def _apart(first: str, second: str, lexicon) -> bool:

@@ -4,11 +4,13 @@ The look-alike guard refuses a pair whose texts hold content words the other lac
 "gold" / "silver" and "read" / "write" apart but also refused ordinary rewordings ("remove" / "delete", "sea" /
 "ocean", "movie" / "film"). [`Lexicon.synonyms`] answers from WordNet instead of from hand-written lists: two words
 are interchangeable when one of the first eight senses of one (WordNet lists senses most frequent first) is a sense of
-the other, or is tied to it by an adjective cluster (`similar_to`) or by a derivational or pertainym link of the word
-itself ("inventor" / "invented", "quickly" / "quick"). Co-hyponyms ("gold" / "silver", both noble metals), antonyms
-and hypernyms ("dog" / "animal") are not interchangeable.
+the other, or is tied to it by an adjective cluster (`similar_to`), by a derivational or pertainym link of the word
+itself ("inventor" / "invented", "quickly" / "quick"), or, for a verb's four most frequent senses, as its direct
+hypernym when that is not a catch-all ("delete" / "remove", "hone" / "sharpen"; not "reset" / "change").
+Co-hyponyms ("gold" / "silver", both noble metals; "fry" / "boil"), antonyms and noun hypernyms ("dog" / "animal")
+are not interchangeable.
 
-The data (`lexicon.json.gz` beside this file, 1.6 MB, 144,719 words and phrases of 2-3 words: "get_rid_of") is
+The data (`lexicon.json.gz` beside this file, 1.7 MB, 144,719 words and phrases of 2-3 words: "get_rid_of") is
 built by `benchmarks/build_lexicon.py` from the WordNet 3.0 database and carries WordNet's licence; it is checked
 against its SHA-256 before use and read once per process (about half a second), on the first lookup.
 """
@@ -25,7 +27,7 @@ __all__ = ["LEXICON", "Lexicon", "default_lexicon"]
 
 LEXICON = Path(__file__).with_name("lexicon.json.gz")
 # the digest of the shipped file: a file that differs (truncated, edited, another build) is refused
-LEXICON_SHA256 = "cf57e5d4460f35080f77fef43445d1e431017b1ed6170861d596327642a8bf6c"
+LEXICON_SHA256 = "2c6ab8cf588563006e5f521a3d9d3800f7fe5d8e6ad5df74a31174197442cb71"
 # WordNet's detachment rules (morphy(7WN)): suffix -> ending, per part of speech
 _RULES = {
     "n": (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"),
