@@ -170,3 +170,29 @@ def test_guard_synonyms_argument():
     custom = Lexicon(LEXICON)
     assert LookAlikeGuard(synonyms=custom).check("Name a big city.", "Name a large city.").ok
     assert "synonyms=True" in repr(LookAlikeGuard())
+
+
+@pytest.mark.parametrize(
+    "query, candidate",
+    [("What does NASA stand for?", "What is NASA short for?"),
+     ("What is the full form of NATO?", "What does NATO stand for?"),
+     ('What is the meaning of the word "serendipity"?', 'Define "serendipity".'),
+     ("What is the boiling point of ethanol?", "At what temperature does ethanol boil?"),
+     ("What is the tallest tower in Paris?", "Which tower in Paris is the highest?"),
+     ("What is a good name for a parrot?", "Suggest a name for a parrot."),
+     ("What is the formula for the area of a hexagon?", "How do I calculate the area of a hexagon?")],
+)  # fmt: skip
+def test_guard_reads_common_rewordings_of_a_request(query, candidate):
+    assert LookAlikeGuard().check(query, candidate).ok and LookAlikeGuard().check(candidate, query).ok
+
+
+@pytest.mark.parametrize(
+    "query, candidate",
+    [("Is coffee good for you?", "Is coffee bad for you?"),  # "good" is content without a determiner
+     ("What is a good laptop for students?", "What is a cheap laptop for students?"),
+     ("What is the boiling point of water?", "What is the freezing point of water?"),
+     ("What does NASA stand for?", "What does NOAA stand for?")],
+)  # fmt: skip
+def test_the_rewordings_keep_look_alikes_apart(query, candidate):
+    assert not LookAlikeGuard().check(query, candidate).ok and not LookAlikeGuard().check(candidate, query).ok
+

@@ -23,9 +23,12 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 - **question kind**: who (person), when / what year (time), where (place), why / what makes (reason), "how do" /
   "how to" (manner), "how far" / "how many" (degree). "what" and "which" alone fit any kind.
 - **content words**: stems left after function words ("the", "is", "how", "many", "please", "way", ...). "How fast"
-  reads as "speed", "how far" as "distance" (a dimension table); "the number of" is framing. Request verbs opening a
-  sentence or following "can you", "please", "how do I"... ("explain", "tell", "list", "write", "make") are *frame*
-  words.
+  reads as "speed", "how far" as "distance" (a dimension table); "the number of" is framing, and so are a few common
+  rewordings of a request: "the formula for" (= calculate), "the meaning of" and "the word" before a quoted one (=
+  define), "good"/"best" after a determiner ("a good name for" = suggest a name for); "tallest" reads as "highest",
+  "boiling/freezing/melting point" as "temperature", "short for", "full form", "abbreviation" as "stand for".
+  Request verbs opening a sentence or following "can you", "please", "how do I"... ("explain", "tell", "list",
+  "write", "make") are *frame* words.
 - **relations**: for each directional word (to, into, from, than, onto, towards, over, vs/versus), the content stems
   before and after it in its sentence; and whether the text is in the passive voice ("was written by").
 
@@ -148,6 +151,11 @@ _DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "he
                "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
 _HOW_CLAUSE = _set("a an the my your his her its our their this these those")  # "how a fridge works": manner
 _CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
+# one way of asking put another way, word by word (see `_reword`)
+_TALL = {"tall": "high", "taller": "higher", "tallest": "highest"}  # "the tallest mountain" / "the highest mountain"
+_PRAISE = _set("good best great")  # "a good name for" / "suggest a name for": framing after a determiner
+_FRAME_BEFORE = _set("formula meaning definition")  # "the formula for X" asks to calculate X, "the meaning of X"
+_POINTS = _set("boiling freezing melting")  # "the boiling point of X" / "at what temperature does X boil"
 _AUX = _set("do does did can could should would will is are was were to i you we one")
 _UNITS = {
     "km": "kilometer", "kms": "kilometer", "kilometre": "kilometer", "mi": "mile", "m": "meter", "metre": "meter",
@@ -393,6 +401,9 @@ def _analyse(text: str) -> _Analysis:
             continue
         if prev == "how" and word in _DIMENSIONS:
             word = _DIMENSIONS[word]
+        word = _reword(word, prev, nxt, out.names)
+        if not word:
+            continue
         unit = _UNITS.get(word) if (prev[:1].isdigit() or len(word) > 1) else None  # "m" only after a number
         unit = unit or _CLIPPED.get(word)
         opened = opener  # whether this word still opens the request
@@ -433,6 +444,24 @@ def _analyse(text: str) -> _Analysis:
     out.relations = _relations(words)
     out.passive = _passive(words)
     return out
+
+
+def _reword(word: str, prev: str, nxt: str, names: dict) -> str:
+    """`word` as its paraphrase would put it, or "" when it only frames the request: "tallest" = "highest";
+    "good"/"best" after a determiner ("a good name for X" = "suggest a name for X"); "the formula for" / "the meaning
+    of"; "the word" before a quoted one; "boiling point" = "temperature"; "short for", "abbreviation", "full form" =
+    "stand for"."""
+    if word in _TALL:
+        return _TALL[word]
+    if (word in _PRAISE and prev in _DETERMINERS) or (word in _FRAME_BEFORE and nxt in ("for", "of")):
+        return ""
+    if word in ("word", "term") and " ".join(stem(w) for w in re.findall(r"\w+", nxt)) in names:
+        return ""
+    if word == "point" and prev in _POINTS:
+        return "temperature"
+    if (word == "short" and nxt == "for") or word in ("abbreviation", "acronym") or (word == "full" and nxt == "form"):
+        return "stand"
+    return "" if word == "form" and prev == "full" else word
 
 
 _BE = _set("is are was were be been being get gets got")
