@@ -50,11 +50,12 @@ class SemanticCache(StoreBackedCache):
         embedder (*optional*): Turns texts into normalized vectors (`encode(list[str]) -> np.ndarray`, `dim`,
             `fingerprint`); defaults to [`MiniLMEmbedder`] (all-MiniLM-L6-v2, offline).
         threshold (`float`, *optional*): Least cosine similarity; defaults to the calibrated `DEFAULT_THRESHOLD`.
-        guard (`str` or guard object, *optional*, defaults to `"strict"`): The look-alike check after the search:
-            a strictness (`"strict"`, `"balanced"`, `"vetoes"`, `"off"`), `"learned"` (an [`EquivalenceCheck`]
-            sharing this cache's MiniLM embedder; experimental, see the docs' figures), `"strict+learned"` (the strict
-            guard, then the learned score must also reach `STRICT_LEARNED_THRESHOLD`: fewer wrong answers, fewer
-            hits) or an object with `check(query, candidate)`.
+        guard (`str` or guard object, *optional*): The look-alike check after the search: `"strict+learned"` (the
+            strict guard, then the learned score over the embedder's word-piece states must also reach
+            `STRICT_LEARNED_THRESHOLD`; the default with an embedder that has `encode_tokens`, as the default
+            [`MiniLMEmbedder`]), a strictness (`"strict"`, the default with other embedders; `"balanced"`,
+            `"vetoes"`, `"off"`), `"learned"` (an [`EquivalenceCheck`] alone; experimental, see the docs' figures)
+            or an object with `check(query, candidate)`.
         namespace (`str`, *optional*): Separates tenants completely.
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
@@ -126,7 +127,7 @@ class SemanticCache(StoreBackedCache):
         directory,
         embedder=None,
         threshold: float | None = None,
-        guard="strict",
+        guard=None,
         namespace: str | None = None,
         max_entries: int = 100_000,
         disk_bytes: int = _GiB,
@@ -159,6 +160,8 @@ class SemanticCache(StoreBackedCache):
             from .embedders import MiniLMEmbedder
 
             embedder = MiniLMEmbedder()
+        if guard is None:
+            guard = "strict+learned" if callable(getattr(embedder, "encode_tokens", None)) else "strict"
         if guard in ("learned", "strict+learned"):
             from .equivalence import STRICT_LEARNED_THRESHOLD, EquivalenceCheck
 
