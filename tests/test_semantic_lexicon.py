@@ -180,7 +180,17 @@ def test_guard_synonyms_argument():
      ("What is the boiling point of ethanol?", "At what temperature does ethanol boil?"),
      ("What is the tallest tower in Paris?", "Which tower in Paris is the highest?"),
      ("What is a good name for a parrot?", "Suggest a name for a parrot."),
-     ("What is the formula for the area of a hexagon?", "How do I calculate the area of a hexagon?")],
+     ("What is the formula for the area of a hexagon?", "How do I calculate the area of a hexagon?"),
+     ("What is the population of the UK?", "What is the population of the United Kingdom?"),  # WordNet names
+     ("What is the GDP of the USA?", "What is the gross domestic product of the United States?"),
+     ("Who holds the NHL record for goals?", "Who holds the National Hockey League record for goals?"),  # initials
+     ("How long should I steep green tea?", "How many minutes should I steep green tea?"),
+     ("What is 12 times 9?", "What is 12 multiplied by 9?"),
+     ("How many grams of sugar are in one teaspoon?", "How many grams of sugar are in a teaspoon?"),
+     ("How many calories are in 100 kcal of fat?", "How many calories are in 100 kilocalories of fat?"),
+     ("What's the best way to get gum out of hair?", "How do I remove gum from hair?"),
+     ("How can I keep my dog from digging?", "How do I stop my dog from digging?"),
+     ("define nostalgia", "What does the word nostalgia mean?")],
 )  # fmt: skip
 def test_guard_reads_common_rewordings_of_a_request(query, candidate):
     assert LookAlikeGuard().check(query, candidate).ok and LookAlikeGuard().check(candidate, query).ok
@@ -191,7 +201,12 @@ def test_guard_reads_common_rewordings_of_a_request(query, candidate):
     [("Is coffee good for you?", "Is coffee bad for you?"),  # "good" is content without a determiner
      ("What is a good laptop for students?", "What is a cheap laptop for students?"),
      ("What is the boiling point of water?", "What is the freezing point of water?"),
-     ("What does NASA stand for?", "What does NOAA stand for?")],
+     ("What does NASA stand for?", "What does NOAA stand for?"),
+     ("What does HTTP stand for?", "What does HTTPS stand for?"),  # not a plural
+     ("How many hours should I steep green tea?", "How many minutes should I steep green tea?"),  # units apart
+     ("How long is the Nile?", "How many days is the Nile?"),  # "how long is": a length
+     ("How many grams of sugar are in one teaspoon?", "How many grams of sugar are in two teaspoons?"),
+     ("How do I make coffee less bitter?", "How do I make coffee more bitter?")],
 )  # fmt: skip
 def test_the_rewordings_keep_look_alikes_apart(query, candidate):
     assert not LookAlikeGuard().check(query, candidate).ok and not LookAlikeGuard().check(candidate, query).ok

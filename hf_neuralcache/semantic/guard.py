@@ -26,7 +26,9 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
   reads as "speed", "how far" as "distance" (a dimension table); "the number of" is framing, and so are a few common
   rewordings of a request: "the formula for" (= calculate), "the meaning of" and "the word" before a quoted one (=
   define), "good"/"best" after a determiner ("a good name for" = suggest a name for); "tallest" reads as "highest",
-  "boiling/freezing/melting point" as "temperature", "short for", "full form", "abbreviation" as "stand for".
+  "boiling/freezing/melting point" as "temperature", "short for", "full form", "abbreviation" as "stand for";
+  "what does X mean" as "define X", "get X out of" as "remove X from", "keep X from" as "stop X from", "how long
+  should/does" and "how many minutes/hours/..." as a duration (the unit kept), "18 times 7" as "multiplied".
   Request verbs opening a sentence or following "can you", "please", "how do I"... ("explain", "tell", "list",
   "write", "make") are *frame* words.
 - **relations**: for each directional word (to, into, from, than, onto, towards, over, vs/versus), the content stems
@@ -36,13 +38,13 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 
 | check | `"balanced"` | `"strict"` (default) |
 |---|---|---|
-| numbers equal (as multisets; "half", "twice" count as numbers) | yes | yes |
-| each name of one text occurs in the other (any case; by stem or prefix; acronyms exactly or as initials) | yes | yes |
+| numbers equal (as multisets; "half", "twice" count as numbers; a 1 said "one" or "single" may be "a") | yes | yes |
+| each name of one text is in the other (stem, prefix, initials, WordNet synonym: "UK" / "United Kingdom") | yes | yes |
 | negation in both texts or in neither | yes | yes |
 | the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
-| no opposite particles ("turn on" / "turn off", "scale up" / "scale down", "sign in to" / "sign out of") | yes | yes |
+| no opposite particles ("turn on" / "turn off", "up" / "down", "sign in" / "sign out", "more" / "less") | yes | yes |
 | no substitution: not both texts hold content words the other lacks (2) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
@@ -113,7 +115,10 @@ _FUNCTION = _set(
 _DIRECTIONS = _set("to into from than onto towards toward over vs versus")
 _DETERMINERS = _set("a an the my your his her its our their this that these those some any")
 _PREPOSITIONS = _set("in on at for with without during after before under inside outside near since until")
-_OPPOSITE_PARTICLES = (("on", "off"), ("up", "down"), ("in", "out"))  # "sign in to" / "sign out of"
+# opposite words that are function words elsewhere: "sign in to" / "sign out of", "more bitter" / "less bitter"
+_OPPOSITE_PARTICLES = (
+    ("on", "off"), ("up", "down"), ("in", "out"), ("more", "less"), ("more", "fewer"), ("most", "least"),
+)  # fmt: skip
 # words that open a condition on the request: "... while pregnant", "... if I have diabetes" (not at the start)
 _CONDITIONS = _set("while whilst when whenever if unless once")
 # the light verb that a content verb in the same place with the same object replaces: "get" / "renew a passport"
@@ -151,9 +156,12 @@ _DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "he
                "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
 _HOW_CLAUSE = _set("a an the my your his her its our their this these those")  # "how a fridge works": manner
 _CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
+_DURATION_AUX = _set("do does did should can could will would must to")  # not "is": "how long is the Nile"
+_TIME_UNITS = _set("time seconds minutes hours days weeks months years second minute hour day week month year")
 # one way of asking put another way, word by word (see `_reword`)
 _TALL = {"tall": "high", "taller": "higher", "tallest": "highest"}  # "the tallest mountain" / "the highest mountain"
-_PRAISE = _set("good best great")  # "a good name for" / "suggest a name for": framing after a determiner
+# "a good name for" / "suggest a name for", "the ideal temperature": framing after a determiner
+_PRAISE = _set("good best great ideal right proper correct recommended")
 _FRAME_BEFORE = _set("formula meaning definition")  # "the formula for X" asks to calculate X, "the meaning of X"
 _POINTS = _set("boiling freezing melting")  # "the boiling point of X" / "at what temperature does X boil"
 _AUX = _set("do does did can could should would will is are was were to i you we one")
@@ -163,6 +171,7 @@ _UNITS = {
     "lbs": "pound", "oz": "ounce", "ft": "foot", "l": "liter", "litre": "liter", "ml": "milliliter", "h": "hour",
     "hr": "hour", "hrs": "hour", "min": "minute", "mins": "minute", "s": "second", "sec": "second", "mph": "mile hour",
     "kmh": "kilometer hour", "c": "celsius", "f": "fahrenheit", "gb": "gigabyte", "mb": "megabyte", "kb": "kilobyte",
+    "kj": "kilojoule", "kcal": "kilocalorie", "cal": "calorie", "tbsp": "tablespoon", "tsp": "teaspoon",
 }  # fmt: skip
 _IRREGULAR = {  # base form first; rows separated by "|" or a new line
     form: row.split()[0]
@@ -285,6 +294,7 @@ class _Analysis:
     """What the guard compares of one text (see the module docstring)."""
 
     numbers: Counter = field(default_factory=Counter)
+    ones: int = 0  # how many of the numbers' 1s are the words "one" or "single", which "a" says as well
     names: dict = field(default_factory=dict)  # key (stem, acronym, quoted phrase or identifier) -> surface form
     acronyms: set = field(default_factory=set)
     negated: bool = False
@@ -351,7 +361,8 @@ def _analyse(text: str) -> _Analysis:
         if key:
             out.names[key] = quoted
     for match in _IDENTIFIER.finditer(text):
-        out.names[match.group(0).lower()] = match.group(0)
+        if match.group(0).lower() not in _UNITS:  # "kJ" is a unit, not camelCase
+            out.names[match.group(0).lower()] = match.group(0)
     for match in _HYPHENATED.finditer(text):  # "non-leap", "low-fat": the first part qualifies the second
         first, compound = match.group(1).lower(), match.group(0).lower()
         if first in _NEGATING_PREFIXES:
@@ -380,6 +391,8 @@ def _analyse(text: str) -> _Analysis:
             and (form != "I" or not nxt.isalpha() or (i > 1 and surface[i - 2][:1].isupper()))
         ):  # "World War II", "World War I ended"; not "Can I", "Python I have"
             number = str(sum(-v if v < n else v for v, n in zip(*_roman_pairs(form), strict=True)))
+        elif word == "single" and nxt.isalpha() and nxt not in _FUNCTION:  # "a single game": one
+            number = "1"
         elif word in _FRACTIONS and f"{word}-" not in text.lower():
             number = f"x{_format(_FRACTIONS[word])}"  # "x0.5": a part, not the count 0.5
         elif word in _ORDINALS and not (word == "second" and (prev in _SECOND_UNIT or prev[:1].isdigit())):
@@ -393,15 +406,28 @@ def _analyse(text: str) -> _Analysis:
             number, pending = _format(_combine(pending)), []
         if number is not None:
             out.numbers[number] += 1
+            out.ones += word in ("one", "single") and number == "1"
             out.slots.append(number)
             start = opener = False
             continue
         if prev in ("what", "which") and word in _CAUSES:
             out.kinds.add("reason")
             continue
-        if prev == "how" and word in _DIMENSIONS:
+        if prev == "how" and word == "long" and nxt in _DURATION_AUX:  # "how long should I" / "how many minutes"
+            word = "duration"
+        elif prev in ("many", "much") and words[i - 2 : i - 1] == ["how"] and word in _TIME_UNITS:
+            word = "duration" if word == "time" else f"duration {word}"
+        elif prev == "how" and word in _DIMENSIONS:
             word = _DIMENSIONS[word]
+        elif word == "times" and prev[:1].isdigit() and nxt[:1].isdigit():  # "18 times 7" / "18 multiplied by 7"
+            word = "multiplied"
         word = _reword(word, prev, nxt, out.names)
+        if word == "out" and _GET & set(words[max(0, i - 5) : i]):  # "get the wax out of" = "remove the wax from"
+            word = "remove"
+        elif word == "keep" and "from" in words[i + 1 : i + 5]:  # "keep my dog from barking" = "stop my dog barking"
+            word = "stop"
+        elif word in ("mean", "means") and words[:2] in (["what", "does"], ["what", "do"]):  # "what does X mean"
+            word = "define"
         if not word:
             continue
         unit = _UNITS.get(word) if (prev[:1].isdigit() or len(word) > 1) else None  # "m" only after a number
@@ -455,7 +481,9 @@ def _reword(word: str, prev: str, nxt: str, names: dict) -> str:
         return _TALL[word]
     if (word in _PRAISE and prev in _DETERMINERS) or (word in _FRAME_BEFORE and nxt in ("for", "of")):
         return ""
-    if word in ("word", "term") and " ".join(stem(w) for w in re.findall(r"\w+", nxt)) in names:
+    if word in ("word", "term") and (" ".join(stem(w) for w in re.findall(r"\w+", nxt)) in names or (
+        prev == "the" and nxt.isalpha() and nxt not in _FUNCTION
+    )):  # "the word 'X'", "the word X"
         return ""
     if word == "point" and prev in _POINTS:
         return "temperature"
@@ -471,6 +499,8 @@ def _passive(words: list[str]) -> bool:
     """Whether "by" follows a participle shortly after a form of "be" ("is X loved by", "was made by")."""
     for i, word in enumerate(words):
         participle = words[i - 1] if i else ""
+        if participle in ("multiplied", "divided"):  # "18 multiplied by 7": arithmetic, not a passive
+            continue
         if word == "by" and (participle.endswith(("ed", "en", "wn")) or participle in _IRREGULAR):
             if _BE & set(words[max(0, i - 5) : i - 1]):
                 return True
@@ -495,6 +525,9 @@ def _combine(words: list[str]) -> float:
     return float(total + current)
 
 
+_BEFORE_INFINITIVE = _set("way ways how want wants need needs like trying try able going ought used best easiest")
+
+
 def _relations(words: list[str]) -> list[tuple[str, frozenset, frozenset]]:
     """For each directional word: the content stems before and after it, within its sentence."""
     out, start = [], 0
@@ -503,6 +536,8 @@ def _relations(words: list[str]) -> list[tuple[str, frozenset, frozenset]]:
         slots = [(j, stem(_UNITS.get(w) or _CLIPPED.get(w, w))) for j, w in enumerate(sentence)
                  if w not in _FUNCTION | _DIRECTIONS]  # fmt: skip
         for j, word in enumerate(sentence):
+            if word == "to" and j and sentence[j - 1] in _BEFORE_INFINITIVE:  # "the best way to get": no direction
+                continue
             if word in _DIRECTIONS:
                 before = frozenset(s for k, s in slots if k < j)
                 after = frozenset(s for k, s in slots if k > j)
@@ -597,12 +632,13 @@ class LookAlikeGuard:
             return GuardVerdict(True)
         a, b = self._analyse(query), self._analyse(candidate)
         strict = self.strictness == "strict"
-        if a.numbers != b.numbers:
+        if a.numbers != b.numbers and _without_ones(a) != _without_ones(b):  # "in one stick" / "in a stick"
             return _no(f"numbers differ: {sorted(a.numbers.elements())} vs {sorted(b.numbers.elements())}")
         lexicon = self._lexicon() if self.strictness != "vetoes" else None
         for x, y, where in ((a, b, "candidate"), (b, a, "query")):
+            spelled = _spelled(x, y)
             missing = [form for key, form in x.names.items() if not _has_name(y, key, key in x.acronyms)
-                       and not _common_synonym(form, key in x.acronyms, y, lexicon)]  # fmt: skip
+                       and key not in spelled and not _name_synonym(key, form, x, y, lexicon)]  # fmt: skip
             if missing:
                 return _no(f"names differ: {missing} not in the {where}")
         if a.negated != b.negated:
@@ -668,6 +704,11 @@ class LookAlikeGuard:
         return GuardVerdict(True)
 
 
+def _without_ones(text: _Analysis) -> Counter:
+    """The numbers without the 1s said as "one" or "single" ("one cup" / "a cup", "a single game" / "one game")."""
+    return text.numbers - Counter({"1": text.ones})
+
+
 def _no(reason: str) -> GuardVerdict:
     return GuardVerdict(False, reason)
 
@@ -711,9 +752,33 @@ def _synonym_alias(a: _Analysis, b: _Analysis, lexicon) -> dict[str, str]:
     return {v: w for v, w in pairs if w is not None}
 
 
-def _common_synonym(form: str, acronym: bool, text: _Analysis, lexicon) -> bool:
-    """Whether a capitalized word that WordNet knows ("Earth") has a synonym among `text`'s content words ("world")."""
-    return lexicon is not None and not acronym and form.isalpha() and _synonym_in(form, text, lexicon) is not None
+def _stands_for(unit: str, covers: set, other: str, their: set, x: _Analysis, lexicon) -> bool:
+    """Whether `other` (a word or phrase of the other text, covering stems `their`) can replace `unit` of `x`
+    (covering `covers`): a WordNet synonym, but a word both texts have stands only for a phrase that holds it
+    ("chemical formula" / "formula"), not for another word ("Write a sonnet" / "Write a limerick": not "sonnet" /
+    "write"), and a unit of measure only for itself ("calories" / "calorie", not "hour" / "minute")."""
+    if their <= x.stems.keys() and not their <= covers:
+        return False
+    if (covers | their) & _MEASURES and set(lexicon.lemmas(unit)).isdisjoint(lexicon.lemmas(other)):
+        return False
+    return lexicon.synonyms(unit, other)
+
+
+def _listed(name: str, lexicon) -> bool:
+    """Whether WordNet lists `name` as it is written, not as an inflection ("USA"; not "HTTPS" as "HTTP"s)."""
+    return lexicon.lemmas(name)[:1] == (name.lower(),)
+
+
+def _name_synonym(key: str, form: str, x: _Analysis, y: _Analysis, lexicon) -> bool:
+    """Whether WordNet lists a name of `x`, or the phrase of `x` that holds it ("United Kingdom"), as a synonym of a
+    word, phrase or name of `y` ("UK"; "Earth" / "world"). A name is taken only as WordNet lists it, not inflected:
+    "HTTPS" is not a plural of "HTTP"."""
+    if lexicon is None or not form.isalpha():
+        return False
+    mine = [*([form] if _listed(form, lexicon) else []),
+            *(u for u, covers in _units(x, lexicon) if "_" in u and key in covers)]  # fmt: skip
+    theirs = [*(unit for unit, _ in _units(y, lexicon)), *(n for n in y.names.values() if _listed(n, lexicon))]
+    return any(lexicon.synonyms(m, t) for m in mine for t in theirs)
 
 
 def _derived(short: str, long: str) -> bool:
@@ -732,14 +797,20 @@ def _prefixed(word: str, others) -> bool:
     return any(_derived(word, w) or _derived(w, word) for w in others)
 
 
-def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
-    """Content stems of `x` that `y` lacks (by stem, by prefix of 4+ letters, spelling out an acronym, or, given a
-    `lexicon`, by a synonym among `y`'s content words)."""
+def _spelled(x: _Analysis, y: _Analysis) -> set[str]:
+    """Content stems of `x` that spell out an acronym of `y` ("National Basketball Association" / "NBA")."""
     covered = set()
-    for acronym in y.acronyms:  # words of x that spell out an acronym of y
+    for acronym in y.acronyms:
         for j in range(len(x.content) - len(acronym) + 1):
             if "".join(w[0] for w in x.content[j : j + len(acronym)]) == acronym:
                 covered.update(x.content[j : j + len(acronym)])
+    return covered
+
+
+def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
+    """Content stems of `x` that `y` lacks (by stem, by prefix of 4+ letters, spelling out an acronym, or, given a
+    `lexicon`, by a synonym among `y`'s content words)."""
+    covered = _spelled(x, y)
     covered.update(w for w in x.content if w in y.compounds.values() or x.compounds.get(w) in y.stems)
     out = set()
     for word in set(x.content) - set(y.stems) - covered:
@@ -758,16 +829,20 @@ def _unmatched(x: _Analysis, y: _Analysis, lexicon=None) -> set[str]:
         others = _units(y, lexicon)
         matched = set()
         for unit, covers in _units(x, lexicon):
-            # a word both texts have stands only for a phrase that holds it ("chemical formula" / "formula"), not
-            # for another word: "Write a sonnet" / "Write a limerick" do not match "sonnet" with "write"
-            if covers & out and any(lexicon.synonyms(unit, v) for v, their in others
-                                    if not their <= x.stems.keys() or their <= covers):  # fmt: skip
+            if covers & out and any(_stands_for(unit, covers, v, their, x, lexicon) for v, their in others):
                 matched |= covers
         out -= matched
     return out
 
 
 _NOT_HEADS = _FUNCTION | _DIRECTIONS | _NEGATIONS
+# stems of units of measure: never matched by a WordNet synonym ("hour" / "minute", "cup" / "mug")
+_MEASURES = frozenset(
+    stem(w)
+    for w in " ".join(_UNITS.values()).split()
+    + """time second minute hour day week month year decade century cup tablespoon teaspoon inch yard acre hectare
+    gallon pint quart ton tonne degree percent calorie kilocalorie joule kilojoule watt volt dollar euro""".split()
+)
 
 
 def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
@@ -847,7 +922,8 @@ def _apart(first: str, second: str, lexicon) -> bool:
 def _units(text: _Analysis, lexicon) -> list[tuple[str, set[str]]]:
     """The text's content words and the WordNet phrases of 2-3 words in it ("get_rid_of"), each with the content
     stems it covers."""
-    units = [(text.surface.get(w, w), {w}) for w in dict.fromkeys(text.content) if w not in text.acronyms]
+    units = [(form, {w}) for w in dict.fromkeys(text.content)  # an acronym only as WordNet lists it
+             if (form := text.surface.get(w, w)).lower() not in text.acronyms or _listed(form, lexicon)]  # fmt: skip
     tokens = text.tokens
     for i in range(len(tokens)):
         for n in (2, 3):
