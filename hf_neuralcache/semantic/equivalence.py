@@ -39,9 +39,10 @@ FEATURES = ("cosine", "worst_piece", "second_worst_side", "mean_match", "low_sha
 # chosen from benchmarks/train_equivalence.py's held-out generated pairs, where no threshold reaches precision 0.98:
 # 0.85 is the most precise point (0.965) that keeps recall above one half (0.53); see equivalence.md
 DEFAULT_EQUIVALENCE_THRESHOLD = 0.85
-# behind the whole strict guard (`SemanticCache(guard="strict+learned")`): the best recall among the thresholds whose
-# precision reaches 0.98 on the development pairs pooled (fresh_pairs_v2-v5, the issue's 60, the LLM dev pairs:
-# 0.984 / 0.602) and on held-out generated pairs (0.988), chosen before fresh_pairs_v6 was run (docs/semantic_cache.md)
+# behind the whole strict guard (`SemanticCache(guard="strict+learned")`, the default): the best recall among the
+# thresholds whose precision reaches 0.98 on the development pairs pooled (fresh_pairs_v2-v5, the issue's 60, the LLM
+# dev pairs: 0.984 / 0.602) and on held-out generated pairs (0.988), chosen before fresh_pairs_v6 was run and kept
+# since (docs/semantic_cache.md, *Out-of-sample evaluation*)
 STRICT_LEARNED_THRESHOLD = 0.55
 # least cosine of a candidate worth scoring (the cosine is also one of the features)
 DEFAULT_COSINE_FLOOR = 0.70
