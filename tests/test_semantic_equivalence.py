@@ -201,3 +201,17 @@ def test_strict_plus_learned_keeps_each_requests_states_and_runs_no_pass_over_a_
         assert forwards == 0 and passes == 2 and torch.equal(hit[0, -5:], first[0, -5:])
     finally:
         cache.close()
+
+
+def test_the_default_guard_follows_the_embedder(tmp_path):
+    from semantic_helpers import BagOfWords
+
+    with_tokens = SemanticCache(tmp_path / "a", embedder=WordEmbedder())
+    plain = SemanticCache(tmp_path / "b", embedder=BagOfWords())
+    try:  # word-piece states to score with: strict+learned; none: the strict guard alone
+        assert isinstance(with_tokens.guard, EquivalenceCheck) and with_tokens.guard.vetoes.strictness == "strict"
+        assert with_tokens._summaries and not plain._summaries
+        assert isinstance(plain.guard, LookAlikeGuard) and plain.guard.strictness == "strict"
+    finally:
+        with_tokens.close()
+        plain.close()
