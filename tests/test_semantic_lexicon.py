@@ -190,7 +190,12 @@ def test_guard_synonyms_argument():
      ("How many calories are in 100 kcal of fat?", "How many calories are in 100 kilocalories of fat?"),
      ("What's the best way to get gum out of hair?", "How do I remove gum from hair?"),
      ("How can I keep my dog from digging?", "How do I stop my dog from digging?"),
-     ("define nostalgia", "What does the word nostalgia mean?")],
+     ("define nostalgia", "What does the word nostalgia mean?"),
+     ("How do I apply for a US tourist visa?", "How do I apply for a United States tourist visa?"),  # not "us"
+     ("How many Oscars did Titanic win?", "How many Academy Awards did Titanic win?"),  # a phrase in the plural
+     ("What does ETF stand for?", "What is the full name of ETF?"),
+     ("Explain how solar panels work.", "How do solar panels work?"),  # "how X work": a manner
+     ("How do I fold a T-shirt?", "how to fold a tshirt")],  # the "T" of "T-shirt" is no name
 )  # fmt: skip
 def test_guard_reads_common_rewordings_of_a_request(query, candidate):
     assert LookAlikeGuard().check(query, candidate).ok and LookAlikeGuard().check(candidate, query).ok
@@ -206,7 +211,9 @@ def test_guard_reads_common_rewordings_of_a_request(query, candidate):
      ("How many hours should I steep green tea?", "How many minutes should I steep green tea?"),  # units apart
      ("How long is the Nile?", "How many days is the Nile?"),  # "how long is": a length
      ("How many grams of sugar are in one teaspoon?", "How many grams of sugar are in two teaspoons?"),
-     ("How do I make coffee less bitter?", "How do I make coffee more bitter?")],
+     ("How do I make coffee less bitter?", "How do I make coffee more bitter?"),
+     ("What is the GDP of the US?", "What is the GDP of the UK?"),
+     ("How much work is a puppy?", "How do puppies work?")],
 )  # fmt: skip
 def test_the_rewordings_keep_look_alikes_apart(query, candidate):
     assert not LookAlikeGuard().check(query, candidate).ok and not LookAlikeGuard().check(candidate, query).ok

@@ -21,14 +21,15 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
   (`'good morning'`) and code identifiers (`os.path`, `snake_case`, `camelCase`, `sqrt(`).
 - **negation**: not, no, never, none, nothing, nobody, neither, nor, without, cannot, `n't`.
 - **question kind**: who (person), when / what year (time), where (place), why / what makes (reason), "how do" /
-  "how to" (manner), "how far" / "how many" (degree). "what" and "which" alone fit any kind.
+  "how to", "how X works" (manner), "how far" / "how many" (degree). "what" and "which" alone fit any kind.
 - **content words**: stems left after function words ("the", "is", "how", "many", "please", "way", ...). "How fast"
   reads as "speed", "how far" as "distance" (a dimension table); "the number of" is framing, and so are a few common
   rewordings of a request: "the formula for" (= calculate), "the meaning of" and "the word" before a quoted one (=
   define), "good"/"best" after a determiner ("a good name for" = suggest a name for); "tallest" reads as "highest",
   "boiling/freezing/melting point" as "temperature", "short for", "full form", "abbreviation" as "stand for";
   "what does X mean" as "define X", "get X out of" as "remove X from", "keep X from" as "stop X from", "how long
-  should/does" and "how many minutes/hours/..." as a duration (the unit kept), "18 times 7" as "multiplied".
+  should/does" and "how many minutes/hours/..." as a duration (the unit kept), "18 times 7" as "multiplied", "full
+  name" as "stand for", "US" (in capitals) as the country "USA", not the pronoun.
   Request verbs opening a sentence or following "can you", "please", "how do I"... ("explain", "tell", "list",
   "write", "make") are *frame* words.
 - **relations**: for each directional word (to, into, from, than, onto, towards, over, vs/versus), the content stems
@@ -155,6 +156,8 @@ _DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "he
                "large": "size", "old": "age", "heavy": "weight", "deep": "depth", "wide": "width", "hot": "temperature",
                "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
 _HOW_CLAUSE = _set("a an the my your his her its our their this these those")  # "how a fridge works": manner
+_WORKS = _set("work works function functions operate operates")  # "how mortgage schedules work": manner too
+_DEGREE_WORDS = _set("much many long far often old big fast")
 _CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
 _DURATION_AUX = _set("do does did should can could will would must to")  # not "is": "how long is the Nile"
 _TIME_UNITS = _set("time seconds minutes hours days weeks months years second minute hour day week month year")
@@ -422,7 +425,9 @@ def _analyse(text: str) -> _Analysis:
         elif word == "times" and prev[:1].isdigit() and nxt[:1].isdigit():  # "18 times 7" / "18 multiplied by 7"
             word = "multiplied"
         word = _reword(word, prev, nxt, out.names)
-        if word == "out" and _GET & set(words[max(0, i - 5) : i]):  # "get the wax out of" = "remove the wax from"
+        if form == "US" and not text.isupper() and "US $" not in text:  # the country, not "us" nor "US $ 300"
+            word, form = "usa", "USA"
+        elif word == "out" and _GET & set(words[max(0, i - 5) : i]):  # "get the wax out of" = "remove the wax from"
             word = "remove"
         elif word == "keep" and "from" in words[i + 1 : i + 5]:  # "keep my dog from barking" = "stop my dog barking"
             word = "stop"
@@ -443,7 +448,9 @@ def _analyse(text: str) -> _Analysis:
             elif part in ("what", "which") and nxt in _WH_NOUNS:
                 out.kinds.add(_WH_NOUNS[nxt])
             elif part == "how":  # "how do I" / "... - how?" ask for a manner, "how far" for a degree
-                out.kinds.add("manner" if nxt in _AUX or nxt in _HOW_CLAUSE or not nxt.isalpha() else "degree")
+                works = nxt not in _DEGREE_WORDS and _WORKS & set(words[i + 1 : i + 6])  # "how X works"
+                manner = nxt in _AUX or nxt in _HOW_CLAUSE or not nxt.isalpha() or works
+                out.kinds.add("manner" if manner else "degree")
             negator = part == "non" and nxt.isalpha() and f"non-{nxt}" not in text.lower()  # "non leap year"
             if negator or (part in out.negators and nxt.isalpha() and f"{part}-{nxt}" in text.lower()):
                 out.negators[part] += negator  # a hyphenated one was counted above
@@ -460,7 +467,7 @@ def _analyse(text: str) -> _Analysis:
             if form.isupper() and len(form) >= 2 and form.isalpha():
                 out.names[word] = form
                 out.acronyms.add(word)
-            elif form[:1].isupper() and not start:
+            elif form[:1].isupper() and not start and not (len(form) == 1 and f"{form}-" in text):  # "T-shirt"
                 out.names[base] = form
             out.content.append(base)
             out.surface.setdefault(base, part)
@@ -487,9 +494,11 @@ def _reword(word: str, prev: str, nxt: str, names: dict) -> str:
         return ""
     if word == "point" and prev in _POINTS:
         return "temperature"
-    if (word == "short" and nxt == "for") or word in ("abbreviation", "acronym") or (word == "full" and nxt == "form"):
+    if (word == "short" and nxt == "for") or word in ("abbreviation", "acronym") or (
+        word == "full" and nxt in ("form", "name")
+    ):
         return "stand"
-    return "" if word == "form" and prev == "full" else word
+    return "" if word in ("form", "name") and prev == "full" else word
 
 
 _BE = _set("is are was were be been being get gets got")
@@ -771,13 +780,14 @@ def _listed(name: str, lexicon) -> bool:
 
 def _name_synonym(key: str, form: str, x: _Analysis, y: _Analysis, lexicon) -> bool:
     """Whether WordNet lists a name of `x`, or the phrase of `x` that holds it ("United Kingdom"), as a synonym of a
-    word, phrase or name of `y` ("UK"; "Earth" / "world"). A name is taken only as WordNet lists it, not inflected:
-    "HTTPS" is not a plural of "HTTP"."""
+    word, phrase or name of `y` ("UK"; "Earth" / "world"; "Oscars" / "Academy Awards"). An acronym is taken only as
+    WordNet lists it, not inflected: "HTTPS" is not a plural of "HTTP"."""
     if lexicon is None or not form.isalpha():
         return False
-    mine = [*([form] if _listed(form, lexicon) else []),
+    usable = lambda name, text: name.lower() not in text.acronyms or _listed(name, lexicon)  # noqa: E731
+    mine = [*([form] if usable(form, x) else []),
             *(u for u, covers in _units(x, lexicon) if "_" in u and key in covers)]  # fmt: skip
-    theirs = [*(unit for unit, _ in _units(y, lexicon)), *(n for n in y.names.values() if _listed(n, lexicon))]
+    theirs = [*(unit for unit, _ in _units(y, lexicon)), *(n for n in y.names.values() if usable(n, y))]
     return any(lexicon.synonyms(m, t) for m in mine for t in theirs)
 
 

@@ -89,9 +89,11 @@ class Lexicon:
         """The lexicon's base forms of `word` (lower-cased; irregular forms from WordNet's exception lists, then
         WordNet's suffix rules). Empty when WordNet does not know the word."""
         word = word.lower()
-        if "_" in word:  # a phrase: its first word may be inflected ("got_rid_of" -> "get_rid_of")
+        if "_" in word:  # a phrase: its first or last word may be inflected ("got_rid_of", "academy_awards")
             head, rest = word.split("_", 1)
-            forms = dict.fromkeys([word, *(f"{h}_{rest}" for h in self.lemmas(head))])
+            start, last = word.rsplit("_", 1)
+            forms = dict.fromkeys([word, *(f"{h}_{rest}" for h in self.lemmas(head)),
+                                   *(f"{start}_{t}" for t in self.lemmas(last))])  # fmt: skip
             return tuple(w for w in forms if w in self._words)
         out = [word] if word in self._words else []
         out += [w for w in self._exceptions.get(word, ()) if w in self._words]
