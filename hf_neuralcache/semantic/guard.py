@@ -43,6 +43,7 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | each name of one text is in the other (stem, prefix, initials, WordNet synonym: "UK" / "United Kingdom") | yes | yes |
 | negation in both texts or in neither | yes | yes |
 | the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
+| the tense of a question's opening auxiliary agrees when both have one ("Is" / "Was X ...") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
 | no opposite particles ("turn on" / "turn off", "up" / "down", "sign in" / "sign out", "more" / "less") | yes | yes |
@@ -60,11 +61,11 @@ word is not lacking when the other text has a WordNet synonym or phrase for it (
 "eliminate"), but a word both texts have stands for no other word ("Write a sonnet" / "Write a limerick": "sonnet"
 is not matched with "write") unless a phrase holds it ("chemical formula" / "formula"); a word that is another plus
 a suffix matches it ("recycle" / "recyclable") unless WordNet lists both as different words of one part of speech
-("seed" / "seedling"). (3) With the lexicon: a noun or adjective right before a shared noun ("vegan chocolate
-cake"), a word put inside two shared ones ("doubly linked list"), a prepositional phrase or a condition ("while",
-"when", "if", "unless" not opening the request) that shares nothing with the other text, up to the next preposition
-("in captivity", "in color from my phone", "while pregnant", "when it is hot"), or a compound that WordNet lists as
-its own entry, made with a shared word ("time zone" / "time").
+("seed" / "seedling"). (3) With the lexicon: a noun, adjective or participle ("a used car") right before a shared
+noun ("vegan chocolate cake"), a word put inside two shared ones ("doubly linked list"), a prepositional phrase or a
+condition ("while", "when", "if", "unless" not opening the request) that shares nothing with the other text, up to
+the next preposition ("in captivity", "in color from my phone", "while pregnant", "when it is hot"), or a compound
+that WordNet lists as its own entry, made with a shared word ("time zone" / "time").
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
@@ -301,6 +302,7 @@ class _Analysis:
     names: dict = field(default_factory=dict)  # key (stem, acronym, quoted phrase or identifier) -> surface form
     acronyms: set = field(default_factory=set)
     negated: bool = False
+    tense: str = ""  # of the auxiliary that opens a question ("is" / "was", "does" / "did"); "" when none does
     passive: bool = False
     kinds: set = field(default_factory=set)
     content: list = field(default_factory=list)  # content stems in text order
@@ -476,6 +478,7 @@ def _analyse(text: str) -> _Analysis:
         start, opener = start and opened, opened
     out.relations = _relations(words)
     out.passive = _passive(words)
+    out.tense = _tense(words)
     return out
 
 
@@ -499,6 +502,24 @@ def _reword(word: str, prev: str, nxt: str, names: dict) -> str:
     ):
         return "stand"
     return "" if word in ("form", "name") and prev == "full" else word
+
+
+# the tense an auxiliary gives the question it opens (perfect counts as past: "Has X won" = "Did X win"); modals
+# are left out: "Can you" / "Could you" / "Will you" ask the same
+_TENSES = {**dict.fromkeys("is are am do does".split(), "present"), **dict.fromkeys("was were did has have had".split(),
+           "past"), "will": "future", "shall": "future"}  # fmt: skip
+
+
+def _tense(words: list[str]) -> str:
+    """The tense of the first auxiliary among the first three words of a sentence ("Was Pluto ...", "Who is ...",
+    "How does ..."), or ""."""
+    start = 0
+    for end in [*(i for i, w in enumerate(words) if w in ".!?;:"), len(words)]:
+        found = next((_TENSES[w] for w in words[start : min(start + 3, end)] if w in _TENSES), "")
+        if found:
+            return found
+        start = end + 1
+    return ""
 
 
 _BE = _set("is are was were be been being get gets got")
@@ -656,6 +677,8 @@ class LookAlikeGuard:
             where = "query" if (a.negators - b.negators) else "candidate"
             prefixes = sorted(f"{p}-" for p in (a.negators - b.negators) + (b.negators - a.negators))
             return _no(f"negation differs: {prefixes} in the {where} only")
+        if a.tense and b.tense and a.tense != b.tense:  # "Was Pluto a planet?" / "Is Pluto a planet?"
+            return _no(f"tense differs: {a.tense} vs {b.tense}")
         if a.kinds and b.kinds and not a.kinds & b.kinds:
             return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
         for marker, before_a, after_a in a.relations:
@@ -868,7 +891,8 @@ def _qualifier(x: _Analysis, y: _Analysis, word: str, lexicon) -> str | None:
     head = x.tokens[i + 1] if i + 1 < len(x.tokens) else ""
     if head.isalpha() and head not in _NOT_HEADS and stem(_CLIPPED.get(head, head)) in y.stems:
         # a noun's modifier: not a verb ("using Java") nor before a verb
-        if lexicon.pos(form) in ("n", "a") and lexicon.pos(head) in ("n", None):
+        participle = (form.endswith("ed") or form in _IRREGULAR) and i > 0 and x.tokens[i - 1] in _DETERMINERS
+        if (lexicon.pos(form) in ("n", "a") or participle) and lexicon.pos(head) in ("n", None):  # "a used car"
             return f"{form!r} before {head!r}"
     inside = x.tokens[i + 1 : i + 3]  # "doubly" in "a doubly linked list" / "a linked list": both next words shared
     if len(inside) == 2 and all(t.isalpha() and t not in _FUNCTION and stem(t) in y.stems for t in inside):
