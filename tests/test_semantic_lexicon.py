@@ -218,7 +218,9 @@ def test_guard_reads_common_rewordings_of_a_request(query, candidate):
      ("How much work is a puppy?", "How do puppies work?"),
      ("Was Venus ever habitable?", "Is Venus ever habitable?"),  # the tense of the opening auxiliary
      ("Does the ferry run between Dover and Calais?", "Did the ferry run between Dover and Calais?"),
-     ("What is the price of a Honda Civic?", "What is the price of a used Honda Civic?")],  # a participle qualifier
+     ("What is the price of a Honda Civic?", "What is the price of a used Honda Civic?"),  # a participle qualifier
+     ("Why does my cat eat so much?", "Why does my cat eat so little?"),
+     ("Write an essay arguing for school uniforms.", "Write an essay arguing against school uniforms.")],
 )  # fmt: skip
 def test_the_rewordings_keep_look_alikes_apart(query, candidate):
     assert not LookAlikeGuard().check(query, candidate).ok and not LookAlikeGuard().check(candidate, query).ok

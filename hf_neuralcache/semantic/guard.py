@@ -46,7 +46,7 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | the tense of a question's opening auxiliary agrees when both have one ("Is" / "Was X ...") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
-| no opposite particles ("turn on" / "turn off", "up" / "down", "sign in" / "sign out", "more" / "less") | yes | yes |
+| no opposite particles ("on"/"off", "up"/"down", "in"/"out", "more"/"less", "for"/"against", ...) | yes | yes |
 | no substitution: not both texts hold content words the other lacks (2) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
@@ -120,6 +120,7 @@ _PREPOSITIONS = _set("in on at for with without during after before under inside
 # opposite words that are function words elsewhere: "sign in to" / "sign out of", "more bitter" / "less bitter"
 _OPPOSITE_PARTICLES = (
     ("on", "off"), ("up", "down"), ("in", "out"), ("more", "less"), ("more", "fewer"), ("most", "least"),
+    ("much", "little"), ("many", "few"), ("for", "against"),
 )  # fmt: skip
 # words that open a condition on the request: "... while pregnant", "... if I have diabetes" (not at the start)
 _CONDITIONS = _set("while whilst when whenever if unless once")
