@@ -44,6 +44,7 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | negation in both texts or in neither | yes | yes |
 | the same negating prefixes ("non-leap", "un-American", "anti-inflammatory", "non leap") | yes | yes |
 | the tense of a question's opening auxiliary agrees when both have one ("Is" / "Was X ...") | yes | yes |
+| a "who" question asks for the same role ("Who did X teach?" / "Who taught X?") | yes | yes |
 | question kinds agree when both texts have one | yes | yes |
 | no relation reversed: slots on opposite sides of one marker ("X to Y" / "Y into X") (1) | yes, vs excluded | yes |
 | no opposite particles ("on"/"off", "up"/"down", "in"/"out", "more"/"less", "for"/"against", ...) | yes | yes |
@@ -304,6 +305,7 @@ class _Analysis:
     acronyms: set = field(default_factory=set)
     negated: bool = False
     tense: str = ""  # of the auxiliary that opens a question ("is" / "was", "does" / "did"); "" when none does
+    asks: str = ""  # "object" for "Who did X teach?", "subject" for "Who taught X?", "" for other texts
     passive: bool = False
     kinds: set = field(default_factory=set)
     content: list = field(default_factory=list)  # content stems in text order
@@ -480,6 +482,7 @@ def _analyse(text: str) -> _Analysis:
     out.relations = _relations(words)
     out.passive = _passive(words)
     out.tense = _tense(words)
+    out.asks = _asks(words)
     return out
 
 
@@ -521,6 +524,16 @@ def _tense(words: list[str]) -> str:
             return found
         start = end + 1
     return ""
+
+
+def _asks(words: list[str]) -> str:
+    """Which role a "who" question asks for: "object" ("Who did Aristotle teach?"), "subject" ("Who taught
+    Aristotle?", a content verb right after "who"), or "" (any other text: "Who is ...", "What ...")."""
+    if len(words) < 3 or words[0] not in ("who", "whom"):
+        return ""
+    if words[1] in ("did", "does", "do"):
+        return "object"
+    return "subject" if words[1].isalpha() and words[1] not in _FUNCTION and words[1] not in _AUX else ""
 
 
 _BE = _set("is are was were be been being get gets got")
@@ -680,6 +693,8 @@ class LookAlikeGuard:
             return _no(f"negation differs: {prefixes} in the {where} only")
         if a.tense and b.tense and a.tense != b.tense:  # "Was Pluto a planet?" / "Is Pluto a planet?"
             return _no(f"tense differs: {a.tense} vs {b.tense}")
+        if a.asks and b.asks and a.asks != b.asks:  # "Who did Aristotle teach?" / "Who taught Aristotle?"
+            return _no(f"roles differ: the query asks for the {a.asks}, the candidate for the {b.asks}")
         if a.kinds and b.kinds and not a.kinds & b.kinds:
             return _no(f"question kinds differ: {sorted(a.kinds)} vs {sorted(b.kinds)}")
         for marker, before_a, after_a in a.relations:
