@@ -160,7 +160,7 @@ _DIMENSIONS = {"fast": "speed", "quick": "speed", "far": "distance", "tall": "he
                "cold": "temperature", "warm": "temperature", "expensive": "price", "often": "frequency"}  # fmt: skip
 _HOW_CLAUSE = _set("a an the my your his her its our their this these those")  # "how a fridge works": manner
 _WORKS = _set("work works function functions operate operates")  # "how mortgage schedules work": manner too
-_DEGREE_WORDS = _set("much many long far often old big fast")
+_DEGREE_WORDS = frozenset(_DIMENSIONS) | _set("much many long")
 _CAUSES = _set("makes make made causes cause caused")  # "what makes X blue" asks why
 _DURATION_AUX = _set("do does did should can could will would must to")  # not "is": "how long is the Nile"
 _TIME_UNITS = _set("time seconds minutes hours days weeks months years second minute hour day week month year")
@@ -421,23 +421,7 @@ def _analyse(text: str) -> _Analysis:
         if prev in ("what", "which") and word in _CAUSES:
             out.kinds.add("reason")
             continue
-        if prev == "how" and word == "long" and nxt in _DURATION_AUX:  # "how long should I" / "how many minutes"
-            word = "duration"
-        elif prev in ("many", "much") and words[i - 2 : i - 1] == ["how"] and word in _TIME_UNITS:
-            word = "duration" if word == "time" else f"duration {word}"
-        elif prev == "how" and word in _DIMENSIONS:
-            word = _DIMENSIONS[word]
-        elif word == "times" and prev[:1].isdigit() and nxt[:1].isdigit():  # "18 times 7" / "18 multiplied by 7"
-            word = "multiplied"
-        word = _reword(word, prev, nxt, out.names)
-        if form == "US" and not text.isupper() and "US $" not in text:  # the country, not "us" nor "US $ 300"
-            word, form = "usa", "USA"
-        elif word == "out" and _GET & set(words[max(0, i - 5) : i]):  # "get the wax out of" = "remove the wax from"
-            word = "remove"
-        elif word == "keep" and "from" in words[i + 1 : i + 5]:  # "keep my dog from barking" = "stop my dog barking"
-            word = "stop"
-        elif word in ("mean", "means") and words[:2] in (["what", "does"], ["what", "do"]):  # "what does X mean"
-            word = "define"
+        word, form = _reword(words, i, form, text, out.names)
         if not word:
             continue
         unit = _UNITS.get(word) if (prev[:1].isdigit() or len(word) > 1) else None  # "m" only after a number
@@ -486,11 +470,38 @@ def _analyse(text: str) -> _Analysis:
     return out
 
 
-def _reword(word: str, prev: str, nxt: str, names: dict) -> str:
-    """`word` as its paraphrase would put it, or "" when it only frames the request: "tallest" = "highest";
-    "good"/"best" after a determiner ("a good name for X" = "suggest a name for X"); "the formula for" / "the meaning
-    of"; "the word" before a quoted one; "boiling point" = "temperature"; "short for", "abbreviation", "full form" =
-    "stand for"."""
+def _reword(words: list[str], i: int, form: str, text: str, names: dict) -> tuple[str, str]:
+    """Word `i` of `words` (surface `form`) as a paraphrase would put it, with its surface form: a dimension or a
+    duration after "how" ("how fast" = "speed", "how long should" / "how many minutes" = "duration"), "18 times 7" =
+    "multiplied", the rewordings of `_reword_word`, then "US" = "USA", "get X out of" = "remove X from", "keep X from"
+    = "stop X from", "what does X mean" = "define X". The word is "" when it only frames the request."""
+    word, prev = words[i], (words[i - 1] if i else "")
+    nxt = words[i + 1] if i + 1 < len(words) else ""
+    if prev == "how" and word == "long" and nxt in _DURATION_AUX:  # not "how long is the Nile": a length
+        word = "duration"
+    elif prev in ("many", "much") and words[i - 2 : i - 1] == ["how"] and word in _TIME_UNITS:
+        word = "duration" if word == "time" else f"duration {word}"  # the unit kept: hours are not minutes
+    elif prev == "how" and word in _DIMENSIONS:
+        word = _DIMENSIONS[word]
+    elif word == "times" and prev[:1].isdigit() and nxt[:1].isdigit():
+        word = "multiplied"
+    word = _reword_word(word, prev, nxt, names)
+    if form == "US" and not text.isupper() and "US $" not in text:  # the country, not "us" nor "US $ 300"
+        return "usa", "USA"
+    if word == "out" and _GET & set(words[max(0, i - 5) : i]):
+        word = "remove"
+    elif word == "keep" and "from" in words[i + 1 : i + 5]:
+        word = "stop"
+    elif word in ("mean", "means") and words[:2] in (["what", "does"], ["what", "do"]):
+        word = "define"
+    return word, form
+
+
+def _reword_word(word: str, prev: str, nxt: str, names: dict) -> str:
+    """`word` as its paraphrase would put it, from its neighbours alone, or "" when it only frames the request:
+    "tallest" = "highest"; "good"/"best" after a determiner ("a good name for X" = "suggest a name for X"); "the
+    formula for" / "the meaning of"; "the word" before a quoted one; "boiling point" = "temperature"; "short for",
+    "abbreviation", "full form" = "stand for"."""
     if word in _TALL:
         return _TALL[word]
     if (word in _PRAISE and prev in _DETERMINERS) or (word in _FRAME_BEFORE and nxt in ("for", "of")):
