@@ -15,7 +15,8 @@ from hf_neuralcache.testing import ForwardCounter
 
 SPECIAL = {1: "<|im_start|>user", 2: "<|im_end|>", 3: "<|im_start|>assistant", 4: "<|im_start|>system"}
 WORDS = ["what", "is", "the", "capital", "of", "france", "germany", "whats", "tell", "me", "today", "be", "brief",
-         "a", "pirate", "please", "cache", "explain", "how", "works"]  # fmt: skip
+         "a", "pirate", "please", "cache", "explain", "how", "works",
+         "fix", "repair", "flat", "bike", "car", "tire", "can", "i", "do", "on", "my"]  # fmt: skip
 VOCAB = {**SPECIAL, **{10 + i: w for i, w in enumerate(WORDS)}}
 IDS = {w: i for i, w in VOCAB.items()}
 

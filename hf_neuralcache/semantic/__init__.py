@@ -4,10 +4,12 @@ from .calibration import DEFAULT_THRESHOLD, CalibrationResult, calibrate, load_p
 from .embedders import Embedder, HiddenStateEmbedder, MiniLMEmbedder, minilm_folder
 from .equivalence import DEFAULT_EQUIVALENCE_THRESHOLD, STRICT_LEARNED_THRESHOLD, EquivalenceCheck
 from .guard import STRICTNESS, GuardVerdict, LookAlikeGuard, normalize_query
+from .pair_classifier import DEFAULT_PAIR_THRESHOLD, PairClassifier
 
 __all__ = [
     "CalibrationResult",
     "DEFAULT_EQUIVALENCE_THRESHOLD",
+    "DEFAULT_PAIR_THRESHOLD",
     "DEFAULT_THRESHOLD",
     "Embedder",
     "EquivalenceCheck",
@@ -15,6 +17,7 @@ __all__ = [
     "HiddenStateEmbedder",
     "LookAlikeGuard",
     "MiniLMEmbedder",
+    "PairClassifier",
     "STRICTNESS",
     "STRICT_LEARNED_THRESHOLD",
     "calibrate",

@@ -70,7 +70,10 @@ that WordNet lists as its own entry, made with a shared word ("time zone" / "tim
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
-of its learned score. `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
+of its learned score. `"order"` runs the vetoes and then the two word-order checks (shared words that swap roles,
+voice or not; the same words in another order; with the lexicon's synonyms standing for their partners) and no word
+matching: what [`PairClassifier`] keeps in front of its cross-encoder, which judges the wording but was not trained
+on PAWS-style swaps. `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
 matches one that is it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant:
 "travel" / "travelled"), but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple").
 Common clipped words read as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphenated word
@@ -99,7 +102,7 @@ logger = logging.getLogger("hf_neuralcache.semantic")
 
 __all__ = ["STRICTNESS", "GuardVerdict", "LookAlikeGuard", "normalize_query", "stem"]
 
-STRICTNESS = ("strict", "balanced", "vetoes", "off")
+STRICTNESS = ("strict", "balanced", "order", "vetoes", "off")
 
 
 def _set(words: str) -> frozenset:
@@ -632,8 +635,9 @@ class LookAlikeGuard:
     Args:
         strictness (`str`, *optional*, defaults to `"strict"`):
             `"strict"` (highest precision), `"balanced"` (also accepts reworded paraphrases that reorder the same
-            words or add several words, and so some role swaps), `"vetoes"` (only numbers, names, negation, question
-            kind and direction) or `"off"` (accepts everything: plain cosine).
+            words or add several words, and so some role swaps), `"order"` (the vetoes and the word-order checks,
+            no word matching), `"vetoes"` (only numbers, names, negation, question kind and direction) or `"off"`
+            (accepts everything: plain cosine).
         memo_size (`int`, *optional*, defaults to 4096):
             Texts whose analysis is kept (cached requests are checked again and again).
         synonyms (`bool` or `Lexicon`, *optional*, defaults to `True`):
@@ -729,6 +733,15 @@ class LookAlikeGuard:
             if shared:
                 return _no(f"direction reversed: {way_a!r} / {way_b!r} before {_forms(a, shared)}")
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
+            return GuardVerdict(True)
+        if self.strictness == "order":  # and the order checks: the pair classifier judges the wording
+            alias = _synonym_alias(a, b, lexicon)
+            b_slots = [alias.get(w, w) for w in b.slots]
+            breaks = _breakpoints(a.slots, b_slots)
+            if breaks > 3:  # a passive too: the classifier, not this rule, tells a voice change from a swap
+                return _no("order differs: shared words swap roles")
+            if breaks and _overlap(a.stems, Counter({alias.get(w, w): n for w, n in b.stems.items()})) >= 0.9:
+                return _no("order differs: the same words in another order")
             return GuardVerdict(True)
         only_a, only_b = _unmatched(a, b, lexicon), _unmatched(b, a, lexicon)
         if only_a & a.frames and only_b & b.frames:  # two request verbs ("write" / "compose"): framing, not content
