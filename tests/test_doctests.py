@@ -29,6 +29,7 @@ MODULES = [
     "hf_neuralcache.semantic.guard",
     "hf_neuralcache.semantic.lexicon",
     "hf_neuralcache.semantic.equivalence",
+    "hf_neuralcache.semantic.pair_classifier",
     "hf_neuralcache.testing",
     "hf_neuralcache.kernels.window_attention.naive",
     "hf_neuralcache.kernels.window_attention.dispatch",

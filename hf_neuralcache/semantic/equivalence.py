@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .guard import GuardVerdict, LookAlikeGuard
+from .guard import GuardVerdict, LookAlikeGuard, scored_verdict
 
 __all__ = [
     "DEFAULT_COSINE_FLOOR",
@@ -202,13 +202,5 @@ class EquivalenceCheck:
         `summary` (the candidate's [`summary`], kept when it was stored) and `cosine` (of the two sentence
         embeddings) are optional: a cache passes them so that a lookup runs no forward pass over the candidate.
         """
-        if not isinstance(query, str) or not isinstance(candidate, str):
-            raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
-        if self.vetoes is not None:
-            verdict = self.vetoes.check(query, candidate)
-            if not verdict.ok:
-                return verdict
-        score = self.score(query, candidate, summary, cosine)
-        if score < self.threshold:
-            return GuardVerdict(False, f"equivalence score {score:.3f} < {self.threshold:.3f}")
-        return GuardVerdict(True)
+        score = lambda: self.score(query, candidate, summary, cosine)  # noqa: E731 - asked only past the vetoes
+        return scored_verdict(self.vetoes, query, candidate, score, self.threshold, "equivalence score")

@@ -785,6 +785,23 @@ def _no(reason: str) -> GuardVerdict:
     return GuardVerdict(False, reason)
 
 
+def scored_verdict(vetoes: LookAlikeGuard | None, query: str, candidate: str, score, threshold: float,
+                   name: str) -> GuardVerdict:  # fmt: skip
+    """The verdict of a learned check: the `vetoes` guard first (its refusal, if it refuses), then `score()` (a
+    callable, run only when no veto refused) against `threshold`; a low score is refused as `"<name> <score> <
+    <threshold>"`. Raises `ValueError` unless both texts are strings."""
+    if not isinstance(query, str) or not isinstance(candidate, str):
+        raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
+    if vetoes is not None:
+        verdict = vetoes.check(query, candidate)
+        if not verdict.ok:
+            return verdict
+    value = score()
+    if value < threshold:
+        return GuardVerdict(False, f"{name} {value:.3f} < {threshold:.3f}")
+    return GuardVerdict(True)
+
+
 def _forms(text: _Analysis, stems: set[str]) -> list[str]:
     return sorted(text.surface.get(s, s) for s in stems)
 

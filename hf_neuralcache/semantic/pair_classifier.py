@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .guard import GuardVerdict, LookAlikeGuard
+from .guard import GuardVerdict, LookAlikeGuard, scored_verdict
 
 __all__ = ["DEFAULT_PAIR_THRESHOLD", "PairClassifier"]
 
@@ -218,13 +218,5 @@ class PairClassifier:
     def check(self, query: str, candidate: str, summary=None, cosine: float | None = None) -> GuardVerdict:
         """Whether `candidate` (a cached request) asks the same as `query`; `reason` names a veto or the score.
         (`summary` and `cosine` are accepted for the cache's calling convention and not needed.)"""
-        if not isinstance(query, str) or not isinstance(candidate, str):
-            raise ValueError(f"expected two strings, got {type(query).__name__} and {type(candidate).__name__}")
-        if self.vetoes is not None:
-            verdict = self.vetoes.check(query, candidate)
-            if not verdict.ok:
-                return verdict
-        score = self.score(query, candidate)
-        if score < self.threshold:
-            return GuardVerdict(False, f"pair classifier score {score:.3f} < {self.threshold:.3f}")
-        return GuardVerdict(True)
+        score = lambda: self.score(query, candidate)  # noqa: E731 - a model pass, asked only past the vetoes
+        return scored_verdict(self.vetoes, query, candidate, score, self.threshold, "pair classifier score")
