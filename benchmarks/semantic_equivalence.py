@@ -41,7 +41,7 @@ from hf_neuralcache.semantic.equivalence import DEFAULT_COSINE_FLOOR
 from hf_neuralcache.semantic.lexicon import default_lexicon
 
 HERE = Path(__file__).resolve().parent
-TRAINED_ON = {"fresh_query_pairs"} | {f"fresh_pairs_v{i}" for i in range(2, 14)}  # train_pair_classifier.py
+TRAINED_ON = {"fresh_query_pairs"} | {f"fresh_pairs_v{i}" for i in range(2, 15)}  # train_pair_classifier.py
 DATA = HERE.parents[1] / "shared" / "data"
 
 
@@ -68,6 +68,7 @@ def main() -> None:
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v15": load_pairs(HERE / "data" / "fresh_pairs_v15.tsv"),
         "fresh_pairs_v14": load_pairs(HERE / "data" / "fresh_pairs_v14.tsv"),
         "fresh_pairs_v13": load_pairs(HERE / "data" / "fresh_pairs_v13.tsv"),
         "fresh_pairs_v12": load_pairs(HERE / "data" / "fresh_pairs_v12.tsv"),

@@ -7,12 +7,12 @@ every linear layer of the encoder) and the one-logit head were trained; they shi
 this file (`pair_classifier/`, about 2 MB) and are merged into the packaged MiniLM when the classifier loads. The
 score is symmetric: both orders are read in one batch and their logits averaged.
 
-It was trained on the project's own request pairs (`benchmarks/data/fresh_pairs_v2`-`v11` and the issue's 60 pairs:
-LLM-style requests and look-alikes that differ in one qualifier, number, entity, direction, negation, unit, tense or
-task), by `benchmarks/train_pair_classifier.py`; the model card `pair_classifier/README.md` has the data, the
-licences and the figures. The guard's hard vetoes and its word-order checks (`LookAlikeGuard("order")`: numbers,
-names, negation, question kind, a reversed relation, opposite particles, shared words swapping roles) stay in front
-of it: the classifier judges the wording, and it never saw PAWS-style swaps.
+It was trained on the project's own request pairs (`benchmarks/data/fresh_pairs_v2`-`v14`, `task_pairs` and the
+issue's 60 pairs: LLM-style requests and look-alikes that differ in one qualifier, number, entity, direction,
+negation, unit, tense or task), by `benchmarks/train_pair_classifier.py`; the model card `pair_classifier/README.md`
+has the data, the licences and the figures. The guard's hard vetoes and its word-order checks
+(`LookAlikeGuard("order")`: numbers, names, negation, question kind, a reversed relation, opposite particles, shared
+words swapping roles) stay in front of it: the classifier judges the wording, and it never saw PAWS-style swaps.
 
 On a CPU the merged model's linear layers run in int8 (PyTorch dynamic quantization): about 3x faster (5 ms for a
 pair on one core instead of 16 ms), scores within 0.02 of float32.
@@ -36,7 +36,7 @@ ADAPTER = Path(__file__).with_name("pair_classifier")
 # chosen on out-of-fold scores of the training sets (grouped by set) before fresh_pairs_v12 was run: see the model card
 DEFAULT_PAIR_THRESHOLD = 0.9
 # the shipped adapter's bytes (benchmarks/train_pair_classifier.py writes it and prints this digest)
-ADAPTER_SHA256 = "4ce70de3fc0943c58b56336e285430b7cca7352c67110766090048e805041bf8"
+ADAPTER_SHA256 = "44cef1af756d373e68beed5ce71ecfbc66a10f87c84d2aaf870e06b366487ac9"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
