@@ -34,8 +34,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Use a tiny random llama (fast; the answers are noise).")
     parser.add_argument("--dir", default=None, help="Cache folder (default: a temporary folder).")
-    guards = ("strict+learned", "classifier", "strict", "balanced", "off")
-    parser.add_argument("--guard", default="strict+learned", choices=guards, help="The guard (classifier: the pair "
+    guards = ("classifier", "strict+learned", "strict", "balanced", "off")
+    parser.add_argument("--guard", default="classifier", choices=guards, help="The guard (classifier: the pair "
                         "classifier, more paraphrases served).")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens per answer.")
     args = parser.parse_args(argv)

@@ -203,15 +203,24 @@ def test_strict_plus_learned_keeps_each_requests_states_and_runs_no_pass_over_a_
         cache.close()
 
 
-def test_the_default_guard_follows_the_embedder(tmp_path):
+def test_the_default_guard_follows_the_embedder(tmp_path, monkeypatch):
     from semantic_helpers import BagOfWords
 
+    from hf_neuralcache.semantic import MiniLMEmbedder, PairClassifier
+    from hf_neuralcache.semantic import cache as cache_module
+
+    minilm = SemanticCache(tmp_path / "m", embedder=MiniLMEmbedder())  # builds no model yet
     with_tokens = SemanticCache(tmp_path / "a", embedder=WordEmbedder())
     plain = SemanticCache(tmp_path / "b", embedder=BagOfWords())
-    try:  # word-piece states to score with: strict+learned; none: the strict guard alone
+    try:  # MiniLM: the pair classifier; other word-piece states: strict+learned; none: the strict guard alone
+        assert isinstance(minilm.guard, PairClassifier) and minilm.guard_checks == 1 and not minilm._summaries
         assert isinstance(with_tokens.guard, EquivalenceCheck) and with_tokens.guard.vetoes.strictness == "strict"
         assert with_tokens._summaries and not plain._summaries
         assert isinstance(plain.guard, LookAlikeGuard) and plain.guard.strictness == "strict"
+        assert plain.guard_checks is None and with_tokens.guard_checks is None
     finally:
-        with_tokens.close()
-        plain.close()
+        for cache in (minilm, with_tokens, plain):
+            cache.close()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert cache_module.default_guard(MiniLMEmbedder()) == "strict+learned"  # without peft: the rule guard

@@ -12,6 +12,7 @@ records the others added at most every `refresh_seconds`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -32,9 +33,20 @@ from .shared import SharedLog
 
 logger = logging.getLogger("hf_neuralcache.semantic")
 
-__all__ = ["SemanticCache"]
+__all__ = ["SemanticCache", "default_guard"]
 
 _GiB = 1 << 30
+
+
+def default_guard(embedder) -> str:
+    """The guard of a cache built without `guard=`: `"classifier"` with the default [`MiniLMEmbedder`] (the pair
+    classifier was trained on pairs above that embedder's calibrated threshold) when `peft` is installed,
+    `"strict+learned"` with another embedder that gives word-piece states, `"strict"` otherwise."""
+    from .embedders import MiniLMEmbedder
+
+    if isinstance(embedder, MiniLMEmbedder) and importlib.util.find_spec("peft") is not None:
+        return "classifier"
+    return "strict+learned" if callable(getattr(embedder, "encode_tokens", None)) else "strict"
 
 
 class SemanticCache(StoreBackedCache):
@@ -50,14 +62,13 @@ class SemanticCache(StoreBackedCache):
         embedder (*optional*): Turns texts into normalized vectors (`encode(list[str]) -> np.ndarray`, `dim`,
             `fingerprint`); defaults to [`MiniLMEmbedder`] (all-MiniLM-L6-v2, offline).
         threshold (`float`, *optional*): Least cosine similarity; defaults to the calibrated `DEFAULT_THRESHOLD`.
-        guard (`str` or guard object, *optional*): The look-alike check after the search: `"strict+learned"` (the
-            strict guard, then the learned score over the embedder's word-piece states must also reach
-            `STRICT_LEARNED_THRESHOLD`; the default with an embedder that has `encode_tokens`, as the default
-            [`MiniLMEmbedder`]), a strictness (`"strict"`, the default with other embedders; `"balanced"`,
-            `"order"`, `"vetoes"`, `"off"`), `"classifier"` (a [`PairClassifier`]: the vetoes and word-order checks,
-            then a cross-encoder; about twice the recall out of sample at the same precision, a model pass per
-            lookup), `"learned"` (an [`EquivalenceCheck`] alone; experimental, see the docs' figures) or an object
-            with `check(query, candidate)`.
+        guard (`str` or guard object, *optional*): The look-alike check after the search: `"classifier"` (a
+            [`PairClassifier`]: the vetoes and word-order checks, then a cross-encoder reading both requests; the
+            default with the default [`MiniLMEmbedder`], see [`default_guard`]), `"strict+learned"` (the strict
+            guard, then the learned score over the embedder's word-piece states must also reach
+            `STRICT_LEARNED_THRESHOLD`; the default with another embedder that has `encode_tokens`), a strictness
+            (`"strict"`, the default with other embedders; `"balanced"`, `"order"`, `"vetoes"`, `"off"`),
+            `"learned"` (an [`EquivalenceCheck`] alone; experimental) or an object with `check(query, candidate)`.
         namespace (`str`, *optional*): Separates tenants completely.
         max_entries (`int`, *optional*, defaults to 100000): Most answers kept (oldest evicted first).
         disk_bytes (`int`, *optional*, defaults to 1 GiB): Bound of the answers on disk (oldest evicted first).
@@ -168,7 +179,7 @@ class SemanticCache(StoreBackedCache):
 
             embedder = MiniLMEmbedder()
         if guard is None:
-            guard = "strict+learned" if callable(getattr(embedder, "encode_tokens", None)) else "strict"
+            guard = default_guard(embedder)
         if guard in ("learned", "strict+learned"):
             from .equivalence import STRICT_LEARNED_THRESHOLD, EquivalenceCheck
 
