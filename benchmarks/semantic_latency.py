@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=2000, help="real sentences in the index (default: %(default)s)")
     parser.add_argument("--reopen", type=int, default=0, help="also time opening a folder of N answers (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for MiniLM (default: %(default)s)")
-    parser.add_argument("--guard", default="strict+learned", help="the cache's guard (default: %(default)s)")
+    parser.add_argument("--guard", default="classifier", help="the cache's guard (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.reopen:
