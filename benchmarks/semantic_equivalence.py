@@ -68,6 +68,7 @@ def main() -> None:
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v16": load_pairs(HERE / "data" / "fresh_pairs_v16.tsv"),
         "fresh_pairs_v15": load_pairs(HERE / "data" / "fresh_pairs_v15.tsv"),
         "fresh_pairs_v14": load_pairs(HERE / "data" / "fresh_pairs_v14.tsv"),
         "fresh_pairs_v13": load_pairs(HERE / "data" / "fresh_pairs_v13.tsv"),

@@ -77,6 +77,9 @@ def test_scores_are_symmetric_batched_and_near_float32(classifier):
         alone = classifier.score(a, b)
         assert alone == s  # each pair is read alone: a score does not depend on the others
         assert classifier.score(b, a) == pytest.approx(alone, abs=1e-6)  # one batch of both orders either way
+    one = PairClassifier(symmetric=False)  # (query, candidate) only: half the pass, the same decisions here
+    assert ((one.scores(pairs) >= DEFAULT_PAIR_THRESHOLD) == (batch >= DEFAULT_PAIR_THRESHOLD)).all()
+    assert one.score(*pairs[3]) != classifier.score(*pairs[3])
     full = PairClassifier(quantize=False).scores(pairs)  # int8 linear layers change scores by little
     assert np.abs(full - batch).max() < 0.05
     assert ((full >= DEFAULT_PAIR_THRESHOLD) == (batch >= DEFAULT_PAIR_THRESHOLD)).all()

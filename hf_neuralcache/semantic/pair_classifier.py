@@ -116,6 +116,9 @@ class PairClassifier:
             Where the model runs.
         max_length (`int`, *optional*, defaults to 128):
             Tokens kept per pair (both texts together); longer pairs are truncated.
+        symmetric (`bool`, *optional*, defaults to `True`):
+            Read the pair in both orders and average the logits (the score is symmetric); `False` reads `(query,
+            candidate)` only, in half the time.
         quantize (`bool`, *optional*, defaults to `True`):
             On a CPU, run the linear layers in int8 (dynamic quantization) when this PyTorch still has it; float32
             otherwise, or with `False`.
@@ -141,7 +144,8 @@ class PairClassifier:
     checks_per_lookup = 1  # a cache hands it the nearest candidate only (each check is a model pass)
 
     def __init__(self, threshold: float | None = None, vetoes: bool | str = True, adapter=None,
-                 device: str | torch.device = "cpu", max_length: int = 128, quantize: bool = True):  # fmt: skip
+                 device: str | torch.device = "cpu", max_length: int = 128, quantize: bool = True,
+                 symmetric: bool = True):  # fmt: skip
         threshold = DEFAULT_PAIR_THRESHOLD if threshold is None else threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"expected threshold in [0, 1], got {threshold!r}")
@@ -156,6 +160,7 @@ class PairClassifier:
         self.vetoes = LookAlikeGuard(vetoes) if vetoes else None
         self.adapter = Path(adapter).expanduser() if adapter is not None else ADAPTER
         self.device, self.max_length, self.quantize = torch.device(device), max_length, bool(quantize)
+        self.symmetric = bool(symmetric)
         self._model = self._tokenizer = None
         self._failed: Exception | None = None  # why the model could not load: raised again at once, not retried
         self._lock = threading.Lock()
@@ -203,12 +208,15 @@ class PairClassifier:
         out = []
         for start in range(len(pairs)):
             chunk = pairs[start : start + 1]
-            first = [a for a, _ in chunk] + [b for _, b in chunk]  # both orders in one batch
-            second = [b for _, b in chunk] + [a for a, _ in chunk]
+            first, second = [a for a, _ in chunk], [b for _, b in chunk]
+            if self.symmetric:  # both orders in one batch
+                first, second = first + second, second + first
             batch = self._tokenizer(first, second, padding=True, truncation=True, max_length=self.max_length,
                                     return_tensors="pt").to(self.device)  # fmt: skip
             logits = self._model(**batch).float().cpu().numpy().astype(np.float64)
-            out.append(1.0 / (1.0 + np.exp(-(logits[: len(chunk)] + logits[len(chunk) :]) / 2)))
+            if self.symmetric:
+                logits = (logits[: len(chunk)] + logits[len(chunk) :]) / 2
+            out.append(1.0 / (1.0 + np.exp(-logits)))
         return np.concatenate(out) if out else np.zeros(0)
 
     def score(self, query: str, candidate: str) -> float:
