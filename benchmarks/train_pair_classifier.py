@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hf_neuralcache.semantic import LookAlikeGuard, MiniLMEmbedder, load_pairs
-from hf_neuralcache.semantic.pair_classifier import adapter_digest, base_cross_encoder
+from hf_neuralcache.semantic.pair_classifier import adapter_digest, base_cross_encoder, pair_logit
 
 HERE = Path(__file__).resolve().parent
 TRAIN_SETS = ["fresh_query_pairs"] + [f"fresh_pairs_v{i}" for i in range(2, 15)] + ["task_pairs"]
@@ -83,18 +83,10 @@ def train(pairs: list[tuple[str, str, int]], seed: int = 0):
     return model.eval(), tokenizer
 
 
-@torch.inference_mode()
 def score(model, tokenizer, pairs) -> np.ndarray:
-    """Symmetric scores, as `PairClassifier.scores` computes them."""
-    out = []
-    for start in range(0, len(pairs), 32):
-        chunk = pairs[start : start + 32]
-        first = [c[0] for c in chunk] + [c[1] for c in chunk]
-        second = [c[1] for c in chunk] + [c[0] for c in chunk]
-        batch = tokenizer(first, second, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        logits = model(**batch).double().numpy()
-        out.append(1.0 / (1.0 + np.exp(-(logits[: len(chunk)] + logits[len(chunk) :]) / 2)))
-    return np.concatenate(out)
+    """Symmetric scores, each pair read alone as `PairClassifier.scores` reads it (float32 here, not int8)."""
+    logits = np.array([pair_logit(model, tokenizer, a, b) for a, b, *_ in pairs])
+    return 1.0 / (1.0 + np.exp(-logits))
 
 
 def rates(pred: np.ndarray, labels: np.ndarray) -> str:

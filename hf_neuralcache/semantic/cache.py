@@ -468,7 +468,6 @@ class SemanticCache(StoreBackedCache):
             record = self._labels.get(label)
             if record is None or record["context"] != context:
                 continue
-            checks += 1
             entry = None
             if self._summaries:  # the candidate's word-piece states were stored with it: no forward pass over it
                 entry = self.store.get(record["key"])
@@ -478,6 +477,7 @@ class SemanticCache(StoreBackedCache):
                 verdict = self.guard.check(text, record["request"], self._summary(entry, record), similarity)
             else:
                 verdict = self.guard.check(text, record["request"])
+            checks += 1
             if not verdict.ok:
                 rejected = True
                 continue

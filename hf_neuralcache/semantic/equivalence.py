@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .guard import GuardVerdict, LookAlikeGuard, scored_verdict
+from .guard import GuardVerdict, scored_verdict, vetoes_guard
 
 __all__ = [
     "DEFAULT_COSINE_FLOOR",
@@ -156,11 +156,7 @@ class EquivalenceCheck:
         if not callable(getattr(embedder, "encode_tokens", None)):
             raise ValueError(f"expected an embedder with encode_tokens (a MiniLMEmbedder), got {embedder!r}")
         self.threshold, self.embedder = float(threshold), embedder
-        if vetoes is True:
-            vetoes = "vetoes"
-        if vetoes is not False and vetoes not in ("strict", "balanced", "vetoes"):
-            raise ValueError(f"expected vetoes in (True, False, 'strict', 'balanced', 'vetoes'), got {vetoes!r}")
-        self.vetoes = LookAlikeGuard(vetoes) if vetoes else None
+        self.vetoes = vetoes_guard(vetoes, "vetoes")
         w = _load_weights(Path(weights) if weights is not None else WEIGHTS)
         self._coef, self._bias = w["coef"].astype(np.float64), float(w["bias"][0])
         self._mean, self._scale = w["mean"].astype(np.float64), w["scale"].astype(np.float64)

@@ -735,12 +735,10 @@ class LookAlikeGuard:
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
             return GuardVerdict(True)
         if self.strictness == "order":  # and the order checks: the pair classifier judges the wording
-            alias = _synonym_alias(a, b, lexicon)
-            b_slots = [alias.get(w, w) for w in b.slots]
-            breaks = _breakpoints(a.slots, b_slots)
+            _, breaks, reordered = _word_order(a, b, lexicon)
             if breaks > 3:  # a passive too: the classifier, not this rule, tells a voice change from a swap
                 return _no("order differs: shared words swap roles")
-            if breaks and _overlap(a.stems, Counter({alias.get(w, w): n for w, n in b.stems.items()})) >= 0.9:
+            if reordered:
                 return _no("order differs: the same words in another order")
             return GuardVerdict(True)
         only_a, only_b = _unmatched(a, b, lexicon), _unmatched(b, a, lexicon)
@@ -748,9 +746,8 @@ class LookAlikeGuard:
             only_a, only_b = only_a - a.frames, only_b - b.frames
         if only_a and only_b:
             return _no(f"different words: {_forms(a, only_a)} vs {_forms(b, only_b)}")
-        alias = _synonym_alias(a, b, lexicon)  # a synonym takes its partner's place in the order checks
-        b_slots = [alias.get(w, w) for w in b.slots]
-        breaks, voice = _breakpoints(a.slots, b_slots), a.passive != b.passive
+        b_slots, breaks, reordered = _word_order(a, b, lexicon)
+        voice = a.passive != b.passive
         if breaks > 3 and not voice:  # passive vs active reverses the roles' order: expected, not a swap
             return _no("order differs: shared words swap roles")
         if strict:
@@ -760,7 +757,7 @@ class LookAlikeGuard:
                 qualifiers = sorted(x.hyphenated[s] for s in hyphenated if joined[s] not in y.stems)
                 if qualifiers:
                     return _no(f"qualifier differs: {qualifiers} in the {where} only")
-            if breaks and _overlap(a.stems, Counter({alias.get(w, w): n for w, n in b.stems.items()})) >= 0.9:
+            if reordered:
                 return _no("order differs: the same words in another order")
             if not breaks and voice and len(set(a.slots) & set(b_slots)) >= 2:
                 return _no("voice differs but the roles keep their places (active vs passive)")
@@ -781,8 +778,29 @@ def _without_ones(text: _Analysis) -> Counter:
     return text.numbers - Counter({"1": text.ones})
 
 
+def _word_order(a: _Analysis, b: _Analysis, lexicon) -> tuple[list[str], int, bool]:
+    """`b`'s slots with each synonym in its partner's place, the breakpoints between the two orders, and whether the
+    same words (overlap >= 0.9) come in another order: what the order checks read."""
+    alias = _synonym_alias(a, b, lexicon)
+    b_slots = [alias.get(w, w) for w in b.slots]
+    breaks = _breakpoints(a.slots, b_slots)
+    reordered = bool(breaks) and _overlap(a.stems, Counter({alias.get(w, w): n for w, n in b.stems.items()})) >= 0.9
+    return b_slots, breaks, reordered
+
+
 def _no(reason: str) -> GuardVerdict:
     return GuardVerdict(False, reason)
+
+
+def vetoes_guard(vetoes, default: str) -> LookAlikeGuard | None:
+    """The guard a learned check keeps in front of its score: `True` is `default`, a strictness other than `"off"`
+    names one, `False` none. Raises `ValueError` for anything else."""
+    if vetoes is True:
+        vetoes = default
+    allowed = tuple(name for name in STRICTNESS if name != "off")
+    if vetoes is not False and vetoes not in allowed:
+        raise ValueError(f"expected vetoes in {(True, False, *allowed)}, got {vetoes!r}")
+    return LookAlikeGuard(vetoes) if vetoes else None
 
 
 def scored_verdict(vetoes: LookAlikeGuard | None, query: str, candidate: str, score, threshold: float,

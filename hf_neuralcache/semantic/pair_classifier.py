@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .guard import GuardVerdict, LookAlikeGuard, scored_verdict
+from .guard import GuardVerdict, scored_verdict, vetoes_guard
 
 __all__ = ["DEFAULT_PAIR_THRESHOLD", "PairClassifier"]
 
@@ -66,6 +66,19 @@ def base_cross_encoder() -> tuple[CrossEncoder, object]:
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     encoder = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     return CrossEncoder(encoder), tokenizer
+
+
+@torch.inference_mode()
+def pair_logit(model: torch.nn.Module, tokenizer, query: str, candidate: str, symmetric: bool = True,
+               max_length: int = 128) -> float:  # fmt: skip
+    """The cross-encoder's logit for one pair, read alone: `(query, candidate)`, or with `symmetric` the mean of both
+    orders (read in one batch). The classifier's score is its sigmoid; training scores its held-out pairs so too."""
+    first, second = [query], [candidate]
+    if symmetric:
+        first, second = [query, candidate], [candidate, query]
+    device = next(model.parameters(), torch.empty(0)).device
+    batch = tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return float(model(**batch.to(device)).double().mean())
 
 
 def _int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -149,15 +162,11 @@ class PairClassifier:
         threshold = DEFAULT_PAIR_THRESHOLD if threshold is None else threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"expected threshold in [0, 1], got {threshold!r}")
-        if vetoes is True:
-            vetoes = "order"
-        if vetoes is not False and vetoes not in ("strict", "balanced", "order", "vetoes"):
-            raise ValueError(f"expected vetoes in (True, False, 'strict', 'balanced', 'order', 'vetoes'), "
-                             f"got {vetoes!r}")  # fmt: skip
+        vetoes = vetoes_guard(vetoes, "order")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 8 <= max_length <= 512:
             raise ValueError(f"expected max_length in 8..512 (MiniLM's position limit), got {max_length!r}")
         self.threshold = float(threshold)
-        self.vetoes = LookAlikeGuard(vetoes) if vetoes else None
+        self.vetoes = vetoes
         self.adapter = Path(adapter).expanduser() if adapter is not None else ADAPTER
         self.device, self.max_length, self.quantize = torch.device(device), max_length, bool(quantize)
         self.symmetric = bool(symmetric)
@@ -189,7 +198,6 @@ class PairClassifier:
             model = _int8(model)
         self._model, self._tokenizer = model, tokenizer
 
-    @torch.inference_mode()
     def scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Scores of many `(query, candidate)` pairs, float64 `[len(pairs)]`, each equal to `score` on the pair: a
         pair is read alone (both orders in one batch), since int8 activations are scaled per batch."""
@@ -205,19 +213,8 @@ class PairClassifier:
                 except (OSError, ValueError, ImportError) as err:
                     self._failed = err
                     raise
-        out = []
-        for start in range(len(pairs)):
-            chunk = pairs[start : start + 1]
-            first, second = [a for a, _ in chunk], [b for _, b in chunk]
-            if self.symmetric:  # both orders in one batch
-                first, second = first + second, second + first
-            batch = self._tokenizer(first, second, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt").to(self.device)  # fmt: skip
-            logits = self._model(**batch).float().cpu().numpy().astype(np.float64)
-            if self.symmetric:
-                logits = (logits[: len(chunk)] + logits[len(chunk) :]) / 2
-            out.append(1.0 / (1.0 + np.exp(-logits)))
-        return np.concatenate(out) if out else np.zeros(0)
+        logits = [pair_logit(self._model, self._tokenizer, a, b, self.symmetric, self.max_length) for a, b in pairs]
+        return 1.0 / (1.0 + np.exp(-np.array(logits, dtype=np.float64)))
 
     def score(self, query: str, candidate: str) -> float:
         """Probability that the two texts ask the same thing (the vetoes are not applied); symmetric."""
