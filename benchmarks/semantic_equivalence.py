@@ -3,19 +3,22 @@ check and the pair classifier, on every labelled set.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py        # about 8 minutes on two cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --paws-limit 1000 --errors
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --sets fresh_pairs_v17 --errors
 
-Sets: `benchmarks/data/fresh_pairs_v14.tsv` (200 pairs written by a helper that read neither the guard nor the other
-sets, committed before the shipped pair classifier was trained and run once after: its out-of-sample test),
-`fresh_pairs_v13.tsv` and `fresh_pairs_v12.tsv` (the same for the classifier's earlier rounds; now its training
-data), `fresh_pairs_v11.tsv`-`fresh_pairs_v3.tsv` (the out-of-sample tests of earlier guard versions, read after
-their run: development sets), `fresh_pairs_v2.tsv`, `benchmarks/data/fresh_query_pairs.tsv` (the issue's 60 pairs),
-the shared `llm_query_pairs_dev.tsv` and the odd and even rows of `paws_wiki_dev.tsv`. The pair classifier was
-trained on v2-v13 and the issue's 60 (marked in the output). For each set it prints precision, recall and
-predictions of: cosine >= 0.80 + the strict guard (WordNet synonyms on), the same guard with `synonyms=False`,
-cosine >= `--floor` + `EquivalenceCheck` at its shipped threshold, cosine >= 0.80 + `guard="strict+learned"` (the
-strict guard, then the learned score at `STRICT_LEARNED_THRESHOLD`), and cosine >= 0.80 + `guard="classifier"` (the
-vetoes and word-order checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`). Nothing here changes a setting: the
-thresholds and the floor were fixed beforehand (see the model cards and docs/semantic_cache.md).
+Sets: `benchmarks/data/fresh_pairs_v17.tsv` (200 pairs written by a helper that read neither the guard nor the other
+sets, committed before the classifier's dtype was chosen and run once after), `fresh_pairs_v16.tsv` and
+`fresh_pairs_v15.tsv` (the same, for the shipped adapter in int8; never trained on), `fresh_pairs_v14.tsv`-
+`fresh_pairs_v12.tsv` (the same for the classifier's earlier rounds; now its training data),
+`fresh_pairs_v11.tsv`-`fresh_pairs_v3.tsv` (the out-of-sample tests of earlier guard versions, read after their run:
+development sets), `fresh_pairs_v2.tsv`, `benchmarks/data/fresh_query_pairs.tsv` (the issue's 60 pairs), the shared
+`llm_query_pairs_dev.tsv` and the odd and even rows of `paws_wiki_dev.tsv`. The pair classifier was trained on v2-v14,
+`task_pairs.tsv` and the issue's 60 (marked in the output). For each set it prints precision, recall and predictions
+of: cosine >= 0.80 + the strict guard (WordNet synonyms on), the same guard with `synonyms=False`, cosine >= `--floor`
++ `EquivalenceCheck` at its shipped threshold, cosine >= 0.80 + `guard="strict+learned"` (the strict guard, then the
+learned score at `STRICT_LEARNED_THRESHOLD`), and cosine >= 0.80 + `guard="classifier"` (the vetoes and word-order
+checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`, in its default dtype and, for comparison, in float32 and
+int8). Nothing here changes a setting: the thresholds and the floor were fixed beforehand (see the model cards and
+docs/semantic_cache.md).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from hf_neuralcache.semantic.equivalence import DEFAULT_COSINE_FLOOR
 from hf_neuralcache.semantic.lexicon import default_lexicon
 
 HERE = Path(__file__).resolve().parent
-TRAINED_ON = {"fresh_query_pairs"} | {f"fresh_pairs_v{i}" for i in range(2, 15)}  # train_pair_classifier.py
+# the pair classifier's training data (train_pair_classifier.py)
+TRAINED_ON = {"fresh_query_pairs", "task_pairs"} | {f"fresh_pairs_v{i}" for i in range(2, 15)}
 DATA = HERE.parents[1] / "shared" / "data"
 
 
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=DEFAULT_COSINE_FLOOR, help="cosine floor of the new check")
     parser.add_argument("--threshold", type=float, default=DEFAULT_EQUIVALENCE_THRESHOLD)
     parser.add_argument("--errors", action="store_true", help="print the new check's errors (fresh sets only)")
+    parser.add_argument("--sets", default=None, help="comma-separated names of the sets to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     embedder = MiniLMEmbedder()
@@ -65,9 +70,11 @@ def main() -> None:
     check = EquivalenceCheck(args.threshold, embedder=embedder)
     both = EquivalenceCheck(STRICT_LEARNED_THRESHOLD, embedder=embedder, vetoes="strict")  # guard="strict+learned"
     classifier = PairClassifier()  # guard="classifier": the vetoes, then the cross-encoder
+    others = {dtype: PairClassifier(dtype=dtype) for dtype in ("float32", "int8") if dtype != classifier.dtype}
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v17": load_pairs(HERE / "data" / "fresh_pairs_v17.tsv"),
         "fresh_pairs_v16": load_pairs(HERE / "data" / "fresh_pairs_v16.tsv"),
         "fresh_pairs_v15": load_pairs(HERE / "data" / "fresh_pairs_v15.tsv"),
         "fresh_pairs_v14": load_pairs(HERE / "data" / "fresh_pairs_v14.tsv"),
@@ -88,6 +95,11 @@ def main() -> None:
         "paws dev odd rows": paws[0::2],
         "paws dev even rows": paws[1::2],
     }
+    if args.sets is not None:
+        unknown = set(args.sets.split(",")) - set(sets)
+        if unknown:
+            parser.error(f"unknown sets {sorted(unknown)}; known: {', '.join(sets)}")
+        sets = {name: pairs for name, pairs in sets.items() if name in args.sets.split(",")}
     for name, pairs in sets.items():
         start = time.perf_counter()
         texts = list(dict.fromkeys(t for a, b, _ in pairs for t in (a, b)))
@@ -105,6 +117,9 @@ def main() -> None:
         scored = np.zeros(len(pairs))
         scored[asked] = classifier.scores([pairs[k][:2] for k in asked]) if asked else []
         crossed = scored >= classifier.threshold
+        crossed_as = {dtype: np.zeros(len(pairs), dtype=bool) for dtype in others}
+        for dtype, other in others.items():
+            crossed_as[dtype][asked] = other.scores([pairs[k][:2] for k in asked]) >= other.threshold if asked else []
         trained = " (the pair classifier's training data)" if name in TRAINED_ON else ""
         print(f"{name} ({len(pairs)} pairs, {int(labels.sum())} same; {time.perf_counter() - start:.0f} s){trained}")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + LookAlikeGuard strict : {rates(old, labels)}, {guard_ms:.2f} ms/pair")
@@ -112,7 +127,9 @@ def main() -> None:
         print(f"  cosine >= {args.floor} + EquivalenceCheck({args.threshold}): {rates(new, labels)}")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + strict+learned {STRICT_LEARNED_THRESHOLD}: {rates(combined, labels)}")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + order vetoes + PairClassifier {classifier.threshold}: "
-              f"{rates(crossed, labels)}")  # fmt: skip
+              f"{rates(crossed, labels)} ({classifier.dtype})")  # fmt: skip
+        for dtype, other in crossed_as.items():
+            print(f"  ... the same, PairClassifier(dtype={dtype!r}): {rates(other, labels)}")
         if args.errors and "fresh" in name:
             for (a, b, y), p in zip(pairs, new, strict=True):
                 if p != y:
@@ -127,6 +144,10 @@ def main() -> None:
                 if p != y:
                     why = classifier.check(a, b).reason if c >= DEFAULT_THRESHOLD else f"cosine {c:.3f}"
                     print(f"    pair  {'missed' if y else 'WRONG '} {a!r} / {b!r}: {why}")
+            for dtype, other in crossed_as.items():
+                for (a, b, y), p in zip(pairs, other, strict=True):
+                    if p and not y:
+                        print(f"    {dtype} WRONG {a!r} / {b!r}: {others[dtype].check(a, b).reason}")
 
 
 if __name__ == "__main__":

