@@ -16,9 +16,9 @@ development sets), `fresh_pairs_v2.tsv`, `benchmarks/data/fresh_query_pairs.tsv`
 of: cosine >= 0.80 + the strict guard (WordNet synonyms on), the same guard with `synonyms=False`, cosine >= `--floor`
 + `EquivalenceCheck` at its shipped threshold, cosine >= 0.80 + `guard="strict+learned"` (the strict guard, then the
 learned score at `STRICT_LEARNED_THRESHOLD`), and cosine >= 0.80 + `guard="classifier"` (the vetoes and word-order
-checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`, in its default dtype and, for comparison, in float32 and
-int8). Nothing here changes a setting: the thresholds and the floor were fixed beforehand (see the model cards and
-docs/semantic_cache.md).
+checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`, in its default dtype and reading, and for comparison in
+float32, in int8 and reading both orders). Nothing here changes a setting: the thresholds and the floor were fixed
+beforehand (see the model cards and docs/semantic_cache.md).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def main() -> None:
     check = EquivalenceCheck(args.threshold, embedder=embedder)
     both = EquivalenceCheck(STRICT_LEARNED_THRESHOLD, embedder=embedder, vetoes="strict")  # guard="strict+learned"
     classifier = PairClassifier()  # guard="classifier": the vetoes, then the cross-encoder
-    others = {dtype: PairClassifier(dtype=dtype) for dtype in ("float32", "int8") if dtype != classifier.dtype}
+    others = {f"dtype={dtype!r}": PairClassifier(dtype=dtype) for dtype in ("float32", "int8")}
+    others["orders='both'"] = PairClassifier(orders="both")  # the reading of the earlier rounds: twice the pass
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
@@ -117,9 +118,9 @@ def main() -> None:
         scored = np.zeros(len(pairs))
         scored[asked] = classifier.scores([pairs[k][:2] for k in asked]) if asked else []
         crossed = scored >= classifier.threshold
-        crossed_as = {dtype: np.zeros(len(pairs), dtype=bool) for dtype in others}
-        for dtype, other in others.items():
-            crossed_as[dtype][asked] = other.scores([pairs[k][:2] for k in asked]) >= other.threshold if asked else []
+        crossed_as = {how: np.zeros(len(pairs), dtype=bool) for how in others}
+        for how, other in others.items():
+            crossed_as[how][asked] = other.scores([pairs[k][:2] for k in asked]) >= other.threshold if asked else []
         trained = " (the pair classifier's training data)" if name in TRAINED_ON else ""
         print(f"{name} ({len(pairs)} pairs, {int(labels.sum())} same; {time.perf_counter() - start:.0f} s){trained}")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + LookAlikeGuard strict : {rates(old, labels)}, {guard_ms:.2f} ms/pair")
@@ -128,8 +129,8 @@ def main() -> None:
         print(f"  cosine >= {DEFAULT_THRESHOLD} + strict+learned {STRICT_LEARNED_THRESHOLD}: {rates(combined, labels)}")
         print(f"  cosine >= {DEFAULT_THRESHOLD} + order vetoes + PairClassifier {classifier.threshold}: "
               f"{rates(crossed, labels)} ({classifier.dtype})")  # fmt: skip
-        for dtype, other in crossed_as.items():
-            print(f"  ... the same, PairClassifier(dtype={dtype!r}): {rates(other, labels)}")
+        for how, other in crossed_as.items():
+            print(f"  ... the same, PairClassifier({how}): {rates(other, labels)}")
         if args.errors and "fresh" in name:
             for (a, b, y), p in zip(pairs, new, strict=True):
                 if p != y:
@@ -144,10 +145,10 @@ def main() -> None:
                 if p != y:
                     why = classifier.check(a, b).reason if c >= DEFAULT_THRESHOLD else f"cosine {c:.3f}"
                     print(f"    pair  {'missed' if y else 'WRONG '} {a!r} / {b!r}: {why}")
-            for dtype, other in crossed_as.items():
+            for how, other in crossed_as.items():
                 for (a, b, y), p in zip(pairs, other, strict=True):
                     if p and not y:
-                        print(f"    {dtype} WRONG {a!r} / {b!r}: {others[dtype].check(a, b).reason}")
+                        print(f"    {how} WRONG {a!r} / {b!r}: {others[how].check(a, b).reason}")
 
 
 if __name__ == "__main__":

@@ -76,10 +76,14 @@ def test_scores_are_symmetric_batched_and_near_float32(classifier):
     for (a, b), s in zip(pairs, batch, strict=True):
         alone = classifier.score(a, b)
         assert alone == s  # each pair is read alone: a score does not depend on the others
-        assert classifier.score(b, a) == pytest.approx(alone, abs=1e-6)  # one batch of both orders either way
-    one = PairClassifier(symmetric=False)  # (query, candidate) only: half the pass, the same decisions here
-    assert ((one.scores(pairs) >= DEFAULT_PAIR_THRESHOLD) == (batch >= DEFAULT_PAIR_THRESHOLD)).all()
-    assert one.score(*pairs[3]) != classifier.score(*pairs[3])
+        assert classifier.score(b, a) == alone  # read in the same order whichever is the query
+    both = PairClassifier(orders="both")  # both orders averaged: symmetric too, twice the pass
+    first = PairClassifier(orders="query_first")  # (query, candidate) as given
+    for other in (both, first):
+        assert ((other.scores(pairs) >= DEFAULT_PAIR_THRESHOLD) == (batch >= DEFAULT_PAIR_THRESHOLD)).all()
+    a, b = sorted(pairs[3])
+    assert first.score(a, b) == classifier.score(b, a) and first.score(b, a) != classifier.score(b, a)
+    assert both.score(a, b) == pytest.approx(both.score(b, a), abs=1e-6) and both.score(a, b) != classifier.score(a, b)
     full = PairClassifier(dtype="float32").scores(pairs)  # bfloat16 (the default here) changes scores by little
     assert np.abs(full - batch).max() < 0.05
     assert ((full >= DEFAULT_PAIR_THRESHOLD) == (batch >= DEFAULT_PAIR_THRESHOLD)).all()
@@ -93,12 +97,29 @@ def test_calibrate_sweeps_the_classifier_score(classifier):
     assert result.met_target and result.precision == 1.0 and result.recall == 1.0
 
 
+@needs_minilm
+def test_dtypes_score_alike_and_int8_stays_on_the_cpu(classifier):
+    pairs = PARAPHRASES + LOOK_ALIKES
+    full = PairClassifier(dtype="float32")
+    assert full.dtype == torch.float32 and PairClassifier(dtype="bfloat16").dtype == torch.bfloat16
+    reference = full.scores(pairs)
+    for dtype in ("bfloat16", "int8"):
+        scores = PairClassifier(dtype=dtype).scores(pairs)
+        assert np.abs(scores - reference).max() < 0.05, dtype
+        assert ((scores >= DEFAULT_PAIR_THRESHOLD) == (reference >= DEFAULT_PAIR_THRESHOLD)).all(), dtype
+    with pytest.raises(ValueError, match="runs on a CPU only"):
+        PairClassifier(dtype="int8", device="meta")
+    with pytest.raises(ValueError, match="expected dtype in"):
+        PairClassifier(dtype="float16")
+
+
 def test_bad_arguments_are_refused_at_construction():
     for kwargs, match in (
         ({"threshold": 1.5}, "threshold in"),
         ({"threshold": True}, "threshold in"),
         ({"vetoes": "off"}, "vetoes in"),
         ({"max_length": 4}, "max_length in"),
+        ({"orders": "reversed"}, "orders in"),
     ):
         with pytest.raises(ValueError, match=match):
             PairClassifier(**kwargs)

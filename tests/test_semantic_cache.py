@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from semantic_helpers import Forwards, WordTokenizer, ask, chat, make
+from semantic_helpers import BagOfWords, Forwards, WordTokenizer, ask, chat, make
 
 import hf_neuralcache
 from hf_neuralcache.hooks.samples import SampleSlots
@@ -100,6 +100,26 @@ def test_persisted_index_reloads_and_a_corrupt_one_is_rebuilt(model, tmp_path, c
     assert "unusable (checksum mismatch); rebuilding" in caplog.text
     ask(model, rebuilt, "whats the capital of france")
     assert rebuilt.stats()["hits"] == 1 and rebuilt.stats()["entries"] == 2
+
+
+def test_a_folder_written_with_another_embedder_is_embedded_again_on_opening(model, tmp_path):
+    class Renamed(BagOfWords):  # as MiniLM in bfloat16 and float32: close vectors, another fingerprint
+        fingerprint = "test-bag-of-words-64:bf16"
+
+        def encode(self, texts):
+            self.calls = getattr(self, "calls", 0) + len(texts)
+            return super().encode(texts)
+
+    cache = make(tmp_path / "s")
+    first = ask(model, cache, "what is the capital of france")
+    cache.close()
+    embedder = Renamed()
+    reopened = make(tmp_path / "s", embedder=embedder)
+    assert embedder.calls == 1 and reopened.stats()["entries"] == 1  # the stored request, embedded once more
+    with Forwards(model) as forwards:
+        hit = ask(model, reopened, "whats the capital of france")
+    assert forwards.count == 0 and reopened.stats()["hits"] == 1
+    assert torch.equal(hit[:, -5:], first[:, -5:])
 
 
 def test_a_crash_between_the_two_writes_never_serves_a_wrong_answer(model, tmp_path):

@@ -63,6 +63,27 @@ def test_minilm_fingerprint_is_stable_and_names_what_changes_vectors():
     assert first._model is None  # the fingerprint hashes files; it does not load the model
 
 
+@needs_minilm
+def test_minilm_dtype_auto_follows_the_cpu_and_the_fingerprint_names_bfloat16(monkeypatch):
+    from hf_neuralcache.semantic import embedders
+
+    texts = ["How do I fix a flat bike tire?", "How can I repair a flat tire on my bicycle?", "Capital of Peru?"]
+    full, half = MiniLMEmbedder(dtype="float32"), MiniLMEmbedder(dtype=torch.bfloat16)
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert half.fingerprint == full.fingerprint + ":bf16"  # never mixed in one index
+    a, b = full.encode(texts), half.encode(texts)
+    assert b.dtype == np.float32 and (a * b).sum(axis=1).min() > 0.999  # pooled in float32: the same vectors, nearly
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    monkeypatch.setattr(embedders, "native_bfloat16", lambda: False)  # a CPU that would emulate bfloat16
+    assert MiniLMEmbedder().dtype == torch.float32 and MiniLMEmbedder().fingerprint == full.fingerprint
+    monkeypatch.setattr(embedders, "native_bfloat16", lambda: True)
+    assert MiniLMEmbedder().dtype == torch.bfloat16
+    assert MiniLMEmbedder(device="meta").dtype == torch.float32  # "auto" picks bfloat16 on a CPU only
+    for bad in ("float16", "int8", torch.float16, 16):
+        with pytest.raises(ValueError, match="expected dtype in"):
+            MiniLMEmbedder(dtype=bad)
+
+
 def test_minilm_arguments_and_missing_package(monkeypatch):
     with pytest.raises(ValueError, match="batch_size"):
         MiniLMEmbedder(batch_size=0)

@@ -5,7 +5,8 @@ cached answer serves the query.
 pass (`[CLS] query [SEP] candidate [SEP]`), its states mean-pooled into one logit. Only a LoRA adapter (rank 16 on
 every linear layer of the encoder) and the one-logit head were trained; they ship as a PEFT adapter folder beside
 this file (`pair_classifier/`, about 2 MB) and are merged into the packaged MiniLM when the classifier loads. The
-score is symmetric: both orders are read in one batch and their logits averaged.
+score is symmetric: the two texts are read in a fixed order of their own (the lesser string first), whichever is
+the query; `orders="both"` reads both orders in one batch and averages their logits, at twice the cost.
 
 It was trained on the project's own request pairs (`benchmarks/data/fresh_pairs_v2`-`v14`, `task_pairs` and the
 issue's 60 pairs: LLM-style requests and look-alikes that differ in one qualifier, number, entity, direction,
@@ -71,14 +72,20 @@ def base_cross_encoder() -> tuple[CrossEncoder, object]:
     return CrossEncoder(encoder), tokenizer
 
 
+ORDERS = ("canonical", "both", "query_first")
+
+
 @torch.inference_mode()
-def pair_logit(model: torch.nn.Module, tokenizer, query: str, candidate: str, symmetric: bool = True,
+def pair_logit(model: torch.nn.Module, tokenizer, query: str, candidate: str, orders: str = "canonical",
                max_length: int = 128) -> float:  # fmt: skip
-    """The cross-encoder's logit for one pair, read alone: `(query, candidate)`, or with `symmetric` the mean of both
-    orders (read in one batch). The classifier's score is its sigmoid; training scores its held-out pairs so too."""
+    """The cross-encoder's logit for one pair, read alone: in one order, the lesser string first (`"canonical"`,
+    symmetric), `(query, candidate)` (`"query_first"`), or the mean of both orders read in one batch (`"both"`,
+    symmetric, twice the pass). The classifier's score is its sigmoid; training scores its held-out pairs so too."""
     first, second = [query], [candidate]
-    if symmetric:
+    if orders == "both":
         first, second = [query, candidate], [candidate, query]
+    elif orders == "canonical" and candidate < query:
+        first, second = [candidate], [query]
     device = next(model.parameters(), torch.empty(0)).device
     batch = tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return float(model(**batch.to(device)).double().mean())
@@ -132,9 +139,10 @@ class PairClassifier:
             Where the model runs.
         max_length (`int`, *optional*, defaults to 128):
             Tokens kept per pair (both texts together); longer pairs are truncated.
-        symmetric (`bool`, *optional*, defaults to `True`):
-            Read the pair in both orders and average the logits (the score is symmetric); `False` reads `(query,
-            candidate)` only, in half the time.
+        orders (`str`, *optional*, defaults to `"canonical"`):
+            How the pair is read: `"canonical"`, one pass in a fixed order of the two texts (the lesser string
+            first), so that the score is symmetric; `"both"`, both orders in one batch, logits averaged (symmetric,
+            twice the work); `"query_first"`, `(query, candidate)` only. It was trained on both orders of every pair.
         dtype (`str` or `torch.dtype`, *optional*, defaults to `"auto"`):
             What the model runs in: `"float32"` (as trained), `"bfloat16"`, `"int8"` (linear layers in int8 by
             PyTorch's dynamic quantization, CPU only, float32 where this PyTorch lacks it: the fastest, but its
@@ -164,7 +172,7 @@ class PairClassifier:
 
     def __init__(self, threshold: float | None = None, vetoes: bool | str = True, adapter=None,
                  device: str | torch.device = "cpu", max_length: int = 128, dtype: str | torch.dtype = "auto",
-                 symmetric: bool = True):  # fmt: skip
+                 orders: str = "canonical"):  # fmt: skip
         threshold = DEFAULT_PAIR_THRESHOLD if threshold is None else threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"expected threshold in [0, 1], got {threshold!r}")
@@ -178,7 +186,9 @@ class PairClassifier:
         self.dtype = resolve_dtype(dtype, self.device, ("auto", "float32", "bfloat16", "int8"))
         if self.dtype == "int8" and self.device.type != "cpu":
             raise ValueError(f"dtype='int8' runs on a CPU only (PyTorch's dynamic quantization), got {self.device}")
-        self.symmetric = bool(symmetric)
+        if orders not in ORDERS:
+            raise ValueError(f"expected orders in {list(ORDERS)}, got {orders!r}")
+        self.orders = orders
         self._model = self._tokenizer = None
         self._failed: Exception | None = None  # why the model could not load: raised again at once, not retried
         self._lock = threading.Lock()
@@ -211,8 +221,8 @@ class PairClassifier:
 
     def scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Scores of many `(query, candidate)` pairs, float64 `[len(pairs)]`, each equal to `score` on the pair: a
-        pair is read alone (both orders in one batch): padding to another pair's length would change its score
-        (and int8 activations are scaled per batch)."""
+        pair is read alone (with `orders="both"`, its two orders in one batch): padding to another pair's length
+        would change its score (and int8 activations are scaled per batch)."""
         pairs = [(a, b) for a, b in pairs]
         if not all(isinstance(a, str) and isinstance(b, str) for a, b in pairs):
             raise ValueError("expected pairs of two strings")
@@ -225,11 +235,12 @@ class PairClassifier:
                 except (OSError, ValueError, ImportError) as err:
                     self._failed = err
                     raise
-        logits = [pair_logit(self._model, self._tokenizer, a, b, self.symmetric, self.max_length) for a, b in pairs]
+        logits = [pair_logit(self._model, self._tokenizer, a, b, self.orders, self.max_length) for a, b in pairs]
         return 1.0 / (1.0 + np.exp(-np.array(logits, dtype=np.float64)))
 
     def score(self, query: str, candidate: str) -> float:
-        """Probability that the two texts ask the same thing (the vetoes are not applied); symmetric."""
+        """Probability that the two texts ask the same thing (the vetoes are not applied); symmetric unless
+        `orders="query_first"`."""
         return float(self.scores([(query, candidate)])[0])
 
     def check(self, query: str, candidate: str, summary=None, cosine: float | None = None) -> GuardVerdict:
