@@ -39,7 +39,7 @@ ADAPTER = Path(__file__).with_name("pair_classifier")
 # chosen on out-of-fold scores of the training sets (grouped by set) before fresh_pairs_v12 was run: see the model card
 DEFAULT_PAIR_THRESHOLD = 0.9
 # the shipped adapter's bytes (benchmarks/train_pair_classifier.py writes it and prints this digest)
-ADAPTER_SHA256 = "44cef1af756d373e68beed5ce71ecfbc66a10f87c84d2aaf870e06b366487ac9"
+ADAPTER_SHA256 = "82f9dd5a91d4957c277cc3df7dc334df7ca2d00f89bdd76fa7b965a36d33618c"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
