@@ -25,6 +25,7 @@ PARAPHRASES = [
 ]
 LOOK_ALIKES = [
     ("Give me a recipe for vegan brownies.", "Give me a recipe for keto brownies."),
+    ("Why do dogs chase cats?", "Why do cats chase dogs?"),  # a role swap the order checks leave to the classifier
     ("What are the symptoms of a cold?", "What are the symptoms of the flu?"),
     ("Write a haiku about autumn leaves.", "Write a limerick about autumn leaves."),
 ]
@@ -42,11 +43,18 @@ def test_the_shipped_adapter_matches_its_pin_and_names_its_head():
     assert (pc.ADAPTER / "README.md").read_text().count("fresh_pairs_v12") >= 1  # the model card
 
 
-def test_order_strictness_adds_the_order_checks_to_the_vetoes():
+def test_order_strictness_adds_the_order_checks_to_the_vetoes_for_statements():
     order, vetoes = LookAlikeGuard("order"), LookAlikeGuard("vetoes")
-    swap = ("Why do dogs chase cats?", "Why do cats chase dogs?")
+    swap = ("Dogs chase cats in the park.", "Cats chase dogs in the park.")  # PAWS-style statements
     assert vetoes.check(*swap).ok and not order.check(*swap).ok
     assert order.check(*swap).reason.startswith("order differs")
+    assert not order.check("In 2010 the new park opened", "The new park opened in 2010").ok
+    # two requests (a question or an instruction) skip the order checks: the classifier reads their roles
+    for pair in (("Why do dogs chase cats?", "Why do cats chase dogs?"),
+                 ("After smoking a brisket, how long do I let it rest?", "How long should I rest a smoked brisket?"),
+                 ("Explain the offside rule simply.", "What's the offside rule, explained simply?")):  # fmt: skip
+        assert order.check(*pair).ok, pair
+    assert not order.check("Why do dogs chase cats?", "Cats chase dogs.").ok  # one request only: checked
     # the wording is not judged: a different word passes, as with "vetoes"; a veto still refuses
     assert order.check("How do I fix a flat tire?", "How do I repair a flat tire?").ok
     assert order.check("Give me an interesting fact about owls.", "Tell me a fun fact about owls.").ok
@@ -72,7 +80,7 @@ def test_paraphrases_pass_and_look_alikes_are_refused(classifier):
 def test_scores_are_symmetric_batched_and_near_float32(classifier):
     pairs = PARAPHRASES + LOOK_ALIKES
     batch = classifier.scores(pairs)
-    assert batch.shape == (6,) and ((0 <= batch) & (batch <= 1)).all()
+    assert batch.shape == (len(pairs),) and ((0 <= batch) & (batch <= 1)).all()
     for (a, b), s in zip(pairs, batch, strict=True):
         alone = classifier.score(a, b)
         assert alone == s  # each pair is read alone: a score does not depend on the others

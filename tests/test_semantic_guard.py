@@ -118,8 +118,11 @@ def test_balanced_relaxes_only_order_voice_extra_words_and_vs(name):
 @pytest.mark.parametrize("strictness", STRICTNESS)
 def test_true_paraphrases_pass_at_every_strictness(query, candidate, strictness):
     verdict = LookAlikeGuard(strictness).check(query, candidate)
-    if strictness == "order" and candidate == "Is Bob loved by Alice?":  # a passive that moves the roles: "order"
-        assert verdict.reason == "order differs: shared words swap roles"  # refuses it (the PAWS precision it buys)
+    if strictness == "order" and candidate == "Is Bob loved by Alice?":  # a passive that moves the roles: passes
+        assert verdict.ok  # "order" as both are requests (the classifier reads their roles); refused as statements:
+        assert LookAlikeGuard("order").check("Alice loves Bob.", "Bob is loved by Alice.").reason == (
+            "order differs: shared words swap roles"
+        )  # (the PAWS precision it buys)
         return
     assert verdict == GuardVerdict(True, ""), verdict.reason
 

@@ -70,10 +70,12 @@ that WordNet lists as its own entry, made with a shared word ("time zone" / "tim
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
-of its learned score. `"order"` runs the vetoes and then the two word-order checks (shared words that swap roles,
-voice or not; the same words in another order; with the lexicon's synonyms standing for their partners) and no word
-matching: what [`PairClassifier`] keeps in front of its cross-encoder, which judges the wording but was not trained
-on PAWS-style swaps. `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
+of its learned score. `"order"` runs the vetoes and then, unless both texts are requests (a question or an
+instruction: ending with "?" or opening with a question word, an auxiliary or a request verb), the two word-order
+checks (shared words that swap roles, voice or not; the same words in another order; with the lexicon's synonyms
+standing for their partners), and no word matching: what [`PairClassifier`] keeps in front of its cross-encoder,
+which judges the wording and the roles of requests (it was trained on their swaps) but not PAWS-style statements.
+`"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
 matches one that is it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant:
 "travel" / "travelled"), but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple").
 Common clipped words read as their full form ("dict" = "dictionary", "repo" = "repository"), and a hyphenated word
@@ -154,6 +156,11 @@ _FRAME_VERBS = _set(
     calculate compute recommend suggest teach help generate create make draft translate"""
 )
 _OPENERS = _set("can could would will you please kindly i want need to me do does help just how")
+# the first words of a request (a question or an instruction), as opposed to a statement
+_REQUEST_OPENERS = _FRAME_VERBS | _set(
+    """what whats which who whom whose when where why how is are was were do does did can could would will should
+    shall may might must has have had am please kindly"""
+)
 _FRAME_NOUNS = _set("number amount kind type")  # "the number of legs": framing when followed by "of"
 _WH_KIND = {"who": "person", "whom": "person", "whose": "person", "when": "time", "where": "place", "why": "reason"}
 _WH_NOUNS = {"year": "time", "date": "time", "day": "time", "month": "time", "century": "time", "time": "time",
@@ -322,6 +329,7 @@ class _Analysis:
     hyphenated: dict = field(default_factory=dict)  # stem of a hyphenated qualifier -> the compound ("low-fat")
     compounds: dict = field(default_factory=dict)  # stem of each part of a hyphenated word -> its joined stem
     tokens: tuple = ()  # every lower-case word in text order (for phrases: "get rid of")
+    request: bool = False  # a question or an instruction: ends with "?" or opens with a question word or request verb
 
 
 def _words(text: str) -> tuple[list[str], list[str]]:
@@ -384,6 +392,8 @@ def _analyse(text: str) -> _Analysis:
                 out.compounds[stem(part)] = stem(compound.replace("-", ""))
     words, surface = _words(text)
     out.words, out.tokens = set(words), tuple(words)
+    first = next((w for w in words if w.isalpha()), "")
+    out.request = text.rstrip().endswith("?") or first in _REQUEST_OPENERS
     start, opener, pending = True, True, []  # sentence start; request opening; number words being combined
     for i, (word, form) in enumerate(zip(words, surface, strict=True)):
         prev, nxt = (words[i - 1] if i else ""), (words[i + 1] if i + 1 < len(words) else "")
@@ -735,6 +745,8 @@ class LookAlikeGuard:
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
             return GuardVerdict(True)
         if self.strictness == "order":  # and the order checks: the pair classifier judges the wording
+            if a.request and b.request:  # and the roles of requests too: it was trained on their swaps
+                return GuardVerdict(True)
             _, breaks, reordered = _word_order(a, b, lexicon)
             if breaks > 3:  # a passive too: the classifier, not this rule, tells a voice change from a swap
                 return _no("order differs: shared words swap roles")
