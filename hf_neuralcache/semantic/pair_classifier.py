@@ -39,7 +39,7 @@ ADAPTER = Path(__file__).with_name("pair_classifier")
 # chosen on out-of-fold scores of the training sets (grouped by set) before fresh_pairs_v12 was run: see the model card
 DEFAULT_PAIR_THRESHOLD = 0.9
 # the shipped adapter's bytes (benchmarks/train_pair_classifier.py writes it and prints this digest)
-ADAPTER_SHA256 = "82f9dd5a91d4957c277cc3df7dc334df7ca2d00f89bdd76fa7b965a36d33618c"
+ADAPTER_SHA256 = "b1b3ebaec42942c7e8acd780541df0f2d5de0fdb3cf9e8c5213485967d2d8c2d"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
