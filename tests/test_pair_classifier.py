@@ -55,6 +55,12 @@ def test_order_strictness_adds_the_order_checks_to_the_vetoes_for_statements():
                  ("Explain the offside rule simply.", "What's the offside rule, explained simply?")):  # fmt: skip
         assert order.check(*pair).ok, pair
     assert not order.check("Why do dogs chase cats?", "Cats chase dogs.").ok  # one request only: checked
+    # one verb, active in one and passive in the other, the roles in their places: swapped, requests or not
+    passive = order.check("Which composers influenced Debussy?", "Which composers were influenced by Debussy?")
+    assert passive.reason == "voice differs but the roles keep their places (active vs passive)"
+    assert order.check("Who wrote Hamlet?", "Hamlet was written by whom?").ok  # the roles move with the voice
+    assert order.check("What is 'Stairway to Heaven' by Led Zeppelin about?",  # a title, not a participle
+                       "Explain the meaning of 'Stairway to Heaven' by Led Zeppelin.").ok  # fmt: skip
     # the wording is not judged: a different word passes, as with "vetoes"; a veto still refuses
     assert order.check("How do I fix a flat tire?", "How do I repair a flat tire?").ok
     assert order.check("Give me an interesting fact about owls.", "Tell me a fun fact about owls.").ok

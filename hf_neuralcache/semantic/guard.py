@@ -70,11 +70,13 @@ that WordNet lists as its own entry, made with a shared word ("time zone" / "tim
 
 `"vetoes"` runs only the checks up to and including the particles (numbers, names, negation, negating prefixes,
 question kind, reversed relation, particles; no lexicon): the hard vetoes that [`EquivalenceCheck`] keeps in front
-of its learned score. `"order"` runs the vetoes and then, unless both texts are requests (a question or an
-instruction: ending with "?" or opening with a question word, an auxiliary or a request verb), the two word-order
-checks (shared words that swap roles, voice or not; the same words in another order; with the lexicon's synonyms
-standing for their partners), and no word matching: what [`PairClassifier`] keeps in front of its cross-encoder,
-which judges the wording and the roles of requests (it was trained on their swaps) but not PAWS-style statements.
+of its learned score. `"order"` runs the vetoes, then refuses one verb in the active in one text and the passive in
+the other with the roles in their places ("Which composers influenced X?" / "Which composers were influenced by
+X?"), and then, unless both texts are requests (a question or an instruction: ending with "?" or opening with a
+question word, an auxiliary or a request verb), the two word-order checks (shared words that swap roles, voice or
+not; the same words in another order; with the lexicon's synonyms standing for their partners), and no word
+matching: what [`PairClassifier`] keeps in front of its cross-encoder, which judges the wording and the roles of
+requests (it was trained on their swaps) but not PAWS-style statements.
 `"off"` accepts every candidate (plain cosine). Words match by stem; a stem of 4+ letters also
 matches one that is it plus a suffix ("Scandinavia" / "Scandinavian", "east" / "eastern", a doubled consonant:
 "travel" / "travelled"), but not one it merely begins ("story" / "stormy": "stor" / "storm"; "pine" / "pineapple").
@@ -565,14 +567,19 @@ _BE = _set("is are was were be been being get gets got")
 
 def _passive(words: list[str]) -> bool:
     """Whether "by" follows a participle shortly after a form of "be" ("is X loved by", "was made by")."""
+    return bool(_passive_verb(words))
+
+
+def _passive_verb(words: list[str]) -> str:
+    """The participle of the first passive ("loved" in "is X loved by"), or ""."""
     for i, word in enumerate(words):
         participle = words[i - 1] if i else ""
         if participle in ("multiplied", "divided"):  # "18 multiplied by 7": arithmetic, not a passive
             continue
         if word == "by" and (participle.endswith(("ed", "en", "wn")) or participle in _IRREGULAR):
             if _BE & set(words[max(0, i - 5) : i - 1]):
-                return True
-    return False
+                return participle
+    return ""
 
 
 def _roman_pairs(numeral: str) -> tuple[list[int], list[int]]:
@@ -745,9 +752,15 @@ class LookAlikeGuard:
         if self.strictness == "vetoes":  # only the slot checks above: the learned check judges the wording
             return GuardVerdict(True)
         if self.strictness == "order":  # and the order checks: the pair classifier judges the wording
+            b_slots, breaks, reordered = _word_order(a, b, lexicon)
+            passive, active = (a, b) if a.passive else (b, a)
+            verb = stem(_passive_verb(list(passive.tokens))) if a.passive != b.passive else ""
+            verb = "" if any(verb in key.split() for key in passive.names) else verb  # "'Stairway to Heaven' by"
+            if verb and not breaks and verb in active.stems and len(set(a.slots) & set(b_slots)) >= 2:
+                # "Which composers influenced X?" / "Which composers were influenced by X?": one verb, roles swapped
+                return _no("voice differs but the roles keep their places (active vs passive)")
             if a.request and b.request:  # and the roles of requests too: it was trained on their swaps
                 return GuardVerdict(True)
-            _, breaks, reordered = _word_order(a, b, lexicon)
             if breaks > 3:  # a passive too: the classifier, not this rule, tells a voice change from a swap
                 return _no("order differs: shared words swap roles")
             if reordered:
