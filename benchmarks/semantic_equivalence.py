@@ -5,23 +5,25 @@ check and the pair classifier, on every labelled set.
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --paws-limit 1000 --errors
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --sets fresh_pairs_v17 --errors
 
-Sets: `benchmarks/data/fresh_pairs_v20.tsv` (200 pairs written by a helper that read neither the guard nor the other
-sets, committed before the shipped adapter was chosen and run once after: its out-of-sample test),
-`fresh_pairs_v19.tsv` and `fresh_pairs_v18.tsv` (the same for the previous adapter, trained on the same pairs with an
-unweighted loss, and for the order checks in front; never trained on, they chose the loss weight of the shipped one),
-`fresh_pairs_v17.tsv` (the same, committed before the classifier's dtype and reading were chosen, run once on the
-previous adapter; now training data), `fresh_pairs_v16.tsv`-`fresh_pairs_v12.tsv` (the same for the classifier's
-earlier rounds; now its training data), `fresh_pairs_v11.tsv`-`fresh_pairs_v3.tsv` (the out-of-sample tests of earlier
-guard versions, read after their run: development sets), `fresh_pairs_v2.tsv`, `benchmarks/data/fresh_query_pairs.tsv`
-(the issue's 60 pairs), the classifier's three sets of training pairs (`task_pairs`, `role_task_pairs`,
-`scope_pairs`), the shared `llm_query_pairs_dev.tsv` and the odd and even rows of `paws_wiki_dev.tsv`. The pair
-classifier was trained on v2-v17, the three sets of training pairs and the issue's 60 (marked in the output). For each
-set it prints precision, recall and predictions of: cosine >= 0.80 + the strict guard (WordNet synonyms on), the same
-guard with `synonyms=False`, cosine >= `--floor` + `EquivalenceCheck` at its shipped threshold, cosine >= 0.80 +
-`guard="strict+learned"` (the strict guard, then the learned score at `STRICT_LEARNED_THRESHOLD`), and cosine >= 0.80
-+ `guard="classifier"` (the vetoes and word-order checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`, in its
-default dtype and reading, and for comparison in float32, in int8 and reading both orders). Nothing here changes a
-setting: the thresholds and the floor were fixed beforehand (see the model cards and docs/semantic_cache.md).
+Sets: `benchmarks/data/fresh_pairs_v21.tsv` (200 pairs written by a helper that read neither the guard nor the other
+sets, committed before the voice check joined the order checks in front of the classifier and run once after: the
+out-of-sample test of the shipped classifier and its front), `fresh_pairs_v20.tsv` (the same, committed before the
+shipped adapter was chosen and run once with the previous front), `fresh_pairs_v19.tsv` and `fresh_pairs_v18.tsv` (the
+same for the previous adapter, trained on the same pairs with an unweighted loss, and for the order checks in front;
+never trained on, they chose the loss weight of the shipped one), `fresh_pairs_v17.tsv` (the same, committed before
+the classifier's dtype and reading were chosen, run once on the previous adapter; now training data),
+`fresh_pairs_v16.tsv`-`fresh_pairs_v12.tsv` (the same for the classifier's earlier rounds; now its training data),
+`fresh_pairs_v11.tsv`-`fresh_pairs_v3.tsv` (the out-of-sample tests of earlier guard versions, read after their run:
+development sets), `fresh_pairs_v2.tsv`, `benchmarks/data/fresh_query_pairs.tsv` (the issue's 60 pairs), the
+classifier's three sets of training pairs (`task_pairs`, `role_task_pairs`, `scope_pairs`), the shared
+`llm_query_pairs_dev.tsv` and the odd and even rows of `paws_wiki_dev.tsv`. The pair classifier was trained on v2-v17,
+the three sets of training pairs and the issue's 60 (marked in the output). For each set it prints precision, recall
+and predictions of: cosine >= 0.80 + the strict guard (WordNet synonyms on), the same guard with `synonyms=False`,
+cosine >= `--floor` + `EquivalenceCheck` at its shipped threshold, cosine >= 0.80 + `guard="strict+learned"` (the
+strict guard, then the learned score at `STRICT_LEARNED_THRESHOLD`), and cosine >= 0.80 + `guard="classifier"` (the
+vetoes and word-order checks, then `PairClassifier` at `DEFAULT_PAIR_THRESHOLD`, in its default dtype and reading, and
+for comparison in float32, in int8 and reading both orders). Nothing here changes a setting: the thresholds and the
+floor were fixed beforehand (see the model cards and docs/semantic_cache.md).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> None:
     default_lexicon()  # read the WordNet lexicon before the guard is timed
     paws = load_pairs(DATA / "paws_wiki_dev.tsv")[: args.paws_limit]
     sets = {
+        "fresh_pairs_v21": load_pairs(HERE / "data" / "fresh_pairs_v21.tsv"),
         "fresh_pairs_v20": load_pairs(HERE / "data" / "fresh_pairs_v20.tsv"),
         "fresh_pairs_v19": load_pairs(HERE / "data" / "fresh_pairs_v19.tsv"),
         "fresh_pairs_v18": load_pairs(HERE / "data" / "fresh_pairs_v18.tsv"),
