@@ -8,12 +8,14 @@ this file (`pair_classifier/`, about 2 MB) and are merged into the packaged Mini
 score is symmetric: the two texts are read in a fixed order of their own (the lesser string first), whichever is
 the query; `orders="both"` reads both orders in one batch and averages their logits, at twice the cost.
 
-It was trained on the project's own request pairs (`benchmarks/data/fresh_pairs_v2`-`v14`, `task_pairs` and the
-issue's 60 pairs: LLM-style requests and look-alikes that differ in one qualifier, number, entity, direction,
-negation, unit, tense or task), by `benchmarks/train_pair_classifier.py`; the model card `pair_classifier/README.md`
-has the data, the licences and the figures. The guard's hard vetoes and its word-order checks
-(`LookAlikeGuard("order")`: numbers, names, negation, question kind, a reversed relation, opposite particles, shared
-words swapping roles) stay in front of it: the classifier judges the wording, and it never saw PAWS-style swaps.
+It was trained on the project's own request pairs (`benchmarks/data/fresh_pairs_v2`-`v17`, the issue's 60 and
+three sets of training pairs: `task_pairs`, `role_task_pairs`, `scope_pairs`: LLM-style requests and look-alikes
+that differ in one qualifier, number, entity, direction, role, negation, unit, tense, task or scope), by
+`benchmarks/train_pair_classifier.py`; the model card `pair_classifier/README.md` has the data, the licences and the
+figures. The guard's hard vetoes and its order checks (`LookAlikeGuard("order")`: numbers, names, negation,
+question kind, a reversed relation, opposite particles, a passive that keeps the roles in place, and for statements
+shared words swapping roles) stay in front of it: the classifier judges the wording, and it never saw PAWS-style
+swaps.
 
 It runs in float32, as it was trained, or in bfloat16 on a CPU that multiplies bfloat16 in hardware (the default
 there: 2.5x faster, scores within 0.02 of float32's). int8 linear layers (PyTorch dynamic quantization, opt-in) are
