@@ -1,7 +1,7 @@
 """Out-of-sample report: the look-alike guard (with and without its WordNet synonyms), the learned equivalence
 check and the pair classifier, on every labelled set.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py        # about 8 minutes on two cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py        # about 15 minutes on two cores
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --paws-limit 1000 --errors
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/semantic_equivalence.py --sets fresh_pairs_v17 --errors
 
