@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/semantic_latency.py                 # 10,000 and 100,000 entries
     .venv/bin/python benchmarks/semantic_latency.py --sizes 10000   # quicker
+    .venv/bin/python benchmarks/semantic_latency.py --dtype float32 # as on a CPU without native bfloat16
 
 The index is filled with the MiniLM embeddings of `--real` sentences of the shared data (LLM queries and PAWS) and,
 past those, with random unit vectors (a denser space than real queries: a conservative stand-in for the search).
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_neuralcache.semantic import MiniLMEmbedder, PairClassifier
 from hf_neuralcache.semantic.cache import SemanticCache
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--reopen", type=int, default=0, help="also time opening a folder of N answers (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for MiniLM (default: %(default)s)")
     parser.add_argument("--guard", default="classifier", help="the cache's guard (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="MiniLM's and the classifier's dtype (default: %(default)s; "
+                        "'float32' is what a CPU without native bfloat16 runs)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.reopen:
@@ -121,7 +125,9 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as folder:
-        cache = SemanticCache(folder, max_entries=max(args.sizes) + 1, guard=args.guard)
+        embedder = MiniLMEmbedder(dtype=args.dtype)
+        guard = PairClassifier(dtype=args.dtype) if args.guard == "classifier" else args.guard
+        cache = SemanticCache(folder, embedder=embedder, max_entries=max(args.sizes) + 1, guard=guard)
         texts = sentences()
         queries, fill_texts = texts[: args.queries], texts[args.queries : args.queries + args.real]
         start = time.perf_counter()
@@ -193,7 +199,7 @@ def main() -> None:
             figures = (*percentiles(ann), *percentiles(ann_cpu), *percentiles(e2e), *percentiles(e2e_cpu))
             print(f"{size:>9,}{build:>12.1f}{recall:>12.3f}" + "".join(f"{v:>12.3f}" for v in figures))
         print(f"\nhnswlib M={cache.index.M}, ef_construction={cache.index.ef_construction}, ef={cache.index.ef}, "
-              f"k={cache.candidates}, dim={cache.embedder.dim}, guard {args.guard!r}; "
+              f"k={cache.candidates}, dim={cache.embedder.dim}, guard {args.guard!r}, {embedder.dtype}; "
               "goal: ANN p99 < 2 ms at 100K")  # fmt: skip
 
 
