@@ -75,6 +75,9 @@ PARAPHRASES = [
     ("What year did World War II end?", "When did the Second World War end?"),
     ("Who wrote Pride and Prejudice?", "Pride and Prejudice was written by whom?"),
     ("Does Alice love Bob?", "Is Bob loved by Alice?"),
+    # a participle inside a quoted title is no passive ("Heaven' by"): no voice change to refuse
+    ("What is 'Stairway to Heaven' by Led Zeppelin about?",
+     "Explain the meaning of 'Stairway to Heaven' by Led Zeppelin."),
     ("Tell me a joke about cats.", "Do you know a joke about cats?"),
     ("Write a haiku about autumn.", "Compose a haiku on the theme of autumn."),
     ("What is the GDP of Germany?", "How large is Germany's gross domestic product?"),

@@ -51,7 +51,7 @@ reduced to a light stem ([`stem`]: irregular forms from a table, a plural "s", o
 | no substitution: not both texts hold content words the other lacks (2) | yes | yes |
 | shared slots in the same order up to one moved block, unless only one text is passive | yes | yes |
 | texts sharing >= 90% of their words: slots in exactly the same order | no | yes |
-| passive in one text only while the roles keep their places ("A loves B" / "A is loved by B") | no | yes |
+| one verb passive in one text only while the roles keep their places ("A loves B" / "A is loved by B") | no | yes |
 | no hyphenated qualifier in one text only ("yogurt" / "low-fat yogurt") | no | yes |
 | no added qualifier (3) | no | yes |
 | at most one extra content word (frame words not counted) in either text | no | yes |
@@ -318,7 +318,7 @@ class _Analysis:
     negated: bool = False
     tense: str = ""  # of the auxiliary that opens a question ("is" / "was", "does" / "did"); "" when none does
     asks: str = ""  # "object" for "Who did X teach?", "subject" for "Who taught X?", "" for other texts
-    passive: bool = False
+    passive: str = ""  # the stem of the passive's verb ("love" in "is Bob loved by Alice"), "" when none
     kinds: set = field(default_factory=set)
     content: list = field(default_factory=list)  # content stems in text order
     surface: dict = field(default_factory=dict)  # content stem -> its first surface word (for reasons)
@@ -375,12 +375,13 @@ def _format(value: float) -> str:
 
 def _analyse(text: str) -> _Analysis:
     text = normalize_query(text)
-    out = _Analysis()
+    out, quoted_stems = _Analysis(), set()
     for match in _QUOTED.finditer(text):
         quoted = next(g for g in match.groups() if g is not None).strip()
         key = " ".join(stem(w) for w in re.findall(r"\w+", quoted.lower()))
         if key:
             out.names[key] = quoted
+            quoted_stems.update(key.split())
     for match in _IDENTIFIER.finditer(text):
         if match.group(0).lower() not in _UNITS:  # "kJ" is a unit, not camelCase
             out.names[match.group(0).lower()] = match.group(0)
@@ -479,7 +480,7 @@ def _analyse(text: str) -> _Analysis:
             opened = False
         start, opener = start and opened, opened
     out.relations = _relations(words)
-    out.passive = _passive(words)
+    out.passive = _passive_verb(words, quoted_stems)
     out.tense = _tense(words)
     out.asks = _asks(words)
     return out
@@ -565,21 +566,27 @@ def _asks(words: list[str]) -> str:
 _BE = _set("is are was were be been being get gets got")
 
 
-def _passive(words: list[str]) -> bool:
-    """Whether "by" follows a participle shortly after a form of "be" ("is X loved by", "was made by")."""
-    return bool(_passive_verb(words))
-
-
-def _passive_verb(words: list[str]) -> str:
-    """The participle of the first passive ("loved" in "is X loved by"), or ""."""
+def _passive_verb(words: list[str], quoted: set[str]) -> str:
+    """The stem of the first passive's verb: "by" after a participle shortly after a form of "be" ("is X loved by",
+    "was made by"), not inside a quoted name ("What is 'Stairway to Heaven' by ..."); "" when there is none."""
     for i, word in enumerate(words):
         participle = words[i - 1] if i else ""
         if participle in ("multiplied", "divided"):  # "18 multiplied by 7": arithmetic, not a passive
             continue
         if word == "by" and (participle.endswith(("ed", "en", "wn")) or participle in _IRREGULAR):
-            if _BE & set(words[max(0, i - 5) : i - 1]):
-                return participle
+            verb = stem(participle)
+            if _BE & set(words[max(0, i - 5) : i - 1]) and verb not in quoted:
+                return verb
     return ""
+
+
+def _voice_swap(a: _Analysis, b: _Analysis, b_slots: list[str], breaks: int) -> bool:
+    """One verb in the active in one text and the passive in the other, the shared words in the same order: the
+    roles swapped ("Which composers influenced X?" / "Which composers were influenced by X?")."""
+    if breaks or bool(a.passive) == bool(b.passive):
+        return False
+    passive, active = (a, b) if a.passive else (b, a)
+    return passive.passive in active.stems and len(set(a.slots) & set(b_slots)) >= 2
 
 
 def _roman_pairs(numeral: str) -> tuple[list[int], list[int]]:
@@ -753,11 +760,7 @@ class LookAlikeGuard:
             return GuardVerdict(True)
         if self.strictness == "order":  # and the order checks: the pair classifier judges the wording
             b_slots, breaks, reordered = _word_order(a, b, lexicon)
-            passive, active = (a, b) if a.passive else (b, a)
-            verb = stem(_passive_verb(list(passive.tokens))) if a.passive != b.passive else ""
-            verb = "" if any(verb in key.split() for key in passive.names) else verb  # "'Stairway to Heaven' by"
-            if verb and not breaks and verb in active.stems and len(set(a.slots) & set(b_slots)) >= 2:
-                # "Which composers influenced X?" / "Which composers were influenced by X?": one verb, roles swapped
+            if _voice_swap(a, b, b_slots, breaks):
                 return _no("voice differs but the roles keep their places (active vs passive)")
             if a.request and b.request:  # and the roles of requests too: it was trained on their swaps
                 return GuardVerdict(True)
@@ -772,7 +775,7 @@ class LookAlikeGuard:
         if only_a and only_b:
             return _no(f"different words: {_forms(a, only_a)} vs {_forms(b, only_b)}")
         b_slots, breaks, reordered = _word_order(a, b, lexicon)
-        voice = a.passive != b.passive
+        voice = bool(a.passive) != bool(b.passive)
         if breaks > 3 and not voice:  # passive vs active reverses the roles' order: expected, not a swap
             return _no("order differs: shared words swap roles")
         if strict:
@@ -784,7 +787,7 @@ class LookAlikeGuard:
                     return _no(f"qualifier differs: {qualifiers} in the {where} only")
             if reordered:
                 return _no("order differs: the same words in another order")
-            if not breaks and voice and len(set(a.slots) & set(b_slots)) >= 2:
+            if _voice_swap(a, b, b_slots, breaks):
                 return _no("voice differs but the roles keep their places (active vs passive)")
             for x, y, extra in ((a, b, only_a - a.frames), (b, a, only_b - b.frames)):
                 if len(extra) > 1:
