@@ -35,8 +35,21 @@ kept by all three, and the rest of the budget goes by the policy):
   neighbouring entries (kernel 7, stride 1; neighbours in position order among the held entries, which need not be
   adjacent positions), keep the top entries plus the observation window's own keys. No state between chunks.
 
+Two options refine TOVA (`tensor_cache_quality.py`'s "carry" and "fitted layer budgets" rows):
+
+* `carry` (0 <= carry < 1; TOVA only): an entry's score is this forward's TOVA score plus `carry` times its score
+  after the previous forward, so an entry the last few chunks attended to is not dropped the first time a chunk
+  ignores it. The score is state held between chunks: one fp32 per entry, counted in `memory_bytes`.
+* per-layer budgets (`EvictionCache(budget=[...])`, one number per layer; [`layer_budgets`] spreads increments
+  over a fixed mean): the layers that gain most from more entries get them, paid for by the others, within the
+  same bytes. `fit_layer_budgets.py` measures the gains on the training text.
+
+[`oracle_attention`] is not a cache: each query attends to its own top entries over every key (the sinks plus the
+keys its KV group weights most). It bounds what any policy keeping that many entries, chosen by attention, can
+reach.
+
 `memory_bytes()` counts the keys and values (fp32 for an fp32 model), the position of each entry (int64, per KV
-head: each head keeps other tokens) and H2O's accumulated scores.
+head: each head keeps other tokens) and H2O's accumulated scores (or TOVA's carried ones).
 
 Retained tokens plus a memory (`EvictionCache(..., memory="moment")`, or fitted `TensorCacheParams`): every entry a
 policy evicts is written, oldest first, into a fixed-size memory of the layer (`tensor_cache`'s training-free
@@ -54,7 +67,15 @@ from hf_neuralcache.kernels.fast_weight import naive
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-__all__ = ["ATTENTION", "POLICIES", "EvictionCache", "EvictionLayer", "eviction_attention_forward"]
+__all__ = [
+    "ATTENTION",
+    "POLICIES",
+    "EvictionCache",
+    "EvictionLayer",
+    "eviction_attention_forward",
+    "layer_budgets",
+    "oracle_attention",
+]
 
 ATTENTION = "eviction_baseline"
 POLICIES = ("tova", "tova_last", "h2o", "snapkv")
@@ -70,6 +91,8 @@ class EvictionLayer(CacheLayerMixin):
         recent (`int`, *optional*): H2O's recent window; default half the non-sink budget.
         observation (`int`): SnapKV's observation window (last queries of the chunk).
         pool (`int`): SnapKV's max-pool kernel (odd).
+        carry (`float`, *optional*, defaults to 0): TOVA only: add `carry` times an entry's previous score to
+            this forward's (see the module docstring); 0 is the plain rule.
         memory (`str` or `LearnedMemory`, *optional*): Also write every evicted entry into a fixed-size memory that
             the queries read and merge with the held entries' softmax in one normaliser, as `tensor_cache` does for
             the entries that leave its window: `"moment"` (the training-free estimator) or the fitted parameters of
@@ -82,8 +105,13 @@ class EvictionLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, policy: str, budget: int, sink_tokens: int = 4, recent: int | None = None,
-                 observation: int = 32, pool: int = 7, memory=None):  # fmt: skip
+                 observation: int = 32, pool: int = 7, memory=None, carry: float = 0.0):  # fmt: skip
         super().__init__()
+        if carry and policy not in ("tova", "tova_last"):
+            raise ValueError(f"carry applies to the TOVA policies only, not {policy!r}")
+        if not 0.0 <= carry < 1.0:
+            raise ValueError(f"carry must be in [0, 1), got {carry}")
+        self.carry = float(carry)
         if memory is not None and not (memory == "moment" or hasattr(memory, "k_weight")):
             raise ValueError(f"memory must be None, 'moment' or a LearnedMemory, got {memory!r}")
         self.memory, self.state = memory, None
@@ -137,15 +165,15 @@ class EvictionLayer(CacheLayerMixin):
         held, q = weights.shape[-1], weights.shape[-2]
         if self.policy == "h2o":
             self.accumulated = self.accumulated + weights.sum(-2)
+        if self.carry:  # TOVA with carry: this forward's score plus `carry` times the entry's previous score
+            self.accumulated = self._tova_score(weights) + self.carry * self.accumulated
         if held <= self.budget:
             return
         forced = self.positions < self.sink_tokens
-        if self.policy == "tova":
-            old = held - q
-            seen_by = (q - (torch.arange(held, device=weights.device) - old).clamp(min=0)).clamp(min=1)
-            score = weights.sum(-2) / seen_by
-        elif self.policy == "tova_last":
-            score = weights[:, :, -1]
+        if self.carry:
+            score = self.accumulated
+        elif self.policy in ("tova", "tova_last"):
+            score = self._tova_score(weights)
         elif self.policy == "h2o":
             score = self.accumulated
             forced = forced | (self.positions >= self.seen - self.recent)
@@ -160,6 +188,14 @@ class EvictionLayer(CacheLayerMixin):
         score = score.float().masked_fill(forced, float("inf"))
         keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # [B, Hkv, budget], position order
         self.keep(keep)
+
+    def _tova_score(self, weights: torch.Tensor) -> torch.Tensor:
+        held, q = weights.shape[-1], weights.shape[-2]
+        if self.policy == "tova_last":
+            return weights[:, :, -1].float()
+        old = held - q
+        seen_by = (q - (torch.arange(held, device=weights.device) - old).clamp(min=0)).clamp(min=1)
+        return weights.float().sum(-2) / seen_by
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor; the rest go to memory."""
@@ -208,7 +244,8 @@ class EvictionLayer(CacheLayerMixin):
     def memory_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        tensors = [self.keys, self.values, self.positions] + ([self.accumulated] if self.policy == "h2o" else [])
+        scored = self.policy == "h2o" or self.carry  # a score per entry held between forwards
+        tensors = [self.keys, self.values, self.positions] + ([self.accumulated] if scored else [])
         tensors += [t for t in (self.state or ()) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -223,16 +260,21 @@ class EvictionCache(Cache):
     Args:
         config (`PreTrainedConfig`): The model's config.
         policy (`str`): `"tova"`, `"tova_last"`, `"h2o"` or `"snapkv"`.
-        budget (`int`, *optional*, defaults to 260): Entries per layer and KV head (4 sinks + 256).
+        budget (`int` or `list[int]`, *optional*, defaults to 260): Entries per KV head (4 sinks + 256), the same
+            for every layer, or one number per layer (see [`layer_budgets`]).
         memory (`str` or `TensorCacheParams`, *optional*): `"moment"`, or fitted params (each layer gets its own
             `params.layer(i)`): write the evicted entries into a memory (see [`EvictionLayer`]).
-        **options: `sink_tokens`, `recent`, `observation`, `pool` (see [`EvictionLayer`]).
+        **options: `sink_tokens`, `recent`, `observation`, `pool`, `carry` (see [`EvictionLayer`]).
     """
 
     def __init__(self, config, policy: str, budget: int = 260, memory=None, **options):
         layers = config.get_text_config().num_hidden_layers
+        budgets = [budget] * layers if isinstance(budget, int) else [int(b) for b in budget]
+        if len(budgets) != layers:
+            raise ValueError(f"budget has {len(budgets)} entries, expected one per layer ({layers})")
         per_layer = [memory if memory in (None, "moment") else memory.layer(i) for i in range(layers)]
-        super().__init__(layers=[EvictionLayer(policy, budget, memory=m, **options) for m in per_layer])
+        pairs = zip(budgets, per_layer, strict=True)
+        super().__init__(layers=[EvictionLayer(policy, b, memory=m, **options) for b, m in pairs])
         self.policy, self.budget = policy, budget
 
     def memory_bytes(self) -> int:
@@ -276,3 +318,55 @@ def eviction_attention_forward(module, query, key, value, attention_mask, dropou
 
 
 AttentionInterface.register(ATTENTION, eviction_attention_forward)
+
+
+def layer_budgets(increments: list[int], mean: int) -> list[int]:
+    """Per-layer budgets averaging `mean` entries per KV head: layer `i` gets `increments[i]` more than the layers
+    with no increment, which share what is left equally (the first of them one more each while a remainder is left).
+
+    Raises:
+        `ValueError`: if the layers with no increment would get fewer than 1 entry, or every layer has one.
+    """
+    total = mean * len(increments)
+    rest = [i for i, extra in enumerate(increments) if extra == 0]
+    if not rest:
+        raise ValueError("at least one layer must have no increment (it pays for the others)")
+    left = total - sum(mean + extra for extra in increments if extra)
+    base, remainder = divmod(left, len(rest))
+    if base < 1:
+        raise ValueError(f"increments {increments} leave the other layers {left} entries in all")
+    budgets = [mean + extra for extra in increments]
+    for j, i in enumerate(rest):
+        budgets[i] = base + (1 if j < remainder else 0)
+    return budgets
+
+
+def oracle_attention(entries: int, sink_tokens: int = 4) -> str:
+    """Register (once) and name an attention function that lets each query see only `entries` keys: the sinks and
+    the keys with the highest attention weight from *that query* (the mean over its KV group's query heads), over
+    the full KV cache. Not a cache (each query chooses with knowledge no bounded cache has, its own scores over
+    every past key): a bound on what any policy that keeps `entries` keys per KV head, chosen by the group's
+    attention, can reach. Run it with a `DynamicCache`.
+    """
+    name = f"eviction_oracle_{entries}_{sink_tokens}"
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        batch, hq, q, dim = query.shape
+        hkv, held = key.shape[1], key.shape[2]
+        scaling = dim**-0.5 if scaling is None else scaling
+        grouped = query.float().reshape(batch, hkv, hq // hkv, q, dim)
+        scores = grouped @ key.float().unsqueeze(2).transpose(-1, -2) * scaling  # [B, Hkv, G, q, K]
+        visible = torch.arange(held, device=key.device) <= held - q + torch.arange(q, device=key.device)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if held > entries:
+            group = scores.softmax(-1).mean(2, keepdim=True)  # the KV group's weights
+            sinks = torch.arange(held, device=key.device) < sink_tokens
+            group = group.masked_fill(sinks, 2.0)  # above any weight: always among the top
+            threshold = group.topk(entries, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(group < threshold, float("-inf"))
+        out = (scores.softmax(-1) @ value.float().unsqueeze(2)).reshape(batch, hq, q, -1)
+        return out.transpose(1, 2).contiguous().to(query.dtype), None
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, forward)
+    return name

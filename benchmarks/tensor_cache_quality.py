@@ -15,7 +15,11 @@ Rows: the full KV cache; sinks + window (`sliding_window_kv`, 4 sinks + 64 / 128
 sinks); TOVA, TOVA (last query), H2O and SnapKV at 260 entries per layer and KV head (`eviction_baselines.py`: 4
 sinks always kept, keys at their original positions, evicting to the budget after each chunk, so holding budget +
 chunk entries during a forward); TOVA at 260 and 272 with a `moment` memory of what it evicts (retained tokens +
-memory; 272 entries + the memory fill 30% of 4 + 1024's bytes);
+memory; 272 entries + the memory fill 30% of 4 + 1024's bytes); TOVA at 305 entries (30% of those bytes, no
+memory), TOVA with a score carry at 302 (the carried score costs 4 bytes an entry), and with per-layer budgets
+fitted on Pride and Prejudice (`fit_layer_budgets.py`, read from `data/layer_budgets_smollm2.json`) at 302, and at
+270 with a `moment` memory; "TOVA oracle" at 272 and 302 entries, where each query sees its own top entries over the
+full cache (a bound on any policy keeping that many, not a cache: its bytes are those the entries would take);
 tensor_cache training_free (`moment`) at W = 64, 128, 256 and paper (untrained) at 256; one "tensor_cache W{W}
 learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it.
 
@@ -35,6 +39,7 @@ smoke test of the machinery; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -57,6 +62,7 @@ TEXTS = {
     "pride": "pride_and_prejudice.txt",
     "paws": "paws_wiki_dev.tsv",
 }
+LAYER_BUDGETS = Path(__file__).resolve().parent / "data" / "layer_budgets_smollm2.json"  # fit_layer_budgets.py
 BUDGET = 260  # entries per layer and KV head of the eviction baselines: 4 sinks + 256
 
 # (label, kind, config): kind None is the full KV cache, "eviction" a baseline of eviction_baselines.py (config:
@@ -78,6 +84,10 @@ ROWS = [
     ("TOVA @272", "eviction", {"policy": "tova", "budget": 272}),
     ("TOVA @272 + moment memory", "eviction", {"policy": "tova", "memory": "moment", "budget": 272}),
     ("TOVA @288", "eviction", {"policy": "tova", "budget": 288}),
+    ("TOVA @305", "eviction", {"policy": "tova", "budget": 305}),
+    ("TOVA carry 0.5 @302", "eviction", {"policy": "tova", "carry": 0.5, "budget": 302}),
+    ("TOVA oracle @272 (a bound, not a cache)", "oracle", {"entries": 272}),
+    ("TOVA oracle @302 (a bound, not a cache)", "oracle", {"entries": 302}),
     ("tensor_cache W64 training_free", "tensor_cache", {"window": 64}),
     ("tensor_cache W128 training_free", "tensor_cache", {"window": 128}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
@@ -100,13 +110,14 @@ def read_text(name: str) -> str:
     return path.read_text(encoding="utf-8-sig").split("\n", 60)[-1]  # skip the Project Gutenberg header
 
 
-def text_ids(tokenizer, name: str, tokens: int, vocab: int | None = None) -> torch.Tensor:
-    """The first `tokens` token ids of the text; without a tokenizer its bytes (clipped into a tiny vocabulary)."""
+def text_ids(tokenizer, name: str, tokens: int, vocab: int | None = None, offset: int = 0) -> torch.Tensor:
+    """`tokens` token ids of the text from token `offset`; without a tokenizer its bytes (clipped into a tiny
+    vocabulary)."""
     text = read_text(name)
     if tokenizer is None:
-        ids = (torch.tensor(list(text.encode()[:tokens])) % (vocab - 3) + 3).unsqueeze(0)
+        ids = (torch.tensor(list(text.encode()[offset : offset + tokens])) % (vocab - 3) + 3).unsqueeze(0)
     else:
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, offset : offset + tokens]
     if ids.shape[1] < tokens:
         raise ValueError(f"{TEXTS[name]} has {ids.shape[1]} tokens, expected at least {tokens}.")
     return ids
@@ -132,12 +143,40 @@ def learned_rows(model, values: list[str]) -> list:
     return rows
 
 
+def fitted_rows(model, path: Path = LAYER_BUDGETS) -> list:
+    """Rows with the per-layer budgets that `fit_layer_budgets.py` fitted on Pride and Prejudice (if for this model)."""
+    if not path.is_file():
+        return []
+    fit = json.loads(path.read_text(encoding="utf-8"))
+    increments = fit["increments"]
+    if len(increments) != model.config.num_hidden_layers:
+        return []  # fitted for another model (the tiny smoke-test model)
+    carry = fit["carry"]
+    label = f"TOVA carry {carry}, fitted layer budgets"
+    return [
+        (f"{label} @{fit['mean']}", "eviction",
+         {"policy": "tova", "carry": carry, "budget": eviction_baselines.layer_budgets(increments, fit["mean"])}),
+        (f"{label} @270 + moment memory", "eviction",
+         {"policy": "tova", "carry": carry, "memory": "moment",
+          "budget": eviction_baselines.layer_budgets(increments, 270)}),
+    ]  # fmt: skip
+
+
+def oracle_bytes(model, entries: int) -> int:
+    """What `entries` keys and values (and an int64 position) per layer and KV head would hold."""
+    text = model.config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per = 2 * dim * next(model.parameters()).element_size() + 8
+    return entries * text.num_hidden_layers * heads * per
+
+
 def dynamic_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def make_cache(model, kind: str | None, config: dict):
-    if kind is None:
+    if kind in (None, "oracle"):
         return DynamicCache(config=model.config)
     if kind == "eviction":
         options = dict(config)
@@ -152,6 +191,8 @@ def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: in
     attention = model.config._attn_implementation
     if kind == "eviction":  # the baselines need the attention weights: their own (eager) attention function
         model.set_attn_implementation(eviction_baselines.ATTENTION)
+    elif kind == "oracle":  # every key held; each query sees its own top entries (a bound, not a cache)
+        model.set_attn_implementation(eviction_baselines.oracle_attention(config["entries"]))
     start, nll, count = time.perf_counter(), 0.0, 0
     try:
         with torch.no_grad():
@@ -168,7 +209,10 @@ def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: in
                     count += int(scored.sum())
     finally:
         model.set_attn_implementation(attention)
-    held = dynamic_bytes(cache) if kind is None else cache.memory_bytes()
+    if kind == "oracle":
+        held = oracle_bytes(model, config["entries"])
+    else:
+        held = dynamic_bytes(cache) if kind is None else cache.memory_bytes()
     return nll / count, held, time.perf_counter() - start
 
 
@@ -242,6 +286,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text (default 4096)")
     parser.add_argument("--score-from", type=int, default=1024, help="first scored token position (default 1024)")
     parser.add_argument("--text", choices=sorted(TEXTS), default="sherlock", help="which text (default sherlock)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="first token of the text (default 0; `--text pride --offset 8192` is the held-out part "
+                             "of the training book that the fitted settings were checked on)")  # fmt: skip
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512; the issue: 64)")
     parser.add_argument("--all", action="store_true", help="also every training-free variant (memory x decay)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
@@ -256,13 +303,14 @@ def main(argv=None) -> None:
         model, tokenizer = tiny_model("llama", attn_implementation="neuralcache"), None
     else:
         model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
-    ids = text_ids(tokenizer, args.text, args.tokens, model.config.vocab_size)
-    rows = ROWS + (VARIANTS if args.all else []) + learned_rows(model, args.learned)
+    ids = text_ids(tokenizer, args.text, args.tokens, model.config.vocab_size, args.offset)
+    rows = ROWS + fitted_rows(model) + (VARIANTS if args.all else []) + learned_rows(model, args.learned)
     if args.only:
         rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
     name = "SmolLM2-135M fp32" if args.model == "smollm2" else "tiny random llama (smoke test)"
+    start = f" from token {args.offset}" if args.offset else ""
     title = (
-        f"{name}, {args.tokens} tokens of {TEXTS[args.text]}, NLL over tokens >= {args.score_from}, "
+        f"{name}, {args.tokens} tokens of {TEXTS[args.text]}{start}, NLL over tokens >= {args.score_from}, "
         f"prefill chunks of {args.chunk}"
     )
     print(f"== {title}", flush=True)

@@ -204,3 +204,68 @@ def test_moment_memory_merges_into_one_softmax():
                             torch.cat([values[:, :, [0, 1, 3, 5, 8, 9]], new_v], 2))  # fmt: skip
     dropped, _ = eb.eviction_attention_forward(None, query, k2, v2, None, scaling=0.5)
     assert (dropped - ref).abs().max() > 1e-3  # the memory's share matters here
+
+
+def test_tova_carry_keeps_what_earlier_forwards_attended():
+    """With carry, an entry's score is this forward's plus `carry` x its previous one: an entry the chunk ignores
+    but the previous chunks attended to stays, where plain TOVA drops it."""
+    scores = {}
+    for carry in (0.0, 0.5):
+        layer = _layer("tova", 6, 2, 6, carry=carry)
+        first = torch.zeros(1, 1, 6, 6)
+        first[..., 2] = 0.9  # every query attends to 2 (held: 6 <= 6, nothing evicted yet)
+        layer.observe(first.tril())
+        layer.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))  # positions 6, 7
+        second = torch.zeros(1, 1, 2, 8)
+        second[..., [3, 4, 5]] = torch.tensor([0.2, 0.25, 0.22])  # the chunk ignores 2 and attends to 3, 4, 5
+        second[..., 6] = 0.05
+        second[..., 1, 7] = 0.1  # 7: seen by the last query only
+        layer.observe(second)
+        scores[carry] = _kept(layer)
+        assert layer.memory_bytes() == 6 * (4 * 2 * 4 + 8 + (4 if carry else 0))  # + an fp32 score with carry
+    assert scores[0.0] == [0, 1, 3, 4, 5, 7]  # 2 (score 0) and 6 (0.05) go
+    assert scores[0.5] == [0, 1, 2, 3, 4, 5]  # 2 keeps 0.5 x 0.9 = 0.45, above 3, 4, 5: 6 and 7 go
+    with pytest.raises(ValueError, match="carry applies to the TOVA policies"):
+        eb.EvictionLayer("h2o", 6, 2, carry=0.5)
+    with pytest.raises(ValueError, match=r"carry must be in \[0, 1\)"):
+        eb.EvictionLayer("tova", 6, 2, carry=1.0)
+
+
+def test_per_layer_budgets(model):
+    ids = _ids(1, 30, seed=4)
+    cache = eb.EvictionCache(model.config, "tova", budget=[6, 11], sink_tokens=2)
+    _feed(model, cache, ids, 5)
+    assert cache.held() == [6, 11]
+    with pytest.raises(ValueError, match="expected one per layer"):
+        eb.EvictionCache(model.config, "tova", budget=[6, 11, 12])
+    budgets = eb.layer_budgets([0, 256, 0, 128, 0], 300)
+    assert budgets == [172, 556, 172, 428, 172]  # the three others share 1,500 - 556 - 428
+    assert eb.layer_budgets([0, 256, 0, 0], 100) == [15, 356, 15, 14]  # 44 left for three: the first two get one more
+    assert sum(budgets) == 5 * 300
+    assert eb.layer_budgets([0, 0], 7) == [7, 7]
+    with pytest.raises(ValueError, match="pays for the others"):
+        eb.layer_budgets([128, 128], 300)
+    with pytest.raises(ValueError, match="leave the other layers"):
+        eb.layer_budgets([0, 512], 100)
+
+
+def test_oracle_attention_is_each_querys_top_entries():
+    torch.manual_seed(2)
+    query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 3)  # GQA 2
+    forward = eb.AttentionInterface._global_mapping[eb.oracle_attention(6, sink_tokens=2)]
+    out, _ = forward(None, query, key, value, None, scaling=0.3)
+    visible = torch.arange(12) <= 7 + torch.arange(5)[:, None]
+    for h in range(4):
+        g = h // 2
+        for t in range(5):
+            scores = (query[0, h, t] @ key[0, g].T * 0.3).masked_fill(~visible[t], float("-inf"))
+            group = torch.stack([(query[0, j, t] @ key[0, g].T * 0.3).masked_fill(~visible[t], float("-inf"))
+                                 for j in (2 * g, 2 * g + 1)]).softmax(-1).mean(0)  # fmt: skip
+            group[:2] = 2.0  # the sinks
+            top = group.topk(6).indices
+            ref = scores[top].softmax(-1) @ value[0, g, top]
+            assert_close(out[0, t, h], ref, 1e-5, f"head {h} query {t}")
+    everything, _ = eb.AttentionInterface._global_mapping[eb.oracle_attention(12)](None, query, key, value, None,
+                                                                                   scaling=0.3)  # fmt: skip
+    scores = (query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
+    assert_close(everything, (scores.softmax(-1) @ value.repeat_interleave(2, 1)).transpose(1, 2), 1e-5, "full")

@@ -32,6 +32,8 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
     assert labels == [
         "full KV", "4 sinks + window 64", "4 sinks + window 256", "TOVA @260", "TOVA last query @260", "H2O @260",
         "SnapKV @260", "TOVA @260 + moment memory", "TOVA @272", "TOVA @272 + moment memory", "TOVA @288",
+        "TOVA @305", "TOVA carry 0.5 @302", "TOVA oracle @272 (a bound, not a cache)",
+        "TOVA oracle @302 (a bound, not a cache)",  # no fitted layer budgets: they are for SmolLM2's 30 layers
         "tensor_cache W64 training_free",
         "tensor_cache W128 training_free", "tensor_cache W256 training_free", "tensor_cache W16 learned",
         "tensor_cache W256 learned", "TOVA @260 + learned memory (W256 fit)",  # only a W + sinks = 260 fit has it
