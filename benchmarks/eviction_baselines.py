@@ -117,6 +117,17 @@ class EvictionLayer(CacheLayerMixin):
         self.memory, self.state = memory, None
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.head_budgets = None
+        if not isinstance(budget, int):  # one budget per KV head
+            self.head_budgets = torch.as_tensor([int(b) for b in budget], dtype=torch.long)
+            budget = int(self.head_budgets.max())
+            if policy not in ("tova", "tova_last"):
+                raise ValueError(f"per-head budgets are for the TOVA policies, not {policy!r}")
+            if memory is not None and memory != "moment":
+                raise ValueError("per-head budgets take memory=None or 'moment'")
+            if int(self.head_budgets.min()) < sink_tokens:
+                got = self.head_budgets.tolist()
+                raise ValueError(f"every head's budget must hold the {sink_tokens} sinks, got {got}")
         if recent is None:
             recent = (budget - sink_tokens) // 2
         if budget < sink_tokens + (recent if policy == "h2o" else 0) + (observation if policy == "snapkv" else 0):
@@ -167,7 +178,10 @@ class EvictionLayer(CacheLayerMixin):
             self.accumulated = self.accumulated + weights.sum(-2)
         if self.carry:  # TOVA with carry: this forward's score plus `carry` times the entry's previous score
             self.accumulated = self._tova_score(weights) + self.carry * self.accumulated
-        if held <= self.budget:
+        valid = self.positions >= 0  # per-head budgets pad the heads that hold fewer (position -1)
+        if self.head_budgets is None and held <= self.budget:
+            return
+        if self.head_budgets is not None and bool((valid.sum(-1) <= self.head_budgets).all()):
             return
         forced = self.positions < self.sink_tokens
         if self.carry:
@@ -185,9 +199,21 @@ class EvictionLayer(CacheLayerMixin):
                 score.reshape(batch * heads, 1, held), self.pool, stride=1, padding=self.pool // 2
             ).reshape(batch, heads, held)
             forced = forced | (self.positions >= self.seen - window)
-        score = score.float().masked_fill(forced, float("inf"))
-        keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # [B, Hkv, budget], position order
-        self.keep(keep)
+        score = score.float().masked_fill(forced & valid, float("inf"))
+        if self.head_budgets is None:
+            keep = score.topk(self.budget, dim=-1).indices.sort(-1).values  # [B, Hkv, budget], position order
+            self.keep(keep)
+            return
+        # per-head budgets: head h keeps its top `head_budgets[h]`; the tensors hold max(budgets) entries a head, the
+        # rest padding (position -1, never attended, not counted in memory_bytes)
+        score = score.masked_fill(~valid, float("-inf"))
+        top = score.topk(min(self.budget, held), dim=-1)
+        rank = torch.arange(top.indices.shape[-1], device=score.device)
+        ok = (rank < self.head_budgets.to(score.device).view(1, -1, 1)) & (top.values > float("-inf"))
+        index = torch.where(ok, top.indices, held + rank)  # padding sorts last
+        index, order = index.sort(-1)
+        ok = ok.gather(-1, order)
+        self.keep(index.clamp(max=held - 1), ok)
 
     def _tova_score(self, weights: torch.Tensor) -> torch.Tensor:
         held, q = weights.shape[-1], weights.shape[-2]
@@ -197,9 +223,22 @@ class EvictionLayer(CacheLayerMixin):
         seen_by = (q - (torch.arange(held, device=weights.device) - old).clamp(min=0)).clamp(min=1)
         return weights.float().sum(-2) / seen_by
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor; the rest go to memory."""
+    def keep(self, index: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Keep the entries at `index` (`[B, Hkv, n]`, ascending) of every per-entry tensor; the rest go to memory.
+
+        `ok` (`[B, Hkv, n]` bool, per-head budgets): which of them are kept; the others become padding.
+        """
         gather = lambda t, i=index: t.gather(2, i.unsqueeze(-1).expand(*i.shape, t.shape[-1]))  # noqa: E731
+        if ok is not None:
+            kept = torch.zeros(self.positions.shape, dtype=torch.bool, device=self.device)
+            kept.scatter_(2, index, ok)
+            dropped = (self.positions >= 0) & ~kept
+            if self.state is not None:
+                self._write_per_head(dropped)
+            self.keys, self.values = gather(self.keys), gather(self.values)
+            self.positions = self.positions.gather(2, index).masked_fill(~ok, -1)
+            self.accumulated = self.accumulated.gather(2, index).masked_fill(~ok, 0.0)
+            return
         if self.state is not None:
             dropped = torch.ones(self.positions.shape, dtype=torch.bool, device=self.device)
             dropped.scatter_(2, index, False)
@@ -215,6 +254,24 @@ class EvictionLayer(CacheLayerMixin):
         self.keys, self.values = gather(self.keys), gather(self.values)
         self.positions = self.positions.gather(2, index)
         self.accumulated = self.accumulated.gather(2, index)
+
+    def _write_per_head(self, dropped: torch.Tensor) -> None:
+        """Write each head's `dropped` entries (`[B, Hkv, held]` bool; batch 1), oldest first, into its memory."""
+        if dropped.shape[0] != 1:
+            raise ValueError("per-head budgets with a memory support one sequence (batch 1)")
+        fields = [None if t is None else list(t.unbind(1)) for t in self.state]
+        for head in range(dropped.shape[1]):
+            gone = dropped[0, head].nonzero().squeeze(-1)
+            if gone.numel() == 0:
+                continue
+            keys, values = self.keys[:, head : head + 1, gone], self.values[:, head : head + 1, gone]
+            state = type(self.state)(*(None if t is None else t[:, head : head + 1] for t in self.state))
+            weights = keys.new_ones(1, gone.numel(), dtype=torch.float32)
+            state = naive.moment_write(state, keys, values, weights, keys.new_zeros(1))
+            for field, tensor in zip(fields, state, strict=True):
+                if field is not None:
+                    field[head] = tensor[:, 0]
+        self.state = type(self.state)(*(None if f is None else torch.stack(f, 1) for f in fields))
 
     def read_memory(self, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scaling: float) -> torch.Tensor:
         """Merge the memory's read (`query` `[B, Hq, q, D]`) into the held entries' `out` `[B, Hq, q, Dv]`, `lse`."""
@@ -244,6 +301,11 @@ class EvictionLayer(CacheLayerMixin):
     def memory_bytes(self) -> int:
         if not self.is_initialized:
             return 0
+        if self.head_budgets is not None:  # the entries held, as a ragged (per-head) layout would store them
+            entries = int((self.positions >= 0).sum())
+            per = (self.keys[0, 0, 0].numel() + self.values[0, 0, 0].numel()) * self.keys.element_size() + 8
+            per += 4 if self.carry else 0
+            return entries * per + sum(t.numel() * t.element_size() for t in (self.state or ()) if t is not None)
         scored = self.policy == "h2o" or self.carry  # a score per entry held between forwards
         tensors = [self.keys, self.values, self.positions] + ([self.accumulated] if scored else [])
         tensors += [t for t in (self.state or ()) if t is not None]
@@ -260,8 +322,9 @@ class EvictionCache(Cache):
     Args:
         config (`PreTrainedConfig`): The model's config.
         policy (`str`): `"tova"`, `"tova_last"`, `"h2o"` or `"snapkv"`.
-        budget (`int` or `list[int]`, *optional*, defaults to 260): Entries per KV head (4 sinks + 256), the same
-            for every layer, or one number per layer (see [`layer_budgets`]).
+        budget (`int` or `list`, *optional*, defaults to 260): Entries per KV head (4 sinks + 256), the same for
+            every layer; or one item per layer (see [`layer_budgets`]): an `int`, or a list with one budget per KV
+            head (TOVA policies; the heads that hold fewer are padded, and `memory_bytes` counts the entries held).
         memory (`str` or `TensorCacheParams`, *optional*): `"moment"`, or fitted params (each layer gets its own
             `params.layer(i)`): write the evicted entries into a memory (see [`EvictionLayer`]).
         **options: `sink_tokens`, `recent`, `observation`, `pool`, `carry` (see [`EvictionLayer`]).
@@ -269,7 +332,10 @@ class EvictionCache(Cache):
 
     def __init__(self, config, policy: str, budget: int = 260, memory=None, **options):
         layers = config.get_text_config().num_hidden_layers
-        budgets = [budget] * layers if isinstance(budget, int) else [int(b) for b in budget]
+        if isinstance(budget, int):
+            budgets = [budget] * layers
+        else:  # one per layer: an int, or one per KV head
+            budgets = [b if isinstance(b, int) else list(b) for b in budget]
         if len(budgets) != layers:
             raise ValueError(f"budget has {len(budgets)} entries, expected one per layer ({layers})")
         per_layer = [memory if memory in (None, "moment") else memory.layer(i) for i in range(layers)]
@@ -281,8 +347,8 @@ class EvictionCache(Cache):
         return sum(layer.memory_bytes() for layer in self.layers)
 
     def held(self) -> list[int]:
-        """Entries each layer holds per KV head now."""
-        return [0 if layer.keys is None else layer.keys.shape[-2] for layer in self.layers]
+        """Entries each layer holds per KV head now (the most any of its heads holds, with per-head budgets)."""
+        return [0 if layer.keys is None else int((layer.positions >= 0).sum(-1).max()) for layer in self.layers]
 
 
 def eviction_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -304,11 +370,13 @@ def eviction_attention_forward(module, query, key, value, attention_mask, dropou
     old = held - q  # entries from earlier forwards precede the chunk: query i sees them and chunk keys <= i
     visible = torch.arange(held, device=key.device) <= old + torch.arange(q, device=key.device).unsqueeze(-1)
     scores = scores.masked_fill(~visible, float("-inf"))
+    ref = getattr(key, "_eviction_layer", None)
+    layer = None if ref is None else ref()
+    if layer is not None and layer.head_budgets is not None:  # padding of the heads that hold fewer entries
+        scores = scores.masked_fill((layer.positions < 0)[:, :, None, None, :], float("-inf"))
     weights = scores.softmax(-1)
     out = weights @ value.float().unsqueeze(2)  # [B, Hkv, G, q, Dv]
     out = out.reshape(batch, hq, q, -1)
-    ref = getattr(key, "_eviction_layer", None)
-    layer = None if ref is None else ref()
     if layer is not None and layer.state is not None:  # the memory holds what was evicted before this forward
         out = layer.read_memory(query, out, scores.logsumexp(-1).reshape(batch, hq, q), scaling)
     if layer is not None:

@@ -151,15 +151,29 @@ def fitted_rows(model, path: Path = LAYER_BUDGETS) -> list:
     increments = fit["increments"]
     if len(increments) != model.config.num_hidden_layers:
         return []  # fitted for another model (the tiny smoke-test model)
-    carry = fit["carry"]
-    label = f"TOVA carry {carry}, fitted layer budgets"
-    return [
-        (f"{label} @{fit['mean']}", "eviction",
-         {"policy": "tova", "carry": carry, "budget": eviction_baselines.layer_budgets(increments, fit["mean"])}),
-        (f"{label} @270 + moment memory", "eviction",
-         {"policy": "tova", "carry": carry, "memory": "moment",
-          "budget": eviction_baselines.layer_budgets(increments, 270)}),
-    ]  # fmt: skip
+    carry, heads = fit["carry"], model.config.num_key_value_heads
+    # per layer given more entries: the KV head that did best with all of them (fit_layer_budgets.py --heads)
+    choice = {int(layer): max(gains, key=gains.get) for layer, gains in fit.get("head_gains", {}).items()}
+    choice = {layer: int(head) for layer, head in choice.items() if fit["head_gains"][str(layer)][head] > 0}
+
+    def budgets(mean: int, per_head: bool) -> list:
+        layers = eviction_baselines.layer_budgets(increments, mean)
+        if per_head:
+            for layer, head in choice.items():
+                extra = increments[layer]
+                layers[layer] = [layers[layer] - extra + (heads * extra if h == head else 0) for h in range(heads)]
+        return layers
+
+    rows = []
+    for per_head in (False, True) if choice else (False,):
+        label = f"TOVA carry {carry}, fitted {'layer + head' if per_head else 'layer'} budgets"
+        rows += [
+            (f"{label} @{fit['mean']}", "eviction",
+             {"policy": "tova", "carry": carry, "budget": budgets(fit["mean"], per_head)}),
+            (f"{label} @270 + moment memory", "eviction",
+             {"policy": "tova", "carry": carry, "memory": "moment", "budget": budgets(270, per_head)}),
+        ]  # fmt: skip
+    return rows
 
 
 def oracle_bytes(model, entries: int) -> int:

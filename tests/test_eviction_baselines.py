@@ -269,3 +269,37 @@ def test_oracle_attention_is_each_querys_top_entries():
                                                                                    scaling=0.3)  # fmt: skip
     scores = (query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
     assert_close(everything, (scores.softmax(-1) @ value.repeat_interleave(2, 1)).transpose(1, 2), 1e-5, "full")
+
+
+def test_per_head_budgets_pad_and_count_what_is_held(model):
+    """Per-head budgets: each KV head keeps its own number of entries (the others padded, never attended), the
+    bytes count the entries held, and equal per-head budgets give exactly the per-layer result."""
+    ids = _ids(1, 40, seed=5)
+    same = eb.EvictionCache(model.config, "tova", budget=[[9, 9], 9], sink_tokens=2, memory="moment")
+    ref = eb.EvictionCache(model.config, "tova", budget=9, sink_tokens=2, memory="moment")
+    assert_close(_feed(model, same, ids, 6), _feed(model, ref, ids, 6), 1e-6, "equal per-head budgets")
+    assert same.memory_bytes() == ref.memory_bytes()
+
+    cache = eb.EvictionCache(model.config, "tova", budget=[[5, 13], 9], sink_tokens=2, memory="moment")
+
+    def check(seen):
+        layer = cache.layers[0]
+        held = (layer.positions >= 0).sum(-1)[0].tolist()
+        assert held == [min(seen, 5), min(seen, 13)]
+        real = layer.positions[0, 0][layer.positions[0, 0] >= 0]
+        assert (real[:2] == torch.arange(2)).all() and (real.diff() > 0).all()  # sinks kept, position order
+
+    logits = _feed(model, cache, ids, 6, after=check)
+    assert torch.isfinite(logits).all() and cache.held() == [13, 9]
+    entry = 16 * 4 * 2 + 8  # K and V fp32 (head size 16) + an int64 position
+    state = sum(t.numel() * 4 for t in cache.layers[0].state if t is not None)
+    assert cache.layers[0].memory_bytes() == (5 + 13) * entry + state
+    # the padded entries change nothing: a head's own result equals a layer whose every head has that budget
+    small = eb.EvictionCache(model.config, "tova", budget=[5, 9], sink_tokens=2, memory="moment")
+    _feed(model, small, ids, 6)
+    assert cache.layers[0].positions[0, 0][:5].tolist() == small.layers[0].positions[0, 0].tolist()
+    for bad, match in [(dict(policy="h2o"), "per-head budgets are for the TOVA"),
+                       (dict(budget=[1, 9]), "must hold the 2 sinks")]:  # fmt: skip
+        options = {"policy": "tova", "budget": [5, 9], "sink_tokens": 2} | bad
+        with pytest.raises(ValueError, match=match):
+            eb.EvictionLayer(options.pop("policy"), options.pop("budget"), **options)
