@@ -253,14 +253,15 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     import matplotlib.pyplot as plt
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     families = {  # label pattern -> (family, marker); families of several rows are drawn as a line
         r"^4 sinks \+ window": ("4 sinks + window (64, 128, 256, 1024)", "o"),
         r"^tensor_cache W\d+ learned$": ("tensor_cache learned (W = 64, 128, 256)", "*"),
         r"^tensor_cache W\d+ training_free$": ("tensor_cache training_free (W = 64, 128, 256)", "P"),
     }
     lines: dict[str, list] = {}
-    markers = {"TOVA": "v", "H2O": "^", "SnapKV": "D", "training_free": "P", "paper": "X", "full": "s", "no sinks": "x"}
+    markers = {"oracle": "d", "fitted": "h", "TOVA": "v", "H2O": "^", "SnapKV": "D", "training_free": "P",
+               "paper": "X", "full": "s", "no sinks": "x"}  # fmt: skip  (the first key in a label decides)
     # rows far above the rest (the untrained paper mode, a window without sinks) would flatten the chart: the y axis
     # stops a little above the 4 + 64 row (or the worst row when there is none), and those rows are named instead
     top = max((nll for label, nll, _, _ in results if label == "4 sinks + window 64"), default=None)
@@ -281,6 +282,10 @@ def plot(results, path: str, title: str, score_from: int) -> None:
         for held, nll, label in points:
             short = label.replace("4 sinks + window ", "4+").replace("tensor_cache ", "").split(" ")[0]
             ax.annotate(short, (held, nll), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    reference = next(((nll, held) for label, nll, held, _ in results if label == REFERENCE), None)
+    if reference is not None:  # the issue's goal: within 0.005 of 4 + 1024's NLL at <= 30% of its bytes
+        ax.axhline(reference[0] + 0.005, color="grey", linestyle="--", linewidth=0.8, label=f"{REFERENCE} + 0.005")
+        ax.axvline(0.3 * reference[1], color="grey", linestyle=":", linewidth=0.8, label=f"30% of {REFERENCE}'s bytes")
     if off:
         ax.set_ylim(top=top)
         ax.text(0.01, 0.01, "off the chart: " + ", ".join(off), transform=ax.transAxes, fontsize=7, va="bottom")
@@ -289,7 +294,7 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     ax.set_ylabel(f"NLL, tokens >= {score_from}")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     print(f"saved {path}")
