@@ -351,6 +351,21 @@ class EvictionCache(Cache):
         return [0 if layer.keys is None else int((layer.positions >= 0).sum(-1).max()) for layer in self.layers]
 
 
+def _causal_scores(query: torch.Tensor, key: torch.Tensor, scaling: float | None, softcap: float | None):
+    """fp32 scores `[B, Hkv, G, q, K]` of each KV group's queries, `-inf` where a query may not look: the chunk is
+    the last `q` keys (everything before it precedes every query), causal within it."""
+    batch, hq, q, dim = query.shape
+    hkv, held = key.shape[1], key.shape[2]
+    scaling = dim**-0.5 if scaling is None else scaling
+    grouped = query.float().reshape(batch, hkv, hq // hkv, q, dim)
+    scores = grouped @ key.float().unsqueeze(2).transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    old = held - q  # entries from earlier forwards precede the chunk: query i sees them and chunk keys <= i
+    visible = torch.arange(held, device=key.device) <= old + torch.arange(q, device=key.device).unsqueeze(-1)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def eviction_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Softmax attention over an [`EvictionLayer`]'s entries plus the chunk; passes the weights to the layer.
 
@@ -359,17 +374,8 @@ def eviction_attention_forward(module, query, key, value, attention_mask, dropou
     builds none for an attention implementation without a registered mask function, so `attention_mask` is `None`
     and padding is not supported. Untagged keys (another cache, or none) get the same attention, nothing recorded.
     """
-    batch, hq, q, dim = query.shape
-    hkv, held = key.shape[1], key.shape[2]
-    scaling = dim**-0.5 if scaling is None else scaling
-    grouped = query.float().reshape(batch, hkv, hq // hkv, q, dim)
-    scores = grouped @ key.float().unsqueeze(2).transpose(-1, -2) * scaling  # [B, Hkv, G, q, K]
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    old = held - q  # entries from earlier forwards precede the chunk: query i sees them and chunk keys <= i
-    visible = torch.arange(held, device=key.device) <= old + torch.arange(q, device=key.device).unsqueeze(-1)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    batch, hq, q, _ = query.shape
+    scores = _causal_scores(query, key, scaling, kwargs.get("softcap"))
     ref = getattr(key, "_eviction_layer", None)
     layer = None if ref is None else ref()
     if layer is not None and layer.head_budgets is not None:  # padding of the heads that hold fewer entries
@@ -388,9 +394,12 @@ def eviction_attention_forward(module, query, key, value, attention_mask, dropou
 AttentionInterface.register(ATTENTION, eviction_attention_forward)
 
 
-def layer_budgets(increments: list[int], mean: int) -> list[int]:
+def layer_budgets(increments: list[int], mean: int, one_head: dict[int, int] | None = None, heads: int = 1) -> list:
     """Per-layer budgets averaging `mean` entries per KV head: layer `i` gets `increments[i]` more than the layers
     with no increment, which share what is left equally (the first of them one more each while a remainder is left).
+
+    `one_head` (`{layer: head}`, with `heads` KV heads): those layers give all their extra entries (`heads x
+    increment`) to one KV head, the others keeping the layer's base; their item is then a list per head.
 
     Raises:
         `ValueError`: if the layers with no increment would get fewer than 1 entry, or every layer has one.
@@ -406,6 +415,9 @@ def layer_budgets(increments: list[int], mean: int) -> list[int]:
     budgets = [mean + extra for extra in increments]
     for j, i in enumerate(rest):
         budgets[i] = base + (1 if j < remainder else 0)
+    for layer, head in (one_head or {}).items():
+        extra = increments[layer]
+        budgets[layer] = [mean + (heads * extra if h == head else 0) for h in range(heads)]
     return budgets
 
 
@@ -419,13 +431,9 @@ def oracle_attention(entries: int, sink_tokens: int = 4) -> str:
     name = f"eviction_oracle_{entries}_{sink_tokens}"
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        batch, hq, q, dim = query.shape
-        hkv, held = key.shape[1], key.shape[2]
-        scaling = dim**-0.5 if scaling is None else scaling
-        grouped = query.float().reshape(batch, hkv, hq // hkv, q, dim)
-        scores = grouped @ key.float().unsqueeze(2).transpose(-1, -2) * scaling  # [B, Hkv, G, q, K]
-        visible = torch.arange(held, device=key.device) <= held - q + torch.arange(q, device=key.device)[:, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
+        batch, hq, q, _ = query.shape
+        held = key.shape[2]
+        scores = _causal_scores(query, key, scaling, kwargs.get("softcap"))
         if held > entries:
             group = scores.softmax(-1).mean(2, keepdim=True)  # the KV group's weights
             sinks = torch.arange(held, device=key.device) < sink_tokens
@@ -435,6 +443,5 @@ def oracle_attention(entries: int, sink_tokens: int = 4) -> str:
         out = (scores.softmax(-1) @ value.float().unsqueeze(2)).reshape(batch, hq, q, -1)
         return out.transpose(1, 2).contiguous().to(query.dtype), None
 
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, forward)
+    AttentionInterface.register(name, forward)  # registering the same name again replaces an equal function
     return name

@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +60,6 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(OUT), help="JSON path")
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
     model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
     ids = quality.text_ids(tokenizer, "pride", args.tokens)
     layers = model.config.num_hidden_layers
@@ -85,25 +83,18 @@ def main(argv=None) -> None:
             budgets[layer] += args.step
             gains.append(base - nll(budgets))
     increments = [256 if g >= args.major else 128 if g >= args.minor else 0 for g in gains]
-    budgets = eviction_baselines.layer_budgets(increments, args.mean)
     heads = model.config.num_key_value_heads
-    head_budgets, head_nll = [], {}
+    head_gains, choice = {}, {}
     if args.heads:  # in each layer with more entries, try giving all of them to one KV head
-        fitted = nll(budgets)
+        spread = nll(eviction_baselines.layer_budgets(increments, args.mean))
         for layer in tqdm([i for i, extra in enumerate(increments) if extra], desc="heads"):
-            best, tried = None, {}
-            for head in range(heads):
-                trial = [b if i != layer else [b] * heads for i, b in enumerate(budgets)]
-                extra = increments[layer]
-                trial[layer] = [budgets[layer] - extra + (heads * extra if h == head else 0) for h in range(heads)]
-                tried[head] = fitted - nll(trial)  # > 0: better than spreading the layer's extra entries
-                if tried[head] > 0 and (best is None or tried[head] > tried[best]):
-                    best = head
-            head_nll[layer] = tried
-            if best is not None:
-                extra = increments[layer]
-                head_budgets.append((layer, [budgets[layer] - extra + (heads * extra if h == best else 0)
-                                             for h in range(heads)]))  # fmt: skip
+            # > 0: better than spreading the layer's extra entries over its heads
+            gains_here = {h: spread - nll(eviction_baselines.layer_budgets(increments, args.mean, {layer: h}, heads))
+                          for h in range(heads)}  # fmt: skip
+            head_gains[layer] = gains_here
+            best = max(gains_here, key=gains_here.get)
+            if gains_here[best] > 0:
+                choice[layer] = best
     result = {
         "model": model_fingerprint(model),
         "text": quality.TEXTS["pride"],
@@ -115,8 +106,8 @@ def main(argv=None) -> None:
         "base_nll": round(base, 5),
         "gains": [round(g, 5) for g in gains],
         "increments": increments,
-        "head_gains": {str(i): {str(h): round(g, 5) for h, g in tried.items()} for i, tried in head_nll.items()},
-        "head_budgets": {str(layer): b for layer, b in head_budgets},
+        "head_gains": {str(i): {str(h): round(g, 5) for h, g in gains.items()} for i, gains in head_gains.items()},
+        "head_choice": {str(layer): head for layer, head in choice.items()},
         "seconds": round(time.perf_counter() - start),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

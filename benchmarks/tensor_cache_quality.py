@@ -153,16 +153,10 @@ def fitted_rows(model, path: Path = LAYER_BUDGETS) -> list:
         return []  # fitted for another model (the tiny smoke-test model)
     carry, heads = fit["carry"], model.config.num_key_value_heads
     # per layer given more entries: the KV head that did best with all of them (fit_layer_budgets.py --heads)
-    choice = {int(layer): max(gains, key=gains.get) for layer, gains in fit.get("head_gains", {}).items()}
-    choice = {layer: int(head) for layer, head in choice.items() if fit["head_gains"][str(layer)][head] > 0}
+    choice = {int(layer): head for layer, head in fit.get("head_choice", {}).items()}
 
     def budgets(mean: int, per_head: bool) -> list:
-        layers = eviction_baselines.layer_budgets(increments, mean)
-        if per_head:
-            for layer, head in choice.items():
-                extra = increments[layer]
-                layers[layer] = [layers[layer] - extra + (heads * extra if h == head else 0) for h in range(heads)]
-        return layers
+        return eviction_baselines.layer_budgets(increments, mean, choice if per_head else None, heads)
 
     rows = []
     for per_head in (False, True) if choice else (False,):

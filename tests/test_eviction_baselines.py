@@ -243,6 +243,8 @@ def test_per_layer_budgets(model):
     assert eb.layer_budgets([0, 256, 0, 0], 100) == [15, 356, 15, 14]  # 44 left for three: the first two get one more
     assert sum(budgets) == 5 * 300
     assert eb.layer_budgets([0, 0], 7) == [7, 7]
+    # a layer's extra entries all on one KV head (3 heads): 300 on the others, 300 + 3 x 256 on head 2
+    assert eb.layer_budgets([0, 256, 0, 128, 0], 300, {1: 2}, heads=3) == [172, [300, 300, 1068], 172, 428, 172]
     with pytest.raises(ValueError, match="pays for the others"):
         eb.layer_budgets([128, 128], 300)
     with pytest.raises(ValueError, match="leave the other layers"):
@@ -252,7 +254,7 @@ def test_per_layer_budgets(model):
 def test_oracle_attention_is_each_querys_top_entries():
     torch.manual_seed(2)
     query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 3)  # GQA 2
-    forward = eb.AttentionInterface._global_mapping[eb.oracle_attention(6, sink_tokens=2)]
+    forward = eb.AttentionInterface()[eb.oracle_attention(6, sink_tokens=2)]
     out, _ = forward(None, query, key, value, None, scaling=0.3)
     visible = torch.arange(12) <= 7 + torch.arange(5)[:, None]
     for h in range(4):
@@ -265,8 +267,7 @@ def test_oracle_attention_is_each_querys_top_entries():
             top = group.topk(6).indices
             ref = scores[top].softmax(-1) @ value[0, g, top]
             assert_close(out[0, t, h], ref, 1e-5, f"head {h} query {t}")
-    everything, _ = eb.AttentionInterface._global_mapping[eb.oracle_attention(12)](None, query, key, value, None,
-                                                                                   scaling=0.3)  # fmt: skip
+    everything, _ = eb.AttentionInterface()[eb.oracle_attention(12)](None, query, key, value, None, scaling=0.3)
     scores = (query @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.3).masked_fill(~visible, float("-inf"))
     assert_close(everything, (scores.softmax(-1) @ value.repeat_interleave(2, 1)).transpose(1, 2), 1e-5, "full")
 

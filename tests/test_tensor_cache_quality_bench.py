@@ -51,8 +51,7 @@ def test_fitted_rows_read_the_layer_and_head_budgets(bench, tmp_path):
     """The fitted rows spread fit_layer_budgets.py's increments over the mean, and give a layer's extra entries to
     the KV head that did best with them (when one did better than spreading them)."""
     model = tiny_model("llama")  # 2 layers, 2 KV heads
-    fit = {"mean": 200, "carry": 0.5, "increments": [128, 0],
-           "head_gains": {"0": {"0": -0.001, "1": 0.002}}}  # fmt: skip
+    fit = {"mean": 200, "carry": 0.5, "increments": [128, 0], "head_choice": {"0": 1}}
     path = tmp_path / "budgets.json"
     path.write_text(json.dumps(fit))
     rows = {label: config for label, _, config in bench.fitted_rows(model, path)}
@@ -60,7 +59,7 @@ def test_fitted_rows_read_the_layer_and_head_budgets(bench, tmp_path):
     assert rows["TOVA carry 0.5, fitted layer budgets @270 + moment memory"]["budget"] == [398, 142]
     assert rows["TOVA carry 0.5, fitted layer + head budgets @200"]["budget"] == [[200, 456], 72]
     assert rows["TOVA carry 0.5, fitted layer + head budgets @270 + moment memory"]["memory"] == "moment"
-    fit["head_gains"] = {"0": {"0": -0.001, "1": -0.002}}  # no head did better: no per-head rows
+    fit["head_choice"] = {}  # no head did better than spreading: no per-head rows
     path.write_text(json.dumps(fit))
     assert [label for label, _, _ in bench.fitted_rows(model, path)] == [
         "TOVA carry 0.5, fitted layer budgets @200", "TOVA carry 0.5, fitted layer budgets @270 + moment memory"]
