@@ -216,6 +216,10 @@ class NeuralCache(Cache):
     cache_name: ClassVar[str]
     options: ClassVar[dict[str, Option]]
 
+    #: Whether feeding stored K/V through `update` rebuilds the state a prefill would leave (the prefix cache's
+    #: load). False for a cache that also keeps what the queries chose (tensor_cache's retained tokens).
+    rebuilds_from_kv = True
+
     def __init__(self, layers: list):
         super().__init__(layers=layers)
         self._version = 0

@@ -53,6 +53,7 @@ from ..kernels.fast_weight import (
     window_attention_lse,
 )
 from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, check_sinks_fit, compiling
+from .retention import RetainedTokens
 from .sliding_window import SinkWindowLayer
 from .tensor_cache_params import TensorCacheParams
 
@@ -78,6 +79,10 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         tc_proj (`torch.Tensor` of shape `[Hq * Dv, Hq * Dv]`, *optional*): Paper read projection; identity if `None`.
         max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
         learned (`LearnedMemory`, *optional*): The fitted parameters of the `"learned"` mode.
+        retain (`int`, *optional*, defaults to 0): Pairs that left the window kept exactly per KV head, chosen by
+            attention ([`RetainedTokens`]); the others go to the memory. 0: every pair that leaves goes to the memory.
+        carry (`float`, *optional*, defaults to 0.0): With `retain`, the share of a retained pair's previous score
+            added to this forward's.
     """
 
     is_compileable = True
@@ -98,16 +103,20 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         tc_proj: torch.Tensor | None = None,
         max_rollback: int = 256,
         learned=None,
+        retain: int = 0,
+        carry: float = 0.0,
     ):
         super().__init__()
         self.learned = learned
+        self.pool = RetainedTokens(retain, carry) if retain else None
         self.ring = SinkWindowLayer(window, sink_tokens, max_rollback=max_rollback)
         self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
         self.mode, self.memory, self.rule = mode, memory, rule
         self.decay, self.write_rate, self.gate, self.tc_proj = decay, write_rate, float(gate), tc_proj
         self.state = None  # MomentState (training_free), LearnedState (learned) or A [B, Hkv, D, Dv] (paper), float32
         self.record_past = False
-        self.journal: list[tuple] = []  # (first evicted position, state before, keys, values, weights)
+        # (first evicted position, state before, keys, values, weights, retained-token record or None)
+        self.journal: list[tuple] = []
         self._pending = None  # what attention reads: (state before, keys, values, weights, first, write deferred)
 
     @property
@@ -139,13 +148,15 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             self.state = learned_state(batch, heads, features, value_dim, device)
         else:
             self.state = moment_state(batch, heads, head_dim, value_dim, self.memory, device)
+        if self.pool is not None:
+            self.pool.init(key_states, value_states)
         self._mark_static()
         self.is_initialized = True
 
     def _mark_static(self) -> None:
         """The decode step writes the memory in place: fixed addresses, as for the window (CUDA graphs)."""
         if not compiling():
-            for tensor in _tensors(self.state):
+            for tensor in _tensors(self.state) + (self.pool.tensors() if self.pool is not None else []):
                 torch._dynamo.mark_static_address(tensor)
 
     def _advance(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
@@ -203,7 +214,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         keys, values = self.ring.update(key_states, value_states, step=step)
         weights = self._weights(start, stop, step, key_states.shape[0], key_states.device)
         before = self.state
-        if stop > start:
+        if stop > start and self.pool is None:  # with retained tokens the write waits for attention's choice
             before = self._advance(ev_k, ev_v, weights)
             if self.record_past and self.max_rollback:
                 self._journal_add(start, before, ev_k, ev_v, weights)
@@ -224,7 +235,9 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         held = ring.slots.index_select(1, entry)  # [B, 1]: the position leaving, -1 if none or padding
         weights = ((held >= 0) & ~(held == ring.slots[:, :sinks]).any(-1, keepdim=True)).float()  # sinks stay
         keys, values = ring.update(key_states, value_states, step=step)
-        if self._fused_decode(key_states):  # the attention step's one kernel writes the memory, in place
+        if self.pool is not None:  # attention chooses what the memory gets, then writes it
+            self._pending = (self.state, ev_k, ev_v, weights, leaving, False)
+        elif self._fused_decode(key_states):  # the attention step's one kernel writes the memory, in place
             self._pending = (self.state, ev_k, ev_v, weights, leaving, True)
         else:
             self._pending = (self._advance(ev_k, ev_v, weights), ev_k, ev_v, weights, leaving, False)
@@ -255,6 +268,18 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
+        before, ev_k, ev_v, weights, first, deferred = self._pending
+        self._pending = None
+        pairs = (before, ev_k, ev_v, weights, first, deferred)
+        out, lse = self._attend(query, key, value, state, scaling, softcap, *pairs)
+        if self.pool is not None:  # the retained tokens: a third part of the same softmax, then this forward's choice
+            pool_out, pool_lse, pool_logits = self.pool.attend(query, scaling, softcap)
+            out, lse = merge_softmax(out, lse, pool_out, pool_lse)
+            self._retain(query, pool_logits, lse, state.step, scaling, softcap, *pairs[:5])
+        return out.to(query.dtype)
+
+    def _attend(self, query, key, value, state, scaling, softcap, before, ev_k, ev_v, weights, first, deferred):
+        """`(out, lse)` float32 of the window merged with the memory; `lse` is `None` in `"paper"` mode."""
         from ..kernels.dispatch import use_triton  # here, to keep this cache's imports as they are
         from ..kernels.fast_weight import (
             fast_weight_decode,
@@ -265,8 +290,6 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         )
         from ..kernels.window_attention import attend
 
-        before, ev_k, ev_v, weights, first, deferred = self._pending
-        self._pending = None
         layout = state.layout
         q_pos = state.step.q_slots.to(query.device)
         # training_free: query t sees every evicted position <= t - window; paper: reads before t - window is written
@@ -278,29 +301,28 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         pairs = (before, ev_k, ev_v, weights)
         if kernel and self.mode == "training_free" and self.memory != "gaussian":
             if deferred:  # decode: one kernel for window + write of the leaving pair + read + merge, in place
-                out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap, out=self.state)
+                out, lse, _ = moment_decode(*window, *pairs, self.log_decay, softcap, out=self.state)
             elif query.shape[2] == 1:  # decode after update() wrote the pair (recording the past): prefix == m
-                out, _, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
+                out, lse, _ = moment_decode(*window, *pairs, self.log_decay, softcap)
             else:
-                out, _ = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
-            return out.to(query.dtype)
+                out, lse = moment_prefill(*window, *pairs, prefix, self.log_decay, softcap)
+            return out, lse
         if kernel and self.mode == "learned":  # the same three kernels, fed the feature map's outputs
             memory = self.learned
             fq = learned_features(query, memory.q_weight, memory.q_bias)  # [B, Hq, q, 2F]
             fk = learned_features(ev_k, memory.k_weight, memory.k_bias)  # [B, Hkv, m, 2F]
             pairs, rates = (before, fq, fk, ev_v, weights), (memory.log_decay, memory.write_rate)
             if deferred:  # decode: one kernel for window + write of the leaving pair + read + merge, in place
-                out, _, _ = learned_decode(*window, *pairs, *rates, softcap, out=self.state)
+                out, lse, _ = learned_decode(*window, *pairs, *rates, softcap, out=self.state)
             elif query.shape[2] == 1:  # decode after update() wrote the pair (recording the past): prefix == m
-                out, _, _ = learned_decode(*window, *pairs, *rates, softcap)
+                out, lse, _ = learned_decode(*window, *pairs, *rates, softcap)
             else:
-                out, _ = learned_prefill(*window, *pairs, prefix, *rates, softcap)
-            return out.to(query.dtype)
+                out, lse = learned_prefill(*window, *pairs, prefix, *rates, softcap)
+            return out, lse
         if self.mode == "learned":  # window softmax merged with the memory, its mass in units of the window's
             out, lse = window_attention_lse(query, key, value, layout.visible.to(query.device), scaling, softcap)
             mem, log_mass = learned_read(before, query, ev_k, ev_v, weights, prefix, self.learned)
-            out, _ = merge_softmax(out, lse, mem, lse + log_mass)
-            return out.to(query.dtype)
+            return merge_softmax(out, lse, mem, lse + log_mass)
         if kernel and self.mode == "paper" and query.shape[2] == 1:  # decode reads A before this step's pair
             rates = (self.decay_t, self.write_rate_t, self.rule)
             out, r, _ = fast_weight_decode(*window, *pairs, *rates, softcap)  # one kernel: window + read
@@ -312,8 +334,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
                 out, lse = window_attention_lse(query, key, value, visible, scaling, softcap)
             if self.mode == "training_free":
                 mem, mem_lse = moment_read(before, query, ev_k, ev_v, weights, prefix, self.log_decay, scaling)
-                out, _ = merge_softmax(out, lse, mem, mem_lse)
-                return out.to(query.dtype)
+                return merge_softmax(out, lse, mem, mem_lse)
             r = fast_weight_read(
                 before, query, ev_k, ev_v, weights, prefix, self.decay_t, self.write_rate_t, self.rule
             )  # [B, Hq, q, Dv]
@@ -321,12 +342,34 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             b, hq, q, dv = r.shape
             flat = r.transpose(1, 2).reshape(b, q, hq * dv) @ self.tc_proj.to(r.device).float().T
             r = flat.view(b, q, hq, dv).transpose(1, 2)
-        out = out + torch.sigmoid(torch.tensor(self.gate)) * r
-        return out.to(query.dtype)
+        return out + torch.sigmoid(torch.tensor(self.gate)) * r, None
+
+    def _retain(self, query, pool_logits, lse, step: Step, scaling, softcap, before, ev_k, ev_v, weights, first):
+        """After attention: the pool and the pairs that left the window compete for the pool; the losers are written
+        into the memory (in place). `lse` is the merged softmax's (window, memory and pool)."""
+        m = ev_k.shape[2]
+        if m == 0:
+            return
+        device = query.device
+        positions = torch.arange(m, device=device) + first  # `first` may be a 0-d tensor (compiled decode)
+        q_pos = step.q_slots.to(device)
+        batch = query.shape[0]
+        if step.new_real is not None:
+            q_real = step.new_real.to(device).view(batch, 1)
+        else:
+            q_real = step.real(q_pos.unsqueeze(0).expand(batch, -1)).to(device)
+        recording = self.record_past and self.max_rollback
+        saved = _map(before, torch.clone) if recording else None
+        queries = (query, scaling, softcap, lse)
+        per_query, visible = self.pool.weights(pool_logits, *queries, ev_k, positions, q_pos, q_real)
+        keys, values, drop, record = self.pool.select(per_query, visible, ev_k, ev_v, positions, weights)
+        self._set_state(self._write(before, keys, values, drop))
+        if recording:
+            self._journal_add(first, saved, ev_k, ev_v, weights, (record, per_query, visible, int(q_pos[0])))
 
     # ---- rollback -------------------------------------------------------------------------------------------------
-    def _journal_add(self, first, state, keys, values, weights) -> None:
-        self.journal.append((first, state, keys, values, weights))
+    def _journal_add(self, first, state, keys, values, weights, retained=None) -> None:
+        self.journal.append((first, state, keys, values, weights, retained))
         covered = first + keys.shape[-2]
         keep = 0  # the newest entry a crop of max_rollback tokens can still need
         for i, entry in enumerate(self.journal):
@@ -356,24 +399,46 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
                     f"back (generate does this for assisted decoding); it keeps max_rollback={self.max_rollback} "
                     "tokens (a cache_config option)."
                 )
-            first, state, keys, values, weights = entries[-1]
+            first, state, keys, values, weights, retained = entries[-1]
             n = keep - first
-            self._set_state(self._write(state, keys[:, :, :n], values[:, :, :n], weights[:, :n]) if n else state)
+            if self.pool is not None:
+                self._crop_retained(len(entries) - 1, target, n)
+            else:
+                self._set_state(self._write(state, keys[:, :, :n], values[:, :, :n], weights[:, :n]) if n else state)
         self.ring.crop(tokens_to_remove)
         self.journal = []
+
+    def _crop_retained(self, index: int, target: int, n: int) -> None:
+        """Undo the pool's choices back to journal entry `index`, then redo that forward's as if its queries had
+        stopped at position `target` and only its first `n` leaving pairs had left."""
+        for entry in reversed(self.journal[index:]):
+            self.pool.undo(entry[5][0])
+        first, state, keys, values, weights, (_, per_query, visible, q_start) = self.journal[index]
+        self._set_state(state)
+        if n:
+            queries, size = target - q_start, self.pool.size
+            per_query, visible = per_query[:, :, :queries, : size + n], visible[:, :queries, : size + n]
+            positions = torch.arange(first, first + n, device=keys.device)
+            pairs = (keys[:, :, :n], values[:, :, :n], positions, weights[:, :n])
+            keys, values, drop, _ = self.pool.select(per_query, visible, *pairs)
+            self._set_state(self._write(state, keys, values, drop))
 
     def _apply_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.ring._apply_batch(fn)
         self.state = _map(self.state, fn)
+        if self.pool is not None:
+            self.pool.set_tensors([fn(t) for t in self.pool.tensors()])
         self._mark_static()
-        self.journal = [(f, _map(s, fn), fn(k), fn(v), fn(w)) for f, s, k, v, w in self.journal]
+        self.journal = [_map_nested(entry, fn) for entry in self.journal]
         self._pending = None
 
     def reset(self) -> None:
         self.ring.reset()
         self.state, self.journal, self._pending = None, [], None
+        if self.pool is not None:
+            self.pool.set_tensors([None] * 4)
         self.is_initialized = False
 
     # ---- sizes ----------------------------------------------------------------------------------------------------
@@ -392,10 +457,9 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
 
     def memory_bytes(self) -> int:
         """Bytes held by this layer: window, memory and the rollback journals."""
-        journal = 0
-        for _, state, *tensors in self.journal:
-            journal += sum(t.numel() * t.element_size() for t in [*_tensors(state), *tensors])
-        return self.ring.memory_bytes() + self.state_bytes() + journal
+        journal = sum(t.numel() * t.element_size() for t in _nested_tensors(self.journal))
+        pool = self.pool.nbytes() if self.pool is not None else 0
+        return self.ring.memory_bytes() + self.state_bytes() + pool + journal
 
     def __repr__(self):
         return (
@@ -416,6 +480,29 @@ def _map(state, fn):
     if isinstance(state, torch.Tensor):
         return fn(state)
     return type(state)(*(fn(t) if t is not None else None for t in state))
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _nested_tensors(value) -> list[torch.Tensor]:
+    """Every tensor in nested tuples/lists/NamedTuples (`None` and ints skipped)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _nested_tensors(item)]
+    return []
+
+
+def _map_nested(value, fn):
+    """`fn` applied to every tensor of nested tuples (NamedTuples keep their type), other items as they are."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        items = [_map_nested(item, fn) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
 
 
 def _float_or_none(low: float, high: float, low_open: bool = True):
@@ -454,6 +541,11 @@ class TensorCache(NeuralCache):
         paper_params (`str`, *optional*): Path of a safetensors file with, per layer `i`, `layers.{i}.decay_logit` and
             `layers.{i}.write_logit` (`[Hkv]`), `layers.{i}.gate` (scalar) and optionally `layers.{i}.tc_proj.weight`.
         max_rollback (`int`, *optional*, defaults to 256): Tokens one `crop` can remove while recording the past.
+        retain (`int` or `list[int]`, *optional*, defaults to 0): Pairs that left the window kept exactly, per KV head
+            (one number for every layer, or one per layer), chosen after every forward by the attention they get
+            (TOVA); the others go to the memory. `"training_free"` and `"learned"` modes.
+        carry (`float`, *optional*, defaults to 0.0): With `retain`, the share of a retained pair's previous score
+            added to this forward's, in [0, 1).
         params (`str` or `TensorCacheParams`, *optional*): `"learned"` mode only (and required there): the fitted
             memory, or the folder [`TensorCacheParams.save_pretrained`] wrote; a relative path is looked up in the
             model's folder first (`config._name_or_path`). Refused if fitted for another model, window or sinks.
@@ -496,6 +588,20 @@ class TensorCache(NeuralCache):
         "params": Option(
             (str, TensorCacheParams, type(None)), None, lambda v: True, "None, a folder or TensorCacheParams", "Fitted."
         ),
+        "retain": Option(
+            (int, list),
+            0,
+            lambda v: all(_count(x) for x in (v if isinstance(v, list) else [v])),
+            "an int >= 0, or a list with one int >= 0 per layer",
+            "Evicted pairs kept exactly per KV head, chosen by attention.",
+        ),
+        "carry": Option(
+            (float, int),
+            0.0,
+            lambda v: not isinstance(v, bool) and 0.0 <= v < 1.0,
+            "a float in [0, 1)",
+            "Share of a retained pair's previous score carried.",
+        ),
     }
 
     def __init__(
@@ -512,6 +618,8 @@ class TensorCache(NeuralCache):
         paper_params: str | None = None,
         max_rollback: int = 256,
         params: str | TensorCacheParams | None = None,
+        retain: int | list[int] = 0,
+        carry: float = 0.0,
     ):
         from ..registry import decoder_layer_types
 
@@ -527,6 +635,8 @@ class TensorCache(NeuralCache):
             paper_params=paper_params,
             max_rollback=max_rollback,
             params=params,
+            retain=retain,
+            carry=carry,
         )
         check_options(self.cache_name, self.options, given)
         check_sinks_fit(self.cache_name, window, sink_tokens)
@@ -556,7 +666,24 @@ class TensorCache(NeuralCache):
                 "got mode='paper'. Remove it or set mode='training_free'."
             )
         self.window, self.sink_tokens, self.mode = window, sink_tokens, mode
+        self.carry = float(carry)
         layer_types = decoder_layer_types(config, self.cache_name)
+        retained = [retain] * len(layer_types) if isinstance(retain, int) else list(retain)
+        if len(retained) != len(layer_types):
+            raise ValueError(
+                f"cache_config['retain'] of cache_implementation='tensor_cache' has {len(retained)} items; expected an "
+                f"int or one int per layer ({len(layer_types)})."
+            )
+        if mode == "paper" and any(retained):
+            raise ValueError(
+                "cache_config['retain'] of cache_implementation='tensor_cache' applies to mode='training_free' or "
+                "'learned' (their memory and window share one softmax with the retained pairs); got mode='paper'."
+            )
+        if carry and not any(retained):
+            raise ValueError(
+                "cache_config['carry'] of cache_implementation='tensor_cache' applies with 'retain' only; "
+                "set retain (retained pairs per KV head) or remove carry."
+            )
         paper = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
         self.params = _load_learned_params(params, config) if mode == "learned" else None
         if self.params is not None:
@@ -585,10 +712,14 @@ class TensorCache(NeuralCache):
                 tc_proj=layer_params.get("tc_proj"),
                 max_rollback=max_rollback,
                 learned=self.params.layer(i) if self.params is not None else None,
+                retain=retained[i],
+                carry=float(carry),
             )
             layer.is_sliding = sliding
             layers.append(layer)
         super().__init__(layers)
+        self.retain = retained
+        self.rebuilds_from_kv = not any(retained)  # the pool is chosen by attention: K/V alone cannot rebuild it
 
     def check_model(self, model) -> None:
         """Refuse a `"learned"` memory fitted for another model (weights fingerprint); generate calls this."""

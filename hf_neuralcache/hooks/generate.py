@@ -301,7 +301,8 @@ def on_cache_prepared(model, generation_config, model_kwargs: dict) -> None:
     from ..registry import CACHE_KWARG
 
     cache = model_kwargs.get(CACHE_KWARG)
-    if not (type(cache) is DynamicCache or isinstance(cache, NeuralCache)) or cache.get_seq_length() != 0:
+    rebuilt = type(cache) is DynamicCache or (isinstance(cache, NeuralCache) and cache.rebuilds_from_kv)
+    if not rebuilt or cache.get_seq_length() != 0:  # (a cache whose state needs the queries cannot load K/V)
         logger.info("hf_neuralcache: prefix cache skipped for a %s", type(cache).__name__)
         for row in plan.rows:
             row.load = 0
