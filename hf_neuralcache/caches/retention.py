@@ -68,34 +68,42 @@ class RetainedTokens:
             logits = softcap * torch.tanh(logits / softcap)
         return logits
 
-    def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None):
-        """Softmax attention over the pool (every entry precedes every query): `(out [B, Hq, q, Dv], lse [B, Hq, q],
-        logits [B, Hkv, G, q, size])`; an empty pool gives `out` 0 and `lse` `-inf`."""
-        batch, hq, q, _ = query.shape
-        logits = self.logits(query, self.keys, scaling, softcap)
-        logits = logits.masked_fill((self.positions < 0)[:, :, None, None, :], float("-inf"))
-        lse = logits.logsumexp(-1)  # [B, Hkv, G, q]
-        probs = torch.nan_to_num(torch.exp(logits - lse.unsqueeze(-1)), nan=0.0)
-        out = probs @ self.values.float().unsqueeze(2)  # [B, Hkv, G, q, Dv]
-        return out.reshape(batch, hq, q, -1), lse.reshape(batch, hq, q), logits
-
-    # ---- selection ------------------------------------------------------------------------------------------------
-    def weights(self, pool_logits, query, scaling, softcap, lse, keys, positions, q_positions, q_real):
-        """Per-query attention weights of the candidates (pool, then the pairs leaving the ring), the mean over each
-        KV group's query heads: `[B, Hkv, q, size + m]`, 0 where a query cannot see a candidate or is padding.
+    def attend(self, query, scaling, softcap, keys, values, positions, valid, q_positions, window):
+        """Softmax attention over the candidates: the pool (every entry precedes every query) and the pairs leaving
+        the ring in this forward, each seen by the queries it is outside the window of (`position <= t - window`;
+        the window holds the others). Returns `(out [B, Hq, q, Dv], lse [B, Hq, q], logits [B, Hkv, G, q, size + m],
+        visible [B, q, size + m])`; a query that sees no candidate gets `out` 0 and `lse` `-inf`.
 
         Args:
-            lse (`[B, Hq, q]`): The log-denominator of the merged softmax (window, memory and pool).
-            keys (`[B, Hkv, m, D]`), positions (`[m]`): The pairs leaving the ring in this forward.
-            q_positions (`[q]`), q_real (`[B, q]` bool): The queries' positions and which are real tokens.
+            keys (`[B, Hkv, m, D]`), values (`[B, Hkv, m, Dv]`), positions (`[m]`), valid (`[B, m]`): The pairs leaving
+                the ring (`valid`: a real token that is not a sink).
+            q_positions (`[q]`): The queries' positions.
         """
-        batch, hkv = keys.shape[:2]
-        logits = torch.cat([pool_logits, self.logits(query, keys, scaling, softcap)], -1)  # [B, Hkv, G, q, R + m]
+        batch, hq, q, _ = query.shape
+        logits = self.logits(query, torch.cat([self.keys, keys], 2), scaling, softcap)
+        sees = q_positions.view(-1, 1) - window >= positions.view(1, -1)  # [q, m]
+        visible = torch.cat([(self.positions[:, 0] >= 0).unsqueeze(1).expand(-1, q, -1),
+                             sees.unsqueeze(0) & valid.bool().unsqueeze(1)], -1)  # fmt: skip
+        logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+        lse = logits.logsumexp(-1)  # [B, Hkv, G, q]
+        probs = torch.nan_to_num(torch.exp(logits - lse.unsqueeze(-1)), nan=0.0)
+        out = probs @ torch.cat([self.values, values], 2).float().unsqueeze(2)  # [B, Hkv, G, q, Dv]
+        return out.reshape(batch, hq, q, -1), lse.reshape(batch, hq, q), logits, visible
+
+    def weights(self, logits, visible, lse, q_real):
+        """Per-query attention weights of the candidates in the merged softmax (window, memory and candidates), the
+        mean over each KV group's query heads: `[B, Hkv, q, size + m]`, 0 where a query does not see a candidate or
+        is padding; and `visible` `[B, q, size + m]` with padding queries removed.
+
+        Args:
+            logits, visible: From [`attend`].
+            lse (`[B, Hq, q]`): The log-denominator of the merged softmax.
+            q_real (`[B, q]` bool): Which queries are real tokens.
+        """
+        batch, hkv = logits.shape[:2]
         lse = lse.reshape(batch, hkv, -1, lse.shape[-1], 1)
         weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)).mean(2)  # [B, Hkv, q, R + m]
-        sees = q_positions.view(-1, 1) >= positions.view(1, -1)  # [q, m]: a leaving pair newer than the query
-        sees = torch.cat([sees.new_ones(sees.shape[0], self.size), sees], -1)  # the pool precedes every query
-        visible = sees.unsqueeze(0) & q_real.unsqueeze(-1)  # [B, q, R + m]
+        visible = visible & q_real.unsqueeze(-1)
         return torch.where(visible.unsqueeze(1), weights, 0.0), visible
 
     def select(self, weights, visible, keys, values, positions, valid):

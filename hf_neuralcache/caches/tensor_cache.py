@@ -270,12 +270,19 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             raise RuntimeError("TensorCacheLayer.attention must follow update() of the same forward, once.")
         before, ev_k, ev_v, weights, first, deferred = self._pending
         self._pending = None
-        pairs = (before, ev_k, ev_v, weights, first, deferred)
-        out, lse = self._attend(query, key, value, state, scaling, softcap, *pairs)
-        if self.pool is not None:  # the retained tokens: a third part of the same softmax, then this forward's choice
-            pool_out, pool_lse, pool_logits = self.pool.attend(query, scaling, softcap)
-            out, lse = merge_softmax(out, lse, pool_out, pool_lse)
-            self._retain(query, pool_logits, lse, state.step, scaling, softcap, *pairs[:5])
+        if self.pool is None:
+            pairs = (before, ev_k, ev_v, weights, first, deferred)
+            return self._attend(query, key, value, state, scaling, softcap, *pairs)[0].to(query.dtype)
+        # retained tokens: the memory as it was before this forward, merged with the window and, exactly, the pool and
+        # the pairs leaving the window now (each for the queries it is outside the window of); then they compete
+        nothing = (before, ev_k[:, :, :0], ev_v[:, :, :0], weights[:, :0], first, False)
+        out, lse = self._attend(query, key, value, state, scaling, softcap, *nothing)
+        positions = torch.arange(ev_k.shape[2], device=query.device) + first  # `first`: a 0-d tensor when compiled
+        q_pos = state.step.q_slots.to(query.device)
+        cand = self.pool.attend(query, scaling, softcap, ev_k, ev_v, positions, weights, q_pos, self.window)
+        out, lse = merge_softmax(out, lse, cand[0], cand[1])
+        if ev_k.shape[2]:
+            self._retain(cand[2], cand[3], lse, state.step, q_pos, before, ev_k, ev_v, weights, positions, first)
         return out.to(query.dtype)
 
     def _attend(self, query, key, value, state, scaling, softcap, before, ev_k, ev_v, weights, first, deferred):
@@ -344,24 +351,17 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             r = flat.view(b, q, hq, dv).transpose(1, 2)
         return out + torch.sigmoid(torch.tensor(self.gate)) * r, None
 
-    def _retain(self, query, pool_logits, lse, step: Step, scaling, softcap, before, ev_k, ev_v, weights, first):
+    def _retain(self, logits, visible, lse, step: Step, q_pos, before, ev_k, ev_v, weights, positions, first):
         """After attention: the pool and the pairs that left the window compete for the pool; the losers are written
-        into the memory (in place). `lse` is the merged softmax's (window, memory and pool)."""
-        m = ev_k.shape[2]
-        if m == 0:
-            return
-        device = query.device
-        positions = torch.arange(m, device=device) + first  # `first` may be a 0-d tensor (compiled decode)
-        q_pos = step.q_slots.to(device)
-        batch = query.shape[0]
+        into the memory (in place). `lse` is the merged softmax's (window, memory, pool and leaving pairs)."""
+        batch = ev_k.shape[0]
         if step.new_real is not None:
-            q_real = step.new_real.to(device).view(batch, 1)
+            q_real = step.new_real.to(q_pos.device).view(batch, 1)
         else:
-            q_real = step.real(q_pos.unsqueeze(0).expand(batch, -1)).to(device)
+            q_real = step.real(q_pos.unsqueeze(0).expand(batch, -1)).to(q_pos.device)
         recording = self.record_past and self.max_rollback
         saved = _map(before, torch.clone) if recording else None
-        queries = (query, scaling, softcap, lse)
-        per_query, visible = self.pool.weights(pool_logits, *queries, ev_k, positions, q_pos, q_real)
+        per_query, visible = self.pool.weights(logits, visible, lse, q_real)
         keys, values, drop, record = self.pool.select(per_query, visible, ev_k, ev_v, positions, weights)
         self._set_state(self._write(before, keys, values, drop))
         if recording:
