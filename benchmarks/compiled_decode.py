@@ -28,6 +28,10 @@ A small CPU run (2 cores: keep it modest; inductor's CPU compile takes minutes):
     python benchmarks/compiled_decode.py --model smollm2 --tables eager --steps 16
     python benchmarks/compiled_decode.py --model small --caches tensor_cache tensor_cache_learned \
         --contexts 1024 8192 32768 --eager-contexts 1024 8192 32768 --steps 16   # learned vs training_free
+
+`--caches tensor_cache tensor_cache_retain` compares training_free tensor_cache with the same cache keeping
+`--tc-retain` evicted tokens exactly (`cache_config["retain"]`, carry 0.5; not in the default tables), with a
+ratio row under each table.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ ATTENTION = {
     "sliding_window_kv": "sdpa",
     "tensor_cache": "neuralcache",
     "tensor_cache_learned": "neuralcache",
+    "tensor_cache_retain": "neuralcache",
 }
-LABELS = {"static": "StaticCache", "dynamic": "DynamicCache", "tensor_cache_learned": "tensor_cache learned"}
+LABELS = {"static": "StaticCache", "dynamic": "DynamicCache", "tensor_cache_learned": "tensor_cache learned",
+          "tensor_cache_retain": "tensor_cache + retain"}  # fmt: skip
 # Llama-3.2-1B's shapes (random weights, no download); "small" is a 4-layer model of the same family for the CPU
 SHAPES = {
     "llama-1b": dict(
@@ -96,6 +102,9 @@ def make_cache(name: str, model, context: int, total: int, args):
         params = learned_params(model, args)
         return hf_neuralcache.create_cache("tensor_cache", model.config, mode="learned", params=params,
                                            window=args.tc_window, sink_tokens=args.sinks)  # fmt: skip
+    if name == "tensor_cache_retain":  # training_free with retained tokens (cache_config["retain"], carry 0.5)
+        return hf_neuralcache.create_cache("tensor_cache", model.config, window=args.tc_window, sink_tokens=args.sinks,
+                                           retain=args.tc_retain, carry=0.5)  # fmt: skip
     options = {"window": args.sw_window} if name == "sliding_window_kv" else {"window": args.tc_window}
     return hf_neuralcache.create_cache(name, model.config, sink_tokens=args.sinks, **options)
 
@@ -177,6 +186,9 @@ def table(model, title: str, caches: list[str], contexts: list[int], compiled: b
     if "tensor_cache" in caches and "tensor_cache_learned" in caches:
         ratios = [speeds["tensor_cache_learned", c] / speeds["tensor_cache", c] for c in contexts]
         print("| learned / training_free | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    if "tensor_cache" in caches and "tensor_cache_retain" in caches:
+        ratios = [speeds["tensor_cache_retain", c] / speeds["tensor_cache", c] for c in contexts]
+        print("| retain / training_free | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
     model.set_attn_implementation("sdpa")
 
 
@@ -192,6 +204,7 @@ def main() -> None:
     parser.add_argument("--learned", default=None, help="fitted TensorCacheParams folder (default: initial params)")
     parser.add_argument("--sw-window", type=int, default=1024, help="sliding_window_kv window")
     parser.add_argument("--tc-window", type=int, default=256, help="tensor_cache window")
+    parser.add_argument("--tc-retain", type=int, default=203, help="retained tokens of tensor_cache_retain")
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps (compilation)")

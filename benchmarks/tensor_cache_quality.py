@@ -21,7 +21,8 @@ fitted on Pride and Prejudice (`fit_layer_budgets.py`, read from `data/layer_bud
 270 with a `moment` memory; "TOVA oracle" at 272 and 302 entries, where each query sees its own top entries over the
 full cache (a bound on any policy keeping that many, not a cache: its bytes are those the entries would take);
 tensor_cache training_free (`moment`) at W = 64, 128, 256 and paper (untrained) at 256; one "tensor_cache W{W}
-learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it;
+learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it and the
+fit with 31 retained tokens (what fits beside it in 30% of 4 + 1024's bytes);
 tensor_cache with retained tokens (`cache_config["retain"]`): a 64-token window, the moment memory and 205 retained
 tokens, or 203 with a score carry of 0.5, or the fitted layer budgets (all within 30% of 4 + 1024's bytes).
 
@@ -147,6 +148,9 @@ def learned_rows(model, values: list[str]) -> list:
             if params.window + params.sink_tokens == BUDGET:  # the same entries: TOVA's retained tokens + this memory
                 rows.append((f"TOVA @{BUDGET} + learned memory (W{params.window} fit)", "eviction",
                              {"policy": "tova", "memory": params}))  # fmt: skip
+                # the issue's configuration with retained tokens: what fits beside it in 30% of 4 + 1024's bytes
+                rows.append((f"tensor_cache W{params.window} learned + retain 31, carry 0.5", "tensor_cache",
+                             {**config, "retain": 31, "carry": 0.5}))  # fmt: skip
     return rows
 
 

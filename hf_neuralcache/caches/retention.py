@@ -133,7 +133,7 @@ class RetainedTokens:
         slots = torch.argsort((~free).to(torch.int8), dim=-1, stable=True)[..., :pairs]  # [B, H, P]
         sources = torch.argsort((~incoming).to(torch.int8), dim=-1, stable=True)[..., :pairs]
         use = torch.arange(pairs, device=keys.device) < incoming.sum(-1, keepdim=True)  # [B, H, P]
-        record = (slots, *(_gather(t, slots) for t in (self.keys, self.values, self.positions)), self.scores)
+        record = (slots, *(_gather(t, slots) for t in (self.keys, self.values, self.positions)), self.scores.clone())
         # the losers, oldest first: a dropped pool entry or leaving pair sorts by position, everything else before
         dropped = cand_valid & ~keep
         order = torch.where(dropped, cand_pos, -1).argsort(dim=-1, stable=True)[..., -m:]  # [B, H, m]
@@ -146,23 +146,24 @@ class RetainedTokens:
         return out_k, out_v, out_w, record
 
     def _place(self, slots, sources, use, keys, values, positions, scores) -> None:
-        """Move the leaving pairs `sources` into the pool's `slots` where `use`; scores: the kept candidates'."""
+        """Move the leaving pairs `sources` into the pool's `slots` where `use`; scores: the kept candidates'. In
+        place: the pool keeps its addresses (CUDA graphs replay the decode step on the same tensors)."""
         size = self.size
         incoming = torch.where(use, _gather(scores[..., size:], sources), _gather(scores[..., :size], slots))
-        pool_scores = scores[..., :size].scatter(-1, slots, incoming)
-        self.keys = _scatter(self.keys, slots, torch.where(use.unsqueeze(-1), _gather(keys, sources),
-                                                           _gather(self.keys, slots)))  # fmt: skip
-        self.values = _scatter(self.values, slots, torch.where(use.unsqueeze(-1), _gather(values, sources),
-                                                               _gather(self.values, slots)))  # fmt: skip
-        self.positions = self.positions.scatter(-1, slots, torch.where(use, _gather(positions, sources),
-                                                                       _gather(self.positions, slots)))  # fmt: skip
-        self.scores = pool_scores
+        self.scores.copy_(scores[..., :size].scatter(-1, slots, incoming))
+        for pool, new in ((self.keys, keys), (self.values, values)):
+            moved = torch.where(use.unsqueeze(-1), _gather(new, sources), _gather(pool, slots))
+            pool.copy_(_scatter(pool, slots, moved))
+        held = torch.where(use, _gather(positions, sources), _gather(self.positions, slots))
+        self.positions.copy_(self.positions.scatter(-1, slots, held))
 
     def undo(self, record) -> None:
         """Put back what one [`select`] changed."""
         slots, keys, values, positions, scores = record
-        self.keys, self.values = _scatter(self.keys, slots, keys), _scatter(self.values, slots, values)
-        self.positions, self.scores = self.positions.scatter(-1, slots, positions), scores
+        self.keys.copy_(_scatter(self.keys, slots, keys))
+        self.values.copy_(_scatter(self.values, slots, values))
+        self.positions.copy_(self.positions.scatter(-1, slots, positions))
+        self.scores.copy_(scores)
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
