@@ -44,14 +44,12 @@ def _decode(forward, model, cache, ids, padding, steps):
     return torch.cat(tokens, 1), torch.stack(all_logits)
 
 
-@pytest.mark.parametrize("name", sorted(CACHES))
-def test_compiled_decode_step_is_one_graph_and_equals_eager(name):
-    """Left padding, a prompt shorter than the window: the decode steps fill the ring, wrap it and evict into the
-    memory (tensor_cache), all in the one graph traced at the first step."""
-    model = tiny_model("llama", attn_implementation=CACHES[name])
+def compiled_vs_eager(model, name: str, config: dict, what: str, steps: int = 14):
+    """Greedy decode steps after a left-padded 5-token prompt, through `torch.compile(fullgraph=True)` and eagerly,
+    each with a fresh cache `name` of `config`: one graph traced, the same tokens, logits within 1e-6. Returns the
+    two caches `(compiled, eager)` for the caller's checks of their state."""
     ids, padding = _ids(2, 5), torch.ones(2, 5, dtype=torch.bool)
     padding[0, :2] = False
-    config = {"window": 6, "sink_tokens": 2}
     graphs = []
 
     def counting(gm, example_inputs):
@@ -62,11 +60,20 @@ def test_compiled_decode_step_is_one_graph_and_equals_eager(name):
     eager = hf_neuralcache.create_cache(name, model.config, **config)
     ours = hf_neuralcache.create_cache(name, model.config, **config)
     assert ours.is_compileable
-    want_tokens, want_logits = _decode(model.forward, model, eager, ids, padding, 14)
-    got_tokens, got_logits = _decode(compiled, model, ours, ids, padding, 14)
+    want_tokens, want_logits = _decode(model.forward, model, eager, ids, padding, steps)
+    got_tokens, got_logits = _decode(compiled, model, ours, ids, padding, steps)
     assert len(graphs) == 1
     assert torch.equal(got_tokens, want_tokens)
-    assert_close(got_logits, want_logits, 1e-6, f"{name} compiled vs eager")
+    assert_close(got_logits, want_logits, 1e-6, f"{what} compiled vs eager")
+    return ours, eager
+
+
+@pytest.mark.parametrize("name", sorted(CACHES))
+def test_compiled_decode_step_is_one_graph_and_equals_eager(name):
+    """Left padding, a prompt shorter than the window: the decode steps fill the ring, wrap it and evict into the
+    memory (tensor_cache), all in the one graph traced at the first step."""
+    model = tiny_model("llama", attn_implementation=CACHES[name])
+    ours, eager = compiled_vs_eager(model, name, {"window": 6, "sink_tokens": 2}, name)
     # the state the compiled steps advanced reads back in eager code
     assert ours.get_seq_length() == eager.get_seq_length() == 5 + 14
     for a, b in zip(ours.layers, eager.layers, strict=True):
@@ -81,23 +88,8 @@ def test_compiled_decode_step_learned_mode_equals_eager():
     for name in params.tensors:  # a memory large enough to change the logits
         if name.endswith("write_log"):
             params.tensors[name].fill_(-1.0)
-    ids, padding = _ids(2, 5), torch.ones(2, 5, dtype=torch.bool)
-    padding[0, :2] = False
     config = {"mode": "learned", "params": params, "window": 6, "sink_tokens": 2}
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model.forward, backend=counting, fullgraph=True)
-    eager = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
-    ours = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
-    want_tokens, want_logits = _decode(model.forward, model, eager, ids, padding, 14)
-    got_tokens, got_logits = _decode(compiled, model, ours, ids, padding, 14)
-    assert len(graphs) == 1
-    assert torch.equal(got_tokens, want_tokens)
-    assert_close(got_logits, want_logits, 1e-6, "learned compiled vs eager")
+    ours, eager = compiled_vs_eager(model, "tensor_cache", config, "learned")
     assert float(eager.layers[0].state.mass.abs().sum()) > 0  # 19 tokens through a window of 6: memory written
     for a, b in zip(ours.layers, eager.layers, strict=True):
         for x, y in zip(a.state, b.state, strict=True):

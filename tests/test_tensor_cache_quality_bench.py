@@ -39,6 +39,7 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
         "tensor_cache W64 training_free",
         "tensor_cache W128 training_free", "tensor_cache W256 training_free", "tensor_cache W16 learned",
         "tensor_cache W256 learned", "TOVA @260 + learned memory (W256 fit)",  # only a W + sinks = 260 fit has it
+        "tensor_cache W256 learned + retain 31, carry 0.5",  # and the retained tokens that fit beside it
     ]  # fmt: skip
     full = rows[0].split(" | ")
     assert full[-2] == "+1.00"  # the full KV cache wins back the whole gap (320 tokens: 4 + 256 evicts)

@@ -22,13 +22,9 @@ def _model(arch="llama", **kwargs):
 
 
 def _learned(model, window, sink_tokens):
-    params = hf_neuralcache.TensorCacheParams.initial(model, window, sink_tokens, features=4, seed=1)
-    for name in params.tensors:  # a memory large enough to matter, a visible decay
-        if name.endswith("write_log"):
-            params.tensors[name].fill_(-1.0)
-        if name.endswith("decay_logit"):
-            params.tensors[name].fill_(2.0)
-    return dict(mode="learned", params=params)
+    from test_learned_kernels import _learned_params  # a memory large enough to matter, a visible decay
+
+    return {k: v for k, v in _learned_params(model, window, sink_tokens).items() if k in ("mode", "params")}
 
 
 def _states(cache):
@@ -230,26 +226,10 @@ def test_kernels_equal_the_reference_path(mode, triton_interpreter, monkeypatch)
 
 
 def test_compiled_decode_step_is_one_graph_and_equals_eager():
-    from test_compile import _decode
+    from test_compile import compiled_vs_eager
 
-    model = _model()
-    ids, padding = _ids(2, 5), torch.ones(2, 5, dtype=torch.bool)
-    padding[0, :2] = False
     config = {"window": 6, "sink_tokens": 2, "retain": 3, "carry": 0.5}
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model.forward, backend=counting, fullgraph=True)
-    eager = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
-    ours = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
-    want_tokens, want_logits = _decode(model.forward, model, eager, ids, padding, 14)
-    got_tokens, got_logits = _decode(compiled, model, ours, ids, padding, 14)
-    assert len(graphs) == 1
-    assert torch.equal(got_tokens, want_tokens)
-    assert_close(got_logits, want_logits, 1e-6, "compiled vs eager")
+    ours, eager = compiled_vs_eager(_model(), "tensor_cache", config, "retain")
     assert int((eager.layers[0].pool.positions >= 0).sum()) > 0
     for a, b in zip(_states(ours), _states(eager), strict=True):
         assert_close(a, b, 1e-6, "state")
@@ -296,3 +276,27 @@ def test_per_layer_retain():
     layers = model.config.num_hidden_layers
     cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=8, retain=[0] + [3] * (layers - 1))
     assert cache.layers[0].pool is None and all(layer.pool.size == 3 for layer in cache.layers[1:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["training_free", "learned"])
+def test_on_gpu_equals_the_cpu_reference(mode):
+    """The compiled Triton kernels on CUDA (window and memory) with the pool: generate's tokens and final state equal
+    the CPU reference path's, and a recorded forward + crop gives the same state."""
+    model = _model()
+    config = dict(window=6, sink_tokens=2, retain=5, carry=0.5, **(_learned(model, 6, 2) if mode == "learned" else {}))
+    ids = _ids(2, 30, seed=7)
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = model.to(device)
+        cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
+        logits = _feed(model, cache, ids.to(device), [13, 1, 9])
+        cache.activate_past_recording()
+        logits = torch.cat([logits, _feed(model, cache, ids.to(device), [7], start=23)], 1)
+        cache.crop(-4)
+        runs.append((logits.cpu(), [t.cpu() for t in _states(cache)]))
+    (cpu_logits, cpu_states), (gpu_logits, gpu_states) = runs
+    assert_close(gpu_logits, cpu_logits, 1e-4, "logits, CUDA vs CPU")
+    for a, b in zip(gpu_states, cpu_states, strict=True):
+        assert_close(a.float(), b.float(), 1e-4, "state, CUDA vs CPU")
