@@ -115,8 +115,8 @@ class RetainedTokens:
             valid (`[B, m]`): Which of them are real tokens that are not sinks (the others are never kept).
 
         Returns:
-            `(keys, values, weights, record)`: `m` pairs per head for the memory, oldest last, `[B, m]` weights (0
-            for the columns that carry nothing), and what [`undo`] needs.
+            `(keys, values, weights, record)`: `m` columns per head for the memory, `[B, m]` weights (0 for the
+            columns that carry nothing, which come first; then the losers, oldest first), and what [`undo`] needs.
         """
         size, m = self.size, keys.shape[2]
         batch, heads = keys.shape[:2]
