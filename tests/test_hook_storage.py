@@ -139,7 +139,8 @@ _WRITER = textwrap.dedent(
 
 
 def test_a_writer_killed_mid_write_leaves_a_readable_cache(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-P", "-c", _WRITER, str(tmp_path / "s")]  # -P: not the checkout's kernels/ folder
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     for _ in range(5):  # let it finish a few entries, then kill it in the middle of the next ones
         proc.stdout.readline()
     time.sleep(0.05)
@@ -179,7 +180,7 @@ _WORKER = textwrap.dedent(
 
 def test_four_processes_share_one_directory(model, tmp_path):
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-P", "-c", _WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
     results = []

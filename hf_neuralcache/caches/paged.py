@@ -325,8 +325,9 @@ class PagedKVCache(NeuralCache):
                 layer.seen = min(layer.seen, target)
         self.invalidate()
 
-    def activate_past_recording(self) -> None:
-        """Nothing to do: every token stays in its page until `crop` releases it."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Nothing to do: every token stays in its page until `crop` releases it. `kwargs` (transformers >= 5.25 passes
+        `recurrent_states_to_keep`, for linear-attention layers) do not apply."""
 
     def reset(self):
         self.pages.reset()

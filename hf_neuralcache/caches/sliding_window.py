@@ -260,8 +260,10 @@ class SinkWindowLayer(BatchOps, CacheLayerMixin):
         self.journal = (first, keys, values, slots)
 
     # ---- rollback and batch operations ----------------------------------------------------------------------------
-    def activate_past_recording(self) -> None:
-        """Journal evicted entries until the next `crop`, so that `crop` can restore them (not under compile)."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Journal evicted entries until the next `crop`, so that `crop` can restore them (not under compile).
+        `kwargs` (transformers >= 5.25 passes `recurrent_states_to_keep`, for linear-attention layers) do not apply:
+        the journal is bounded by `max_rollback`."""
         self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -377,8 +377,10 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
                 keep = i
         del self.journal[:keep]
 
-    def activate_past_recording(self) -> None:
-        """Journal memory writes (and the window's evictions) until the next `crop`, so it can undo them."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Journal memory writes (and the window's evictions) until the next `crop`, so it can undo them. `kwargs`
+        (transformers >= 5.25 passes `recurrent_states_to_keep`) do not apply: the journal is bounded by `max_rollback`.
+        """
         self.record_past = True
         self.ring.activate_past_recording()
 
