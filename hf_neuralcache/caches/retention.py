@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.fast_weight import naive
-
 __all__ = ["RetainedTokens"]
 
 
@@ -176,5 +174,3 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _scatter(tensor: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return tensor.scatter(2, index.unsqueeze(-1).expand(*index.shape, tensor.shape[-1]), source.to(tensor.dtype))
 
-
-merge_softmax = naive.merge_softmax

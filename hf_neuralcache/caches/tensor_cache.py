@@ -668,7 +668,6 @@ class TensorCache(NeuralCache):
                 "got mode='paper'. Remove it or set mode='training_free'."
             )
         self.window, self.sink_tokens, self.mode = window, sink_tokens, mode
-        self.carry = float(carry)
         layer_types = decoder_layer_types(config, self.cache_name)
         retained = [retain] * len(layer_types) if isinstance(retain, int) else list(retain)
         if len(retained) != len(layer_types):
