@@ -9,6 +9,7 @@ as `model(ids, **{CACHE_KWARG: cache})` and read it from a `generate` output as 
 """
 
 from .caches import NeuralCache, PageBudgetExceededError, PagedKVCache, SlidingWindowKVCache, TensorCache
+from .caches.retention_fit import RetentionParams, fit_retention
 from .caches.tensor_cache_fit import fit_tensor_cache
 from .caches.tensor_cache_params import TensorCacheParams
 from .hooks import InferenceCache, PrefixCache, attach, detach
@@ -25,6 +26,7 @@ __all__ = [
     "PageBudgetExceededError",
     "PagedKVCache",
     "PrefixCache",
+    "RetentionParams",
     "SemanticCache",
     "SlidingWindowKVCache",
     "TensorCache",
@@ -34,6 +36,7 @@ __all__ = [
     "available_caches",
     "create_cache",
     "detach",
+    "fit_retention",
     "fit_tensor_cache",
 ]
 

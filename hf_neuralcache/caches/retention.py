@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .retention_fit import retention_features
+
 __all__ = ["RetainedTokens"]
 
 
@@ -32,10 +34,14 @@ class RetainedTokens:
         size (`int`): Entries per sequence and KV head (>= 1).
         carry (`float`, *optional*, defaults to 0.0): Share of an entry's previous score added to this forward's,
             in [0, 1). Its scores are then state between forwards (4 bytes an entry, counted in `nbytes`).
+        prior (`torch.Tensor`, *optional*): `[Hkv, D/2 + 4]` weights of a fitted retention score
+            ([`hf_neuralcache.caches.retention_fit.RetentionParams`]): candidates are ranked by
+            `retention_features(score, ...) @ prior` instead of `score`. Parameters, not state.
     """
 
-    def __init__(self, size: int, carry: float = 0.0):
+    def __init__(self, size: int, carry: float = 0.0, prior: torch.Tensor | None = None):
         self.size, self.carry = int(size), float(carry)
+        self.prior = None if prior is None else prior.float()
         self.keys = self.values = self.positions = self.scores = None
 
     def init(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -104,13 +110,14 @@ class RetainedTokens:
         visible = visible & q_real.unsqueeze(-1)
         return torch.where(visible.unsqueeze(1), weights, 0.0), visible
 
-    def select(self, weights, visible, keys, values, positions, valid):
+    def select(self, weights, visible, keys, values, positions, valid, start=0):
         """Keep the `size` best-scored candidates; return the losers to write into the memory and an undo record.
 
         Args:
             weights, visible: From [`weights`] (`[B, Hkv, q, R + m]`, `[B, q, R + m]`).
             keys (`[B, Hkv, m, D]`), values (`[B, Hkv, m, Dv]`), positions (`[m]`): The pairs leaving the ring.
             valid (`[B, m]`): Which of them are real tokens that are not sinks (the others are never kept).
+            start (`int` or 0-d tensor): The forward's first query position (the candidates' age, for `prior`).
 
         Returns:
             `(keys, values, weights, record)`: `m` columns per head for the memory, `[B, m]` weights (0 for the
@@ -123,7 +130,12 @@ class RetainedTokens:
         score[..., :size] += self.carry * self.scores
         cand_pos = torch.cat([self.positions, positions.view(1, 1, m).expand(batch, heads, m)], -1)
         cand_valid = torch.cat([self.positions >= 0, valid.bool().unsqueeze(1).expand(batch, heads, m)], -1)
-        ranked = score.masked_fill(~cand_valid, float("-inf"))
+        cand_k, cand_v = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
+        rank = score
+        if self.prior is not None:  # the fitted estimate of the log of the largest weight later queries will give
+            features = retention_features(score, cand_k, cand_v, cand_pos, start)  # [B, H, R + m, P]
+            rank = (features * self.prior.to(score.device).unsqueeze(1)).sum(-1)
+        ranked = rank.masked_fill(~cand_valid, float("-inf"))
         keep = torch.zeros_like(cand_valid).scatter_(-1, ranked.topk(size, dim=-1).indices, True) & cand_valid
         # the kept leaving pairs move into the pool's free places (emptied or never filled), both in index order
         free, incoming = ~keep[..., :size], keep[..., size:]
@@ -135,7 +147,6 @@ class RetainedTokens:
         # the losers, oldest first: a dropped pool entry or leaving pair sorts by position, everything else before
         dropped = cand_valid & ~keep
         order = torch.where(dropped, cand_pos, -1).argsort(dim=-1, stable=True)[..., -m:]  # [B, H, m]
-        cand_k, cand_v = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
         out_k, out_v = _gather(cand_k, order), _gather(cand_v, order)
         n_dropped = dropped.sum(-1)[:, 0]  # [B]: the same count leaves every head
         out_w = (torch.arange(m, device=keys.device) >= m - n_dropped.unsqueeze(-1)).float()  # [B, m]

@@ -54,6 +54,7 @@ from ..kernels.fast_weight import (
 )
 from .base import AttentionState, BatchOps, NeuralCache, Option, Step, check_options, check_sinks_fit, compiling
 from .retention import RetainedTokens
+from .retention_fit import RetentionParams
 from .sliding_window import SinkWindowLayer
 from .tensor_cache_params import TensorCacheParams
 
@@ -105,10 +106,11 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         learned=None,
         retain: int = 0,
         carry: float = 0.0,
+        retention: torch.Tensor | None = None,
     ):
         super().__init__()
         self.learned = learned
-        self.pool = RetainedTokens(retain, carry) if retain else None
+        self.pool = RetainedTokens(retain, carry, retention) if retain else None
         self.ring = SinkWindowLayer(window, sink_tokens, max_rollback=max_rollback)
         self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
         self.mode, self.memory, self.rule = mode, memory, rule
@@ -362,7 +364,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         recording = self.record_past and self.max_rollback
         saved = _map(before, torch.clone) if recording else None
         per_query, visible = self.pool.weights(logits, visible, lse, q_real)
-        keys, values, drop, record = self.pool.select(per_query, visible, ev_k, ev_v, positions, weights)
+        keys, values, drop, record = self.pool.select(per_query, visible, ev_k, ev_v, positions, weights, q_pos[0])
         self._set_state(self._write(before, keys, values, drop))
         if recording:
             self._journal_add(first, saved, ev_k, ev_v, weights, (record, per_query, visible, int(q_pos[0])))
@@ -422,7 +424,7 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
             per_query, visible = per_query[:, :, :queries, : size + n], visible[:, :queries, : size + n]
             positions = torch.arange(first, first + n, device=keys.device)
             pairs = (keys[:, :, :n], values[:, :, :n], positions, weights[:, :n])
-            keys, values, drop, _ = self.pool.select(per_query, visible, *pairs)
+            keys, values, drop, _ = self.pool.select(per_query, visible, *pairs, q_start)
             self._set_state(self._write(state, keys, values, drop))
 
     def _apply_batch(self, fn) -> None:
@@ -551,6 +553,10 @@ class TensorCache(NeuralCache):
         params (`str` or `TensorCacheParams`, *optional*): `"learned"` mode only (and required there): the fitted
             memory, or the folder [`TensorCacheParams.save_pretrained`] wrote; a relative path is looked up in the
             model's folder first (`config._name_or_path`). Refused if fitted for another model, window or sinks.
+        retention (`str` or `RetentionParams`, *optional*): With `retain`: a fitted retention score
+            ([`hf_neuralcache.fit_retention`]), or the folder [`RetentionParams.save_pretrained`] wrote; the pool
+            then keeps the candidates it ranks first instead of those with the highest TOVA score. Refused if fitted
+            for another model, window or carry.
 
     Example:
 
@@ -604,6 +610,13 @@ class TensorCache(NeuralCache):
             "a float in [0, 1)",
             "Share of a retained pair's previous score carried.",
         ),
+        "retention": Option(
+            (str, RetentionParams, type(None)),
+            None,
+            lambda v: True,
+            "None, a folder or RetentionParams",
+            "Fitted retention score.",
+        ),
     }
 
     def __init__(
@@ -622,6 +635,7 @@ class TensorCache(NeuralCache):
         params: str | TensorCacheParams | None = None,
         retain: int | list[int] = 0,
         carry: float = 0.0,
+        retention: str | RetentionParams | None = None,
     ):
         from ..registry import decoder_layer_types
 
@@ -639,6 +653,7 @@ class TensorCache(NeuralCache):
             params=params,
             retain=retain,
             carry=carry,
+            retention=retention,
         )
         check_options(self.cache_name, self.options, given)
         check_sinks_fit(self.cache_name, window, sink_tokens)
@@ -685,8 +700,17 @@ class TensorCache(NeuralCache):
                 "cache_config['carry'] of cache_implementation='tensor_cache' applies with 'retain' only; "
                 "set retain (retained pairs per KV head) or remove carry."
             )
+        if retention is not None and not any(retained):
+            raise ValueError(
+                "cache_config['retention'] of cache_implementation='tensor_cache' ranks retained pairs: it applies "
+                "with 'retain' only; set retain or remove retention."
+            )
+        self.retention = None
+        if retention is not None:
+            self.retention = _load_params(retention, config, RetentionParams)
+            self.retention.check(config=config, window=window, carry=carry)
         paper = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
-        self.params = _load_learned_params(params, config) if mode == "learned" else None
+        self.params = _load_params(params, config, TensorCacheParams) if mode == "learned" else None
         if self.params is not None:
             self.params.check(config=config, window=window, sink_tokens=sink_tokens)
         default_decay = decay if decay is not None else (1.0 if mode == "training_free" else 0.995)
@@ -715,6 +739,7 @@ class TensorCache(NeuralCache):
                 learned=self.params.layer(i) if self.params is not None else None,
                 retain=retained[i],
                 carry=float(carry),
+                retention=self.retention.layer(i) if self.retention is not None else None,
             )
             layer.is_sliding = sliding
             layers.append(layer)
@@ -723,24 +748,28 @@ class TensorCache(NeuralCache):
         self.rebuilds_from_kv = not any(retained)  # the pool is chosen by attention: K/V alone cannot rebuild it
 
     def check_model(self, model) -> None:
-        """Refuse a `"learned"` memory fitted for another model (weights fingerprint); generate calls this."""
+        """Refuse a `"learned"` memory or a retention score fitted for another model (weights fingerprint); generate
+        calls this."""
         if self.params is not None:
             self.params.check(model=model)
+        if self.retention is not None:
+            self.retention.check(model=model)
 
     def memory_bytes_per_layer(self) -> list[int]:
         """Bytes each layer holds now (window, memory and journals)."""
         return [layer.memory_bytes() for layer in self.layers]
 
 
-def _load_learned_params(params: str | TensorCacheParams, config) -> TensorCacheParams:
-    """`params` itself, or loaded from its folder (a relative path is tried in the model's folder first)."""
+def _load_params(params, config, kind):
+    """`params` itself if a `kind` (`TensorCacheParams` or `RetentionParams`), else loaded from its folder (a relative
+    path is tried in the model's folder first)."""
     import os
 
-    if isinstance(params, TensorCacheParams):
+    if isinstance(params, kind):
         return params
     model_dir = getattr(config, "_name_or_path", "") or ""
     candidate = os.path.join(model_dir, params) if model_dir and not os.path.isabs(params) else params
-    return TensorCacheParams.from_pretrained(candidate if os.path.isdir(candidate) else params)
+    return kind.from_pretrained(candidate if os.path.isdir(candidate) else params)
 
 
 def _load_paper_params(path: str, n_layers: int) -> dict[int, dict]:
