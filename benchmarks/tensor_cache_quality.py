@@ -25,8 +25,9 @@ learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that
 fit with 31 retained tokens (what fits beside it in 30% of 4 + 1024's bytes);
 tensor_cache with retained tokens (`cache_config["retain"]`): a 64-token window, the moment memory and 205 retained
 tokens, or 203 with a score carry of 0.5, or the fitted layer budgets (all within 30% of 4 + 1024's bytes), and with
-`--retention DIR` the last ranked by a fitted retention score (`cache_config["retention"]`; fit it on Pride and
-Prejudice only: `hf-neuralcache tensor-cache fit-retention --text ../shared/data/pride_and_prejudice.txt --out DIR`).
+`--retention DIR` every such row with the score's window and carry again, ranked by a fitted retention score
+(`cache_config["retention"]`; fit it on Pride and Prejudice only: `hf-neuralcache tensor-cache fit-retention --text
+../shared/data/pride_and_prejudice.txt --out DIR`, add `--window 256` for the learned W = 256 + retain 31 row).
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
 token-by-token decoding for the sliding-window and tensor caches without retained tokens; for the eviction baselines
@@ -156,9 +157,8 @@ def learned_rows(model, values: list[str]) -> list:
     return rows
 
 
-def fitted_rows(model, path: Path = LAYER_BUDGETS, retention: str | None = None) -> list:
-    """Rows with the per-layer budgets that `fit_layer_budgets.py` fitted on Pride and Prejudice (if for this model);
-    with `retention` (a `RetentionParams` folder, `--retention`), also the tensor_cache row ranked by that score."""
+def fitted_rows(model, path: Path = LAYER_BUDGETS) -> list:
+    """Rows with the per-layer budgets that `fit_layer_budgets.py` fitted on Pride and Prejudice (if for this model)."""
     if not path.is_file():
         return []
     fit = json.loads(path.read_text(encoding="utf-8"))
@@ -186,13 +186,21 @@ def fitted_rows(model, path: Path = LAYER_BUDGETS, retention: str | None = None)
     retain = [budget - 4 - 64 for budget in budgets(271, False)]
     rows.append((f"tensor_cache W64 + retain fitted layer budgets, carry {carry}", "tensor_cache",
                  {"window": 64, "retain": retain, "carry": carry}))  # fmt: skip
-    if retention is not None:
-        params = hf_neuralcache.RetentionParams.from_pretrained(retention)
-        params.check(model=model)  # fitted for these weights (generate checks this; create_cache does not)
-        config = {"window": 64, "retain": retain, "carry": carry, "retention": params}
-        rows.append((f"tensor_cache W64 + retain fitted layer budgets, carry {carry}, fitted retention",
-                     "tensor_cache", config))  # fmt: skip
     return rows
+
+
+def retention_rows(model, rows: list, folders: list[str]) -> list:
+    """For each `--retention DIR`: every tensor_cache row with retained tokens and that score's window and carry,
+    again, ranked by the fitted score."""
+    extra = []
+    for folder in folders:
+        params = hf_neuralcache.RetentionParams.from_pretrained(folder)
+        params.check(model=model)  # fitted for these weights (generate checks this; create_cache does not)
+        for label, kind, config in rows:
+            if kind == "tensor_cache" and config.get("retain") and config["window"] == params.window \
+                    and float(config.get("carry", 0.0)) == params.carry:  # fmt: skip
+                extra.append((f"{label}, fitted retention", kind, {**config, "retention": params}))
+    return extra
 
 
 def oracle_bytes(model, entries: int) -> int:
@@ -332,9 +340,9 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
     parser.add_argument("--learned", action="append", default=[], metavar="W=DIR",
                         help="a fitted TensorCacheParams folder and its window (repeatable; DIR[,DIR] also taken)")
-    parser.add_argument("--retention", default=None, metavar="DIR",
-                        help="a fitted RetentionParams folder (hf-neuralcache tensor-cache fit-retention): adds the "
-                             "W64 + retain row ranked by it")  # fmt: skip
+    parser.add_argument("--retention", action="append", default=[], metavar="DIR",
+                        help="a fitted RetentionParams folder (hf-neuralcache tensor-cache fit-retention; repeatable): "
+                             "every retain row with its window and carry again, ranked by it")  # fmt: skip
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                         help="tiny: a random 2-layer model on the text's bytes (smoke test)")  # fmt: skip
     parser.add_argument("--plot", default="benchmarks/out/tensor_cache_quality.png", help="PNG path ('' for none)")
@@ -345,8 +353,8 @@ def main(argv=None) -> None:
     else:
         model, tokenizer = load_embedded_model(attn_implementation="neuralcache")
     ids = text_ids(tokenizer, args.text, args.tokens, model.config.vocab_size, args.offset)
-    rows = ROWS + fitted_rows(model, retention=args.retention) + (VARIANTS if args.all else [])
-    rows += learned_rows(model, args.learned)
+    rows = ROWS + fitted_rows(model) + (VARIANTS if args.all else []) + learned_rows(model, args.learned)
+    rows += retention_rows(model, rows, args.retention)
     if args.only:
         rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
     name = "SmolLM2-135M fp32" if args.model == "smollm2" else "tiny random llama (smoke test)"

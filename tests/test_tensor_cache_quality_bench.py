@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from benchmark_helpers import load_benchmark
 
 import hf_neuralcache
@@ -72,3 +73,27 @@ def test_fitted_rows_read_the_layer_and_head_budgets(bench, tmp_path):
     path.write_text(json.dumps(fit))
     assert bench.fitted_rows(model, path) == []
     assert bench.fitted_rows(model, tmp_path / "missing.json") == []
+
+
+def test_retention_rows_repeat_the_retain_rows_of_the_scores_window_and_carry(bench, tmp_path):
+    from hf_neuralcache.caches.retention_fit import RetentionParams
+    from hf_neuralcache.caches.tensor_cache_params import config_signature
+    from hf_neuralcache.hooks.fingerprint import model_fingerprint
+
+    model = tiny_model("llama")
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    weights = {i: torch.zeros(heads, dim // 2 + 4) for i in range(2)}
+    params = RetentionParams(weights, 64, 64, 0.5, 2048, model_fingerprint(model), config_signature(model.config))
+    params.save_pretrained(tmp_path / "ret")
+    rows = [
+        ("a", "tensor_cache", {"window": 64, "retain": 5, "carry": 0.5}),
+        ("b", "tensor_cache", {"window": 64, "retain": 5}),  # another carry
+        ("c", "tensor_cache", {"window": 256, "retain": 5, "carry": 0.5}),  # another window
+        ("d", "tensor_cache", {"window": 64}),  # no retained tokens
+        ("e", "eviction", {"window": 64, "retain": 5, "carry": 0.5}),
+    ]
+    extra = bench.retention_rows(model, rows, [str(tmp_path / "ret")])
+    assert [(label, config["retain"]) for label, _, config in extra] == [("a, fitted retention", 5)]
+    assert isinstance(extra[0][2]["retention"], RetentionParams)
+    with pytest.raises(ValueError, match="fingerprint"):
+        bench.retention_rows(tiny_model("llama", seed=1), rows, [str(tmp_path / "ret")])
