@@ -158,16 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit tensor_cache's learned memory (mode='learned') on a frozen model, layer by layer, from "
         "plain-text files, and save it with TensorCacheParams.save_pretrained.",
     )
-    fit.add_argument("--model", default=None, help="Model folder (default: the embedded SmolLM2-135M-Instruct).")
-    fit.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to fit on.")
-    fit.add_argument("--out", default=None, help="Folder to save the parameters in.")
+    _fit_inputs(fit, out_required=False)
     fit.add_argument(
         "--into-model",
         action="store_true",
         help="Also save them as MODEL/tensor_cache and set MODEL's generation_config to use them.",
     )
-    fit.add_argument("--window", type=_int_at_least(1), default=256, help="Window (default: %(default)s).")
-    fit.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
+    _window_sinks(fit, 256)
     fit.add_argument("--features", type=_int_at_least(1), default=16, help="F, 2F features (default: %(default)s).")
     fit.add_argument("--steps", type=_int_at_least(1), default=80, help="Steps per layer (default: %(default)s).")
     fit.add_argument(
@@ -186,17 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit the score that ranks tensor_cache's retained tokens (cache_config['retention'], with "
         "'retain') on a frozen model from plain-text files, and save it with RetentionParams.save_pretrained.",
     )
-    retention.add_argument("--model", default=None, help="Model folder (default: the embedded SmolLM2-135M-Instruct).")
-    retention.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to fit on.")
-    retention.add_argument("--out", required=True, help="Folder to save the parameters in.")
-    retention.add_argument("--window", type=_int_at_least(1), default=64, help="Window (default: %(default)s).")
-    retention.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
+    _fit_inputs(retention, out_required=True)
+    _window_sinks(retention, 64)
     retention.add_argument("--carry", type=float, default=0.5, help="Carry (default: %(default)s).")
     retention.add_argument("--chunk", type=_int_at_least(1), default=64, help="Tokens per forward (default: 64).")
     retention.add_argument("--horizon", type=_int_at_least(1), default=2048, help="Later queries (default: 2048).")
     retention.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
     retention.set_defaults(run=run_tensor_cache_fit_retention)
     return parser
+
+
+def _fit_inputs(parser, out_required: bool) -> None:
+    """`--model`, `--text` and `--out` of the `tensor-cache` fits."""
+    parser.add_argument("--model", default=None, help="Model folder (default: the embedded SmolLM2-135M-Instruct).")
+    parser.add_argument("--text", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to fit on.")
+    parser.add_argument("--out", default=None, required=out_required, help="Folder to save the parameters in.")
+
+
+def _window_sinks(parser, window: int) -> None:
+    parser.add_argument("--window", type=_int_at_least(1), default=window, help="Window (default: %(default)s).")
+    parser.add_argument("--sink-tokens", type=_int_at_least(0), default=4, help="Sinks (default: %(default)s).")
 
 
 def _load_model(folder):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tensor_cache_params import config_signature
+from .tensor_cache_params import check_fitted_model, config_signature, save_folder
 
 __all__ = ["RetentionParams", "fit_retention", "retention_features"]
 
@@ -93,20 +93,8 @@ class RetentionParams:
                 f"{where} were fitted for carry={self.carry}, got carry={carry}. Use carry={self.carry} or fit again "
                 f"(hf_neuralcache.fit_retention(..., carry={carry}))."
             )
-        if config is not None and config_signature(config) != self.signature:
-            diff = {k: (self.signature.get(k), v) for k, v in config_signature(config).items()
-                    if self.signature.get(k) != v}  # fmt: skip
-            raise ValueError(f"{where} were fitted for another model: (fitted, this model) differ in {diff}.")
-        if model is not None:
-            from ..hooks.fingerprint import model_fingerprint
-
-            found = model_fingerprint(model)
-            if found != self.model_fingerprint:
-                raise ValueError(
-                    f"{where} were fitted for the model with fingerprint {self.model_fingerprint[:16]}…, but this "
-                    f"model's is {found[:16]}… (other weights, dtype or config). Fit them for this model "
-                    "(hf_neuralcache.fit_retention)."
-                )
+        fit_again = "Fit them for this model (hf_neuralcache.fit_retention)"
+        check_fitted_model(where, self.signature, self.model_fingerprint, fit_again, config=config, model=model)
 
     def config_dict(self) -> dict:
         return {
@@ -123,15 +111,8 @@ class RetentionParams:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `retention_config.json` and `retention.safetensors` into `directory` (created if missing)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"layers.{i}.weight": w.detach().to("cpu", torch.float32).contiguous()
-                   for i, w in self.weights.items()}  # fmt: skip
-        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.config_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        tensors = {f"layers.{i}.weight": w for i, w in self.weights.items()}
+        save_folder(directory, tensors, WEIGHTS_NAME, self.config_dict(), CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> RetentionParams:

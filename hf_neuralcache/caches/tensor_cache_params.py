@@ -138,24 +138,8 @@ class TensorCacheParams:
                 f"{where} were fitted for sink_tokens={self.sink_tokens}, got sink_tokens={sink_tokens}. Use "
                 f"sink_tokens={self.sink_tokens} or fit again."
             )
-        if config is not None:
-            signature = config_signature(config)
-            if signature != self.signature:
-                diff = {k: (self.signature.get(k), v) for k, v in signature.items() if self.signature.get(k) != v}
-                raise ValueError(
-                    f"{where} were fitted for another model: (fitted, this model) differ in {diff}. Fit the memory "
-                    "for this model (hf_neuralcache.fit_tensor_cache)."
-                )
-        if model is not None:
-            from ..hooks.fingerprint import model_fingerprint
-
-            found = model_fingerprint(model)
-            if found != self.model_fingerprint:
-                raise ValueError(
-                    f"{where} were fitted for the model with fingerprint {self.model_fingerprint[:16]}…, but this "
-                    f"model's is {found[:16]}… (other weights, dtype or config). Fit the memory for this model "
-                    "(hf_neuralcache.fit_tensor_cache), or load the model the parameters were fitted on."
-                )
+        fit_again = "Fit the memory for this model (hf_neuralcache.fit_tensor_cache)"
+        check_fitted_model(where, self.signature, self.model_fingerprint, fit_again, config=config, model=model)
 
     # ---- storage --------------------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -173,14 +157,7 @@ class TensorCacheParams:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `tensor_cache_config.json` and `tensor_cache.safetensors` into `directory` (created if missing)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.tensors.items()}
-        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.config_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        save_folder(directory, self.tensors, WEIGHTS_NAME, self.config_dict(), CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> TensorCacheParams:
@@ -219,6 +196,44 @@ class TensorCacheParams:
             config["model_signature"],
             fit,
         )
+
+
+def check_fitted_model(where: str, signature: dict, fingerprint: str, fit_again: str, config=None, model=None) -> None:
+    """Refuse a model whose config signature or weights fingerprint differ from those fitted parameters name.
+
+    Args:
+        where (`str`): What the parameters are, for the message.
+        signature (`dict`), fingerprint (`str`): The saved [`config_signature`] and model fingerprint.
+        fit_again (`str`): What to do instead, for the message.
+        config (`PreTrainedConfig`, *optional*), model (`PreTrainedModel`, *optional*): What to check.
+
+    Raises:
+        `ValueError`: saying what differs and what to do.
+    """
+    if config is not None and config_signature(config) != signature:
+        diff = {k: (signature.get(k), v) for k, v in config_signature(config).items() if signature.get(k) != v}
+        raise ValueError(f"{where} were fitted for another model: (fitted, this model) differ in {diff}. {fit_again}.")
+    if model is not None:
+        from ..hooks.fingerprint import model_fingerprint
+
+        found = model_fingerprint(model)
+        if found != fingerprint:
+            raise ValueError(
+                f"{where} were fitted for the model with fingerprint {fingerprint[:16]}…, but this model's is "
+                f"{found[:16]}… (other weights, dtype or config). {fit_again}, or load the model they were fitted on."
+            )
+
+
+def save_folder(directory, tensors: dict, weights_name: str, config: dict, config_name: str) -> None:
+    """Write `tensors` (float32, as safetensors) and `config` (as JSON) into `directory` (created if missing)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    save_file(tensors, os.path.join(directory, weights_name), metadata={"format": "pt"})
+    with open(os.path.join(directory, config_name), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 _FILE_DIGESTS: dict[tuple, str] = {}  # (path, device, inode, size, mtime_ns) -> digest
