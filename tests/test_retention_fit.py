@@ -34,9 +34,9 @@ def _text(n=400, seed=0):
     return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
 
 
-def _fit(model, **kwargs):
+def _fit(model, texts=None, **kwargs):
     options = dict(window=4, sink_tokens=2, chunk=4, carry=0.5, horizon=16, segment_tokens=96, max_segments=2)
-    return hf_neuralcache.fit_retention(model, ByteTokenizer(), [_text()], **{**options, **kwargs})
+    return hf_neuralcache.fit_retention(model, ByteTokenizer(), texts or [_text()], **{**options, **kwargs})
 
 
 def _pool_inputs(seed=0, batch=1, heads=2, size=4, m=3, dim=8, queries=2):
@@ -193,5 +193,10 @@ def test_refusals(tmp_path):
     (tmp_path / "ret" / "retention_config.json").write_text(json.dumps(dict(config, format_version=99)))
     with pytest.raises(ValueError, match="format_version"):
         RetentionParams.from_pretrained(tmp_path / "ret")
-    with pytest.raises(ValueError, match="more than"):
-        hf_neuralcache.fit_retention(model, ByteTokenizer(), ["short"], window=4, chunk=4, horizon=16)
+    with pytest.raises(ValueError, match="at least 96 tokens"):
+        _fit(model, texts=["short"])
+    with pytest.raises(ValueError, match="segment_tokens > window"):
+        _fit(model, segment_tokens=24)
+    partial = RetentionParams({0: params.weights[0]}, 4, 4, 0.5, 16, params.model_fingerprint, params.signature)
+    with pytest.raises(ValueError, match="no weights for layer 1"):
+        create(window=4, sink_tokens=2, retain=3, carry=0.5, retention=partial)

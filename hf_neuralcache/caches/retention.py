@@ -50,6 +50,8 @@ class RetainedTokens:
         self.values = value_states.new_zeros(batch, heads, self.size, value_states.shape[-1])
         self.positions = torch.full((batch, heads, self.size), -1, dtype=torch.long, device=key_states.device)
         self.scores = torch.zeros(batch, heads, self.size, dtype=torch.float32, device=key_states.device)
+        if self.prior is not None:  # once, not in every step's choice
+            self.prior = self.prior.to(key_states.device)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values, self.positions, self.scores]
@@ -134,7 +136,7 @@ class RetainedTokens:
         rank = score
         if self.prior is not None:  # the fitted estimate of the log of the largest weight later queries will give
             features = retention_features(score, cand_k, cand_v, cand_pos, start)  # [B, H, R + m, P]
-            rank = (features * self.prior.to(score.device).unsqueeze(1)).sum(-1)
+            rank = (features * self.prior.unsqueeze(1)).sum(-1)
         ranked = rank.masked_fill(~cand_valid, float("-inf"))
         keep = torch.zeros_like(cand_valid).scatter_(-1, ranked.topk(size, dim=-1).indices, True) & cand_valid
         # the kept leaving pairs move into the pool's free places (emptied or never filled), both in index order

@@ -155,13 +155,11 @@ class _Normal:
     def __init__(self, heads: int, features: int):
         self.xtx = torch.zeros(heads, features, features, dtype=torch.float64)
         self.xty = torch.zeros(heads, features, dtype=torch.float64)
-        self.rows = 0
 
     def add(self, head: int, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
         self.xtx[head] += x.T @ x
         self.xty[head] += x.T @ y
-        self.rows += x.shape[0] if head == 0 else 0
 
     def solve(self, ridge: float) -> torch.Tensor:
         features = self.xtx.shape[-1]
@@ -234,25 +232,25 @@ def fit_retention(
         [`RetentionParams`]
 
     Raises:
-        `ValueError`: if the texts do not give one segment longer than `window + chunk + min(horizon, 256)` tokens.
+        `ValueError`: if `segment_tokens` is not longer than `window + chunk + min(horizon, 256)`, or the texts
+            hold fewer than `segment_tokens` tokens.
     """
     from tqdm.auto import tqdm
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ..hooks.fingerprint import model_fingerprint
+    from ..registry import register_attention
+    from .tensor_cache_fit import text_segments
 
     signature = config_signature(model.config)
     layers, hkv, dim = signature["num_hidden_layers"], signature["num_key_value_heads"], signature["head_dim"]
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    segments = [ids[i : i + segment_tokens] for i in range(0, len(ids), segment_tokens)][:max_segments]
     shortest = window + chunk + min(horizon, 256)
-    segments = [s for s in segments if len(s) > shortest]
-    if not segments:
+    if segment_tokens <= shortest:
         raise ValueError(
-            f"fit_retention needs a text of more than {shortest} tokens (window + chunk + min(horizon, 256)); "
-            f"got {len(ids)}."
+            f"expected segment_tokens > window + chunk + min(horizon, 256) = {shortest} (the fit needs tokens that "
+            f"left the window and later queries), got segment_tokens={segment_tokens}."
         )
+    segments = text_segments(tokenizer, texts, segment_tokens, max_segments)
     normals = [_Normal(hkv, dim // 2 + 4) for _ in range(layers)]
 
     def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -261,7 +259,7 @@ def fit_retention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     name = "neuralcache_retention_fit"
-    AttentionInterface.register(name, attention)
+    register_attention(name, attention)
     before = model.config._attn_implementation
     began = time.perf_counter()
     device = next(model.parameters()).device

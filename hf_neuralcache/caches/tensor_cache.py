@@ -724,6 +724,11 @@ class TensorCache(NeuralCache):
                 raise ValueError(
                     f"{self.params.fit.get('source', 'tensor_cache params')} have no memory for layer {i}."
                 )
+            if self.retention is not None and retained[i] and self.retention.layer(i) is None:
+                raise ValueError(
+                    f"{self.retention.fit.get('source', 'retention params')} have no weights for layer {i}, which "
+                    "retains pairs. Fit them for every layer (hf_neuralcache.fit_retention)."
+                )
             layer_params = paper.get(i, {})
             layer = TensorCacheLayer(
                 window,

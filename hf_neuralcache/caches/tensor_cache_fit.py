@@ -47,6 +47,21 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
     return {m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")}
 
 
+def text_segments(tokenizer, texts: list, segment_tokens: int, max_segments: int) -> list[torch.Tensor]:
+    """The first `max_segments` whole segments of `segment_tokens` token ids of `texts` (strings, tokenized, or id
+    tensors), read in order as one sequence.
+
+    Raises:
+        `ValueError`: if the texts hold fewer than `segment_tokens` tokens.
+    """
+    as_ids = lambda text: text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids[0]  # noqa: E731
+    ids = torch.cat([as_ids(text).view(-1) for text in texts])
+    segments = [ids[i : i + segment_tokens] for i in range(0, len(ids) - segment_tokens + 1, segment_tokens)]
+    if not segments:
+        raise ValueError(f"expected at least {segment_tokens} tokens of text, got {len(ids)}.")
+    return segments[:max_segments]
+
+
 def capture_qkv(model, segments: list[torch.Tensor]) -> tuple[dict[int, tuple[torch.Tensor, ...]], dict[int, float]]:
     """Each attention layer's queries, keys and values over `segments` (full attention, no cache).
 
@@ -473,12 +488,7 @@ def fit_tensor_cache(
             f"segment_tokens={segment_tokens}, window={window}, sink_tokens={sink_tokens}."
         )
     started = time.perf_counter()
-    as_ids = lambda text: text if isinstance(text, torch.Tensor) else tokenizer(text, return_tensors="pt").input_ids[0]  # noqa: E731
-    ids = torch.cat([as_ids(text).view(-1) for text in texts])
-    segments = [ids[i : i + segment_tokens] for i in range(0, len(ids) - segment_tokens + 1, segment_tokens)]
-    segments = segments[:max_segments]
-    if not segments:
-        raise ValueError(f"expected at least {segment_tokens} tokens of text, got {len(ids)}.")
+    segments = text_segments(tokenizer, texts, segment_tokens, max_segments)
     was_training = model.training
     model.eval()
     params = TensorCacheParams.initial(model, window, sink_tokens, features, seed=seed)
