@@ -421,14 +421,16 @@ def layer_budgets(increments: list[int], mean: int, one_head: dict[int, int] | N
     return budgets
 
 
-def oracle_attention(entries: int, sink_tokens: int = 4) -> str:
+def oracle_attention(entries: int, sink_tokens: int = 4, window: int = 0) -> str:
     """Register (once) and name an attention function that lets each query see only `entries` keys: the sinks and
     the keys with the highest attention weight from *that query* (the mean over its KV group's query heads), over
     the full KV cache. Not a cache (each query chooses with knowledge no bounded cache has, its own scores over
     every past key): a bound on what any policy that keeps `entries` keys per KV head, chosen by the group's
-    attention, can reach. Run it with a `DynamicCache`.
+    attention, can reach. Run it with a `DynamicCache`. With `window`, each query also always sees its last `window`
+    positions (itself included), and chooses only the rest: a bound on any cache that keeps a window of that size and
+    adds `entries - sink_tokens - window` entries' worth of whatever it keeps of the tokens that left it.
     """
-    name = f"eviction_oracle_{entries}_{sink_tokens}"
+    name = f"eviction_oracle_{entries}_{sink_tokens}" + (f"_w{window}" if window else "")
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         batch, hq, q, _ = query.shape
@@ -438,6 +440,11 @@ def oracle_attention(entries: int, sink_tokens: int = 4) -> str:
             group = scores.softmax(-1).mean(2, keepdim=True)  # the KV group's weights
             sinks = torch.arange(held, device=key.device) < sink_tokens
             group = group.masked_fill(sinks, 2.0)  # above any weight: always among the top
+            if window:  # each query's own last `window` positions are always seen too
+                where = torch.arange(held, device=key.device)
+                last = torch.arange(held - q, held, device=key.device).unsqueeze(-1)  # each query's position
+                recent = (where > last - window) & (where <= last)
+                group = group.masked_fill(recent.view(1, 1, 1, q, held), 2.0)
             threshold = group.topk(entries, dim=-1).values[..., -1:]
             scores = scores.masked_fill(group < threshold, float("-inf"))
         out = (scores.softmax(-1) @ value.float().unsqueeze(2)).reshape(batch, hq, q, -1)

@@ -19,7 +19,9 @@ memory; 272 entries + the memory fill 30% of 4 + 1024's bytes); TOVA at 305 entr
 memory), TOVA with a score carry at 302 (the carried score costs 4 bytes an entry), and with per-layer budgets
 fitted on Pride and Prejudice (`fit_layer_budgets.py`, read from `data/layer_budgets_smollm2.json`) at 302, and at
 270 with a `moment` memory; "TOVA oracle" at 272 and 302 entries, where each query sees its own top entries over the
-full cache (a bound on any policy keeping that many, not a cache: its bytes are those the entries would take);
+full cache (a bound on any policy keeping that many, not a cache: its bytes are those the entries would take), and
+"window 256 + oracle" at 276 and 308, where each query must also see its own last 256 positions (a bound on any
+cache that keeps that window and 16 / 48 entries' worth of anything else);
 tensor_cache training_free (`moment`) at W = 64, 128, 256 and paper (untrained) at 256; one "tensor_cache W{W}
 learned" row per `--learned W=DIR`, and for a W = 256 fit, TOVA at 260 with that learned memory behind it and the
 fit with 31 retained tokens (what fits beside it in 30% of 4 + 1024's bytes);
@@ -95,6 +97,10 @@ ROWS = [
     ("TOVA carry 0.5 @302", "eviction", {"policy": "tova", "carry": 0.5, "budget": 302}),
     ("TOVA oracle @272 (a bound, not a cache)", "oracle", {"entries": 272}),
     ("TOVA oracle @302 (a bound, not a cache)", "oracle", {"entries": 302}),
+    # the same bound for a cache that must keep 4 sinks + a 256-token window: each query also chooses 16 / 48 more
+    # (the bytes of a learned F = 16 memory / all that 30% of 4 + 1024's bytes leaves beside that window)
+    ("window 256 + oracle @276 (a bound, not a cache)", "oracle", {"entries": 276, "window": 256}),
+    ("window 256 + oracle @308 (a bound, not a cache)", "oracle", {"entries": 308, "window": 256}),
     ("tensor_cache W64 training_free", "tensor_cache", {"window": 64}),
     ("tensor_cache W128 training_free", "tensor_cache", {"window": 128}),
     ("tensor_cache W256 training_free", "tensor_cache", {"window": 256}),
@@ -233,7 +239,8 @@ def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: in
     if kind == "eviction":  # the baselines need the attention weights: their own (eager) attention function
         model.set_attn_implementation(eviction_baselines.ATTENTION)
     elif kind == "oracle":  # every key held; each query sees its own top entries (a bound, not a cache)
-        model.set_attn_implementation(eviction_baselines.oracle_attention(config["entries"]))
+        model.set_attn_implementation(eviction_baselines.oracle_attention(config["entries"],
+                                                                                 window=config.get("window", 0)))
     start, nll, count = time.perf_counter(), 0.0, 0
     try:
         with torch.no_grad():

@@ -272,6 +272,28 @@ def test_oracle_attention_is_each_querys_top_entries():
     assert_close(everything, (scores.softmax(-1) @ value.repeat_interleave(2, 1)).transpose(1, 2), 1e-5, "full")
 
 
+
+def test_windowed_oracle_always_sees_each_querys_last_positions():
+    """With `window`, each query sees the sinks, its own last `window` positions and its top other entries."""
+    torch.manual_seed(3)
+    query, key, value = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 14, 8), torch.randn(1, 2, 14, 3)  # GQA 2
+    out, _ = eb.AttentionInterface()[eb.oracle_attention(8, sink_tokens=2, window=3)](None, query, key, value, None,
+                                                                                      scaling=0.4)  # fmt: skip
+    for h in range(4):
+        g = h // 2
+        for t in range(5):
+            position = 9 + t  # the chunk is the last 5 of 14 keys
+            seen = torch.arange(14) <= position
+            scores = (query[0, h, t] @ key[0, g].T * 0.4).masked_fill(~seen, float("-inf"))
+            group = torch.stack([(query[0, j, t] @ key[0, g].T * 0.4).masked_fill(~seen, float("-inf"))
+                                 for j in (2 * g, 2 * g + 1)]).softmax(-1).mean(0)  # fmt: skip
+            forced = [0, 1, position - 2, position - 1, position]  # 2 sinks and the query's last 3 positions
+            rest = [i for i in group.topk(14).indices.tolist() if i not in forced and seen[i]][: 8 - len(forced)]
+            top = torch.tensor(forced + rest)
+            ref = scores[top].softmax(-1) @ value[0, g, top]
+            assert_close(out[0, t, h], ref, 1e-5, f"head {h} query {t}")
+            assert len(set(top.tolist())) == 8
+
 def test_per_head_budgets_pad_and_count_what_is_held(model):
     """Per-head budgets: each KV head keeps its own number of entries (the others padded, never attended), the
     bytes count the entries held, and equal per-head budgets give exactly the per-layer result."""
