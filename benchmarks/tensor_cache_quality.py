@@ -33,11 +33,11 @@ tokens, or 203 with a score carry of 0.5, or the fitted layer budgets (all withi
 
 Every row feeds the same text through its cache in prefill chunks of `--chunk` tokens (chunked prefill equals
 token-by-token decoding for the sliding-window and tensor caches without retained tokens; for the eviction baselines
-and retained tokens it is their rule at that granularity) and averages the NLL of the tokens at positions >=
-`--score-from`. "bytes" is what the cache holds at the end (`memory_bytes()`; for the full KV cache the keys and
-values of every token). Prints each row as it finishes, then a table with the bytes as a share of 4 sinks + window
-1024 and the share of the NLL gap between 4 sinks + window 256 and the full KV cache that each row wins back, and
-saves a PNG of NLL against bytes.
+and retained tokens it is their rule at that granularity; `--decode-from N` feeds one token per forward from position
+N on, as `generate` decodes) and averages the NLL of the tokens at positions >= `--score-from`. "bytes" is what the
+cache holds at the end (`memory_bytes()`; for the full KV cache the keys and values of every token). Prints each row
+as it finishes, then a table with the bytes as a share of 4 sinks + window 1024 and the share of the NLL gap between
+4 sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes.
 
 Texts (`--text`): `sherlock` and `pride` (the novels after their Gutenberg header), `paws` (the `sentence1` column
 of `paws_wiki_dev.tsv`, each distinct sentence once in file order, joined with newlines: unrelated Wikipedia
@@ -232,8 +232,18 @@ def make_cache(model, kind: str | None, config: dict):
     return hf_neuralcache.create_cache(kind, model.config, **config)
 
 
-def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: int, score_from: int):
-    """`(nll, bytes held, seconds)` of feeding `ids` through the cache in chunks."""
+def spans(length: int, chunk: int, decode_from: int | None = None) -> list[tuple[int, int]]:
+    """`(begin, end)` of each forward: chunks of `chunk` tokens, and from `decode_from` on one token per forward (as
+    `generate` decodes; the chunks stop there)."""
+    cut = length if decode_from is None else min(decode_from, length)
+    chunks = [(begin, min(begin + chunk, cut)) for begin in range(0, cut, chunk)]
+    return chunks + [(begin, begin + 1) for begin in range(cut, length)]
+
+
+def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: int, score_from: int,
+             decode_from: int | None = None):  # fmt: skip
+    """`(nll, bytes held, seconds)` of feeding `ids` through the cache in chunks (one token per forward from
+    `decode_from`)."""
     cache = make_cache(model, kind, config)
     attention = model.config._attn_implementation
     if kind == "eviction":  # the baselines need the attention weights: their own (eager) attention function
@@ -244,8 +254,8 @@ def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: in
     start, nll, count = time.perf_counter(), 0.0, 0
     try:
         with torch.no_grad():
-            for begin in range(0, ids.shape[1], chunk):
-                piece = ids[:, begin : begin + chunk]
+            for begin, end in spans(ids.shape[1], chunk, decode_from):
+                piece = ids[:, begin:end]
                 logits = model(piece, **{CACHE_KWARG: cache}).logits.float()
                 targets = ids[:, begin + 1 : begin + 1 + piece.shape[1]]  # the next token of each position
                 logits = logits[:, : targets.shape[1]]
@@ -343,6 +353,9 @@ def main(argv=None) -> None:
                         help="first token of the text (default 0; `--text pride --offset 8192` is the held-out part "
                              "of the training book that the fitted settings were checked on)")  # fmt: skip
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512; the issue: 64)")
+    parser.add_argument("--decode-from", type=int, default=None,
+                        help="from this position on, one token per forward, as generate decodes (default: chunks "
+                             "to the end); `--decode-from 1024` decodes every scored token")  # fmt: skip
     parser.add_argument("--all", action="store_true", help="also every training-free variant (memory x decay)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
     parser.add_argument("--learned", action="append", default=[], metavar="W=DIR",
@@ -369,11 +382,12 @@ def main(argv=None) -> None:
     title = (
         f"{name}, {args.tokens} tokens of {TEXTS[args.text]}{start}, NLL over tokens >= {args.score_from}, "
         f"prefill chunks of {args.chunk}"
+        + (f", one token per forward from {args.decode_from}" if args.decode_from is not None else "")
     )
     print(f"== {title}", flush=True)
     results = []
     for label, kind, config in rows:
-        nll, held, seconds = evaluate(model, ids, kind, config, args.chunk, args.score_from)
+        nll, held, seconds = evaluate(model, ids, kind, config, args.chunk, args.score_from, args.decode_from)
         print(f"  {label:42s} | {nll:6.4f} | {math.exp(nll):9.3f} | {held:12,} | {seconds:5.0f} s", flush=True)
         results.append((label, nll, held, seconds))
     print()

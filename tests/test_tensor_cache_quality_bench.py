@@ -97,3 +97,24 @@ def test_retention_rows_repeat_the_retain_rows_of_the_scores_window_and_carry(be
     assert isinstance(extra[0][2]["retention"], RetentionParams)
     with pytest.raises(ValueError, match="fingerprint"):
         bench.retention_rows(tiny_model("llama", seed=1), rows, [str(tmp_path / "ret")])
+
+
+def test_decode_from_feeds_one_token_per_forward(bench):
+    """`--decode-from N`: chunks up to N, then one token per forward; for caches whose chunked prefill equals
+    token-by-token decoding the NLL is the same, and for retained tokens the choice follows the forwards."""
+    assert bench.spans(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert bench.spans(10, 4, 6) == [(0, 4), (4, 6), (6, 7), (7, 8), (8, 9), (9, 10)]
+    assert bench.spans(10, 4, 0) == [(b, b + 1) for b in range(10)]
+    assert bench.spans(10, 4, 20) == bench.spans(10, 4)
+    torch.manual_seed(0)
+    model = tiny_model("llama", attn_implementation="neuralcache")
+    ids = torch.randint(3, model.config.vocab_size, (1, 72))
+    for kind, config in (("sliding_window_kv", {"window": 16, "sink_tokens": 2}),
+                         ("tensor_cache", {"window": 16, "sink_tokens": 2})):  # fmt: skip
+        chunked = bench.evaluate(model, ids, kind, config, 24, 32)[0]
+        decoded = bench.evaluate(model, ids, kind, config, 24, 32, decode_from=30)[0]
+        assert abs(chunked - decoded) < 1e-4, (kind, chunked, decoded)
+    config = {"window": 8, "sink_tokens": 2, "retain": 6, "carry": 0.5}
+    chunked = bench.evaluate(model, ids, "tensor_cache", config, 24, 32)[0]
+    decoded = bench.evaluate(model, ids, "tensor_cache", config, 24, 32, decode_from=30)[0]
+    assert chunked != decoded  # the pool chooses once per forward: other forwards, other tokens kept
