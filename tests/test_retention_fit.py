@@ -129,7 +129,7 @@ def test_fit_save_load_and_use(tmp_path):
     assert all(torch.equal(params.weights[i], loaded.weights[i]) for i in params.weights)
     assert (loaded.window, loaded.chunk, loaded.carry, loaded.horizon) == (4, 4, 0.5, 16)
     ids = _ids(1, 40, seed=2)
-    config = dict(window=4, sink_tokens=2, retain=5, carry=0.5)
+    config = dict(window=4, sink_tokens=2, retain=5, carry=0.5, carry_span=4)  # the fit's chunk
     plain = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     ranked = hf_neuralcache.create_cache("tensor_cache", model.config, retention=str(tmp_path / "ret"), **config)
     _feed(model, plain, ids, [8] * 5), _feed(model, ranked, ids, [8] * 5)
@@ -145,7 +145,7 @@ def test_crop_with_a_retention_score_gives_the_state_of_the_shorter_run():
     model = _model()
     params = _fit(model, window=6, sink_tokens=2)
     ids = _ids(2, 40, seed=5)
-    config = dict(window=6, sink_tokens=2, retain=4, carry=0.5, retention=params)
+    config = dict(window=6, sink_tokens=2, retain=4, carry=0.5, carry_span=4, retention=params)
     cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     fresh = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     _feed(model, cache, ids, [12])
@@ -171,14 +171,16 @@ def test_refusals(tmp_path):
     other = tiny_model("llama", num_hidden_layers=3, attn_implementation="neuralcache")
     with pytest.raises(ValueError, match="another model"):
         hf_neuralcache.create_cache("tensor_cache", other.config, window=4, retain=3, carry=0.5, retention=params)
-    cache = create(window=4, sink_tokens=2, retain=3, carry=0.5, retention=params)
+    with pytest.raises(ValueError, match="chunks of 4 tokens; got carry_span=64"):
+        create(window=4, sink_tokens=2, retain=3, carry=0.5, retention=params)
+    cache = create(window=4, sink_tokens=2, retain=3, carry=0.5, carry_span=4, retention=params)
     with pytest.raises(ValueError, match="fingerprint"):  # same shapes, other weights: generate refuses
         cache.check_model(_model(seed=1))
     cache.check_model(model)
     with pytest.raises(ValueError, match="fingerprint"):
         _model(seed=1).generate(_ids(1, 12), max_new_tokens=2, cache_implementation="tensor_cache",
                                 cache_config={"window": 4, "sink_tokens": 2, "retain": 3, "carry": 0.5,
-                                              "retention": params})  # fmt: skip
+                                              "carry_span": 4, "retention": params})  # fmt: skip
     with pytest.raises(ValueError, match="missing"):
         RetentionParams.from_pretrained(tmp_path / "nothing")
     params.save_pretrained(tmp_path / "ret")
@@ -199,4 +201,4 @@ def test_refusals(tmp_path):
         _fit(model, segment_tokens=24)
     partial = RetentionParams({0: params.weights[0]}, 4, 4, 0.5, 16, params.model_fingerprint, params.signature)
     with pytest.raises(ValueError, match="no weights for layer 1"):
-        create(window=4, sink_tokens=2, retain=3, carry=0.5, retention=partial)
+        create(window=4, sink_tokens=2, retain=3, carry=0.5, carry_span=4, retention=partial)

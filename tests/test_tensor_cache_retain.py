@@ -69,11 +69,11 @@ def _select_reference(scores, pool_pos, ev_pos, valid, size):
     return kept, lost
 
 
-@pytest.mark.parametrize("carry", [0.0, 0.5])
-def test_select_keeps_the_best_scored_and_writes_the_rest_oldest_first(carry):
+@pytest.mark.parametrize(("carry", "span"), [(0.0, None), (0.5, None), (0.5, 3), (0.5, 8), (0.25, 1)])
+def test_select_keeps_the_best_scored_and_writes_the_rest_oldest_first(carry, span):
     torch.manual_seed(0)
     batch, heads, size, m, dim = 2, 3, 5, 4, 8
-    pool = RetainedTokens(size, carry)
+    pool = RetainedTokens(size, carry, carry_span=span)
     pool.init(torch.zeros(batch, heads, 1, dim), torch.zeros(batch, heads, 1, dim))
     pool.keys, pool.values = torch.randn(batch, heads, size, dim), torch.randn(batch, heads, size, dim)
     pool.positions = torch.stack([torch.randperm(10)[:size] for _ in range(batch * heads)]).view(batch, heads, size)
@@ -89,7 +89,11 @@ def test_select_keeps_the_best_scored_and_writes_the_rest_oldest_first(carry):
     visible[:, 0, -1] = False  # the newest leaving pair is after the first query
     weights = torch.where(visible.unsqueeze(1), weights, 0.0)
     score = weights.sum(2) / visible.sum(1).unsqueeze(1)
-    score[..., :size] += carry * before[3]
+    if span is None:  # carry per forward
+        score[..., :size] += carry * before[3]
+    else:  # carry per `span` queries: 3 queries see every pool entry, so `carry ** (3 / span)` of it is kept
+        kept = carry ** (queries / span)
+        score[..., :size] = score[..., :size] * (1 - kept) / (1 - carry) + kept * before[3]
     out_k, out_v, out_w, record = pool.select(weights, visible, keys, values, positions, valid)
     kept, lost = _select_reference(score, before[2], positions, valid, size)
     got = pool.positions.view(batch * heads, size)
@@ -263,6 +267,8 @@ def test_prefix_cache_is_skipped_for_a_cache_whose_state_needs_the_queries(tmp_p
         ({"retain": 2, "mode": "paper"}, "mode='paper'"),
         ({"carry": 0.5}, "with 'retain' only"),
         ({"retain": 2, "carry": 1.0}, "carry"),
+        ({"retain": 2, "carry_span": 8}, "applies with carry only"),
+        ({"retain": 2, "carry": 0.5, "carry_span": 0}, "carry_span"),
     ],
 )
 def test_option_errors(config, message):
@@ -300,3 +306,34 @@ def test_on_gpu_equals_the_cpu_reference(mode):
     assert_close(gpu_logits, cpu_logits, 1e-4, "logits, CUDA vs CPU")
     for a, b in zip(gpu_states, cpu_states, strict=True):
         assert_close(a.float(), b.float(), 1e-4, "state, CUDA vs CPU")
+
+
+def test_carry_span_is_per_forward_carry_for_forwards_of_that_length():
+    """Forwards of exactly `carry_span` tokens keep and choose what per-forward carry does; decoded tokens decay the
+    carried scores by `carry ** (1 / carry_span)` each, so decoding keeps other tokens than per-forward carry."""
+    model = _model()
+    ids = _ids(2, 48, seed=11)
+    config = {"window": 6, "sink_tokens": 2, "retain": 4, "carry": 0.5, "carry_span": 8}
+    states = {}
+    for span in (8, None):
+        for chunks in ([8] * 6, [8] * 3 + [1] * 24):
+            cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
+            for layer in cache.layers:
+                layer.pool.carry_span = span  # None: the per-forward rule
+            logits = _feed(model, cache, ids, chunks)
+            states[span, len(chunks)] = (logits, _states(cache))
+    for a, b in zip(states[8, 6][1], states[None, 6][1], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(states[8, 6][0], states[None, 6][0])
+    decoded = [layer_state for layer_state in zip(states[8, 27][1], states[None, 27][1], strict=True)]
+    assert any(not torch.equal(a, b) for a, b in decoded)  # one token per forward: the rules differ
+
+
+def test_a_retention_score_fitted_on_other_chunks_is_refused(tmp_path):
+    from test_retention_fit import _fit
+
+    model = _model()
+    params = _fit(model, window=6, carry=0.5)
+    with pytest.raises(ValueError, match="carry_span=16"):
+        hf_neuralcache.create_cache("tensor_cache", model.config, window=6, sink_tokens=2, retain=4, carry=0.5,
+                                    retention=params, carry_span=16)  # fmt: skip

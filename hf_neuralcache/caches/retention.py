@@ -8,9 +8,11 @@ embedding they were computed with), beside the window and the memory:
 Every forward, after the queries have attended (window, memory and pool merged in one normaliser), the pool and the
 pairs that left the ring in that forward compete for the pool's `size` places by their TOVA score (Oren et al. 2024,
 "Transformers are Multi-State RNNs", adapted to chunks and KV groups): the attention weight each gets from this
-forward's queries, the mean over the query heads of its KV group and over the queries that can see it, plus `carry`
-times the score it had after the previous forward. The winners stay in the pool; the losers are written into the
-memory, oldest first, exactly as the window's evictions are when there is no pool.
+forward's queries, the mean over the query heads of its KV group and over the queries that can see it, plus what is
+left of the score it had after the previous forward (`carry` per forward, or with `carry_span`, `carry` per
+`carry_span` queries: a decoded token then decays it by `carry ** (1 / carry_span)`, not by `carry`). The winners stay
+in the pool; the losers are written into the memory, oldest first, exactly as the window's evictions are when there
+is no pool.
 
 The decision is made once per forward from that forward's queries, so the result depends on how the input was split
 into forwards (as for TOVA, H2O and SnapKV): a prefill in 64-token chunks and one in a single forward keep slightly
@@ -37,10 +39,16 @@ class RetainedTokens:
         prior (`torch.Tensor`, *optional*): `[Hkv, D/2 + 4]` weights of a fitted retention score
             ([`hf_neuralcache.caches.retention_fit.RetentionParams`]): candidates are ranked by
             `retention_features(score, ...) @ prior` instead of `score`. Parameters, not state.
+        carry_span (`int`, *optional*): The number of queries `carry` is given for. A pool entry seen by `n` of a
+            forward's queries keeps `c = carry ** (n / carry_span)` of its previous score and adds their mean weight
+            times `(1 - c) / (1 - carry)`: a forward of `carry_span` queries adds its mean to `carry` times the
+            previous score, and decoding one token at a time decays the score as smoothly. `None`: `carry` per
+            forward, whatever its length (one decoded token then halves a score with `carry=0.5`).
     """
 
-    def __init__(self, size: int, carry: float = 0.0, prior: torch.Tensor | None = None):
+    def __init__(self, size: int, carry: float = 0.0, prior: torch.Tensor | None = None, carry_span: int | None = None):
         self.size, self.carry = int(size), float(carry)
+        self.carry_span = None if carry_span is None else int(carry_span)
         self.prior = None if prior is None else prior.float()
         self.keys = self.values = self.positions = self.scores = None
 
@@ -127,9 +135,13 @@ class RetainedTokens:
         """
         size, m = self.size, keys.shape[2]
         batch, heads = keys.shape[:2]
-        counts = visible.sum(1).clamp(min=1).unsqueeze(1)  # [B, 1, R + m]
-        score = weights.sum(2) / counts  # [B, Hkv, R + m]
-        score[..., :size] += self.carry * self.scores
+        seen = visible.sum(1).unsqueeze(1)  # [B, 1, R + m]: how many of this forward's queries see each candidate
+        score = weights.sum(2) / seen.clamp(min=1)  # [B, Hkv, R + m]: the mean over them
+        if self.carry_span is None:
+            score[..., :size] += self.carry * self.scores
+        elif self.carry:  # per query: n queries decay the carried score as n / carry_span forwards of carry_span
+            kept = self.carry ** (seen[..., :size].float() / self.carry_span)
+            score[..., :size] = score[..., :size] * (1.0 - kept) / (1.0 - self.carry) + kept * self.scores
         cand_pos = torch.cat([self.positions, positions.view(1, 1, m).expand(batch, heads, m)], -1)
         cand_valid = torch.cat([self.positions >= 0, valid.bool().unsqueeze(1).expand(batch, heads, m)], -1)
         cand_k, cand_v = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)

@@ -83,7 +83,8 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         retain (`int`, *optional*, defaults to 0): Pairs that left the window kept exactly per KV head, chosen by
             attention ([`RetainedTokens`]); the others go to the memory. 0: every pair that leaves goes to the memory.
         carry (`float`, *optional*, defaults to 0.0): With `retain`, the share of a retained pair's previous score
-            added to this forward's.
+            kept after `carry_span` queries.
+        carry_span (`int`, *optional*, defaults to 64): The queries `carry` is given for ([`RetainedTokens`]).
     """
 
     is_compileable = True
@@ -107,10 +108,11 @@ class TensorCacheLayer(BatchOps, CacheLayerMixin):
         retain: int = 0,
         carry: float = 0.0,
         retention: torch.Tensor | None = None,
+        carry_span: int = 64,
     ):
         super().__init__()
         self.learned = learned
-        self.pool = RetainedTokens(retain, carry, retention) if retain else None
+        self.pool = RetainedTokens(retain, carry, retention, carry_span) if retain else None
         self.ring = SinkWindowLayer(window, sink_tokens, max_rollback=max_rollback)
         self.window, self.sink_tokens, self.max_rollback = window, sink_tokens, max_rollback
         self.mode, self.memory, self.rule = mode, memory, rule
@@ -549,7 +551,11 @@ class TensorCache(NeuralCache):
             (one number for every layer, or one per layer), chosen after every forward by the attention they get
             (TOVA); the others go to the memory. `"training_free"` and `"learned"` modes.
         carry (`float`, *optional*, defaults to 0.0): With `retain`, the share of a retained pair's previous score
-            added to this forward's, in [0, 1).
+            that is kept after `carry_span` queries, in [0, 1): a forward of 64 tokens adds its mean weight to
+            `carry` times the previous score; one decoded token keeps `carry ** (1 / 64)` of it and adds a 64th's
+            worth of its weight, so a prompt fed in any forwards and decoding token by token rank alike.
+        carry_span (`int`, *optional*, defaults to 64): The number of queries `carry` is given for (>= 1; with
+            `carry` only). A fitted `retention` score must have been fitted with chunks of this size.
         params (`str` or `TensorCacheParams`, *optional*): `"learned"` mode only (and required there): the fitted
             memory, or the folder [`TensorCacheParams.save_pretrained`] wrote; a relative path is looked up in the
             model's folder first (`config._name_or_path`). Refused if fitted for another model, window or sinks.
@@ -610,6 +616,9 @@ class TensorCache(NeuralCache):
             "a float in [0, 1)",
             "Share of a retained pair's previous score carried.",
         ),
+        "carry_span": Option(
+            int, 64, lambda v: not isinstance(v, bool) and v >= 1, "an int >= 1", "Queries carry is given for."
+        ),
         "retention": Option(
             (str, RetentionParams, type(None)),
             None,
@@ -636,6 +645,7 @@ class TensorCache(NeuralCache):
         retain: int | list[int] = 0,
         carry: float = 0.0,
         retention: str | RetentionParams | None = None,
+        carry_span: int = 64,
     ):
         from ..registry import decoder_layer_types
 
@@ -654,6 +664,7 @@ class TensorCache(NeuralCache):
             retain=retain,
             carry=carry,
             retention=retention,
+            carry_span=carry_span,
         )
         check_options(self.cache_name, self.options, given)
         check_sinks_fit(self.cache_name, window, sink_tokens)
@@ -700,6 +711,12 @@ class TensorCache(NeuralCache):
                 "cache_config['carry'] of cache_implementation='tensor_cache' applies with 'retain' only; "
                 "set retain (retained pairs per KV head) or remove carry."
             )
+        if carry_span != 64 and not carry:
+            raise ValueError(
+                "cache_config['carry_span'] of cache_implementation='tensor_cache' is the number of queries 'carry' "
+                f"is given for: it applies with carry only; got carry_span={carry_span} and carry={carry}. Set "
+                "carry (in (0, 1)) or remove carry_span."
+            )
         if retention is not None and not any(retained):
             raise ValueError(
                 "cache_config['retention'] of cache_implementation='tensor_cache' ranks retained pairs: it applies "
@@ -709,6 +726,12 @@ class TensorCache(NeuralCache):
         if retention is not None:
             self.retention = _load_params(retention, config, RetentionParams)
             self.retention.check(config=config, window=window, carry=carry)
+            if carry and self.retention.chunk != carry_span:
+                raise ValueError(
+                    f"{self.retention.fit.get('source', 'retention params')} were fitted on scores carried over "
+                    f"chunks of {self.retention.chunk} tokens; got carry_span={carry_span}. Use "
+                    f"carry_span={self.retention.chunk} or fit again with chunk={carry_span}."
+                )
         paper = _load_paper_params(paper_params, len(layer_types)) if paper_params else {}
         self.params = _load_params(params, config, TensorCacheParams) if mode == "learned" else None
         if self.params is not None:
@@ -745,6 +768,7 @@ class TensorCache(NeuralCache):
                 retain=retained[i],
                 carry=float(carry),
                 retention=self.retention.layer(i) if self.retention is not None else None,
+                carry_span=carry_span,
             )
             layer.is_sliding = sliding
             layers.append(layer)
