@@ -552,8 +552,9 @@ class TensorCache(NeuralCache):
             (TOVA); the others go to the memory. `"training_free"` and `"learned"` modes.
         carry (`float`, *optional*, defaults to 0.0): With `retain`, the share of a retained pair's previous score
             that is kept after `carry_span` queries, in [0, 1): a forward of 64 tokens adds its mean weight to
-            `carry` times the previous score; one decoded token keeps `carry ** (1 / 64)` of it and adds a 64th's
-            worth of its weight, so a prompt fed in any forwards and decoding token by token rank alike.
+            `carry` times the previous score; one decoded token keeps `carry ** (1 / 64)` of it and adds its weight
+            times `(1 - carry ** (1 / 64)) / (1 - carry)`, so scores fade at the same rate per token however the
+            input is split into forwards.
         carry_span (`int`, *optional*, defaults to 64): The number of queries `carry` is given for (>= 1; with
             `carry` only). A fitted `retention` score must have been fitted with chunks of this size.
         params (`str` or `TensorCacheParams`, *optional*): `"learned"` mode only (and required there): the fitted
