@@ -249,8 +249,8 @@ def evaluate(model, ids: torch.Tensor, kind: str | None, config: dict, chunk: in
     if kind == "eviction":  # the baselines need the attention weights: their own (eager) attention function
         model.set_attn_implementation(eviction_baselines.ATTENTION)
     elif kind == "oracle":  # every key held; each query sees its own top entries (a bound, not a cache)
-        model.set_attn_implementation(eviction_baselines.oracle_attention(config["entries"],
-                                                                                 window=config.get("window", 0)))
+        oracle = eviction_baselines.oracle_attention(config["entries"], window=config.get("window", 0))
+        model.set_attn_implementation(oracle)
     start, nll, count = time.perf_counter(), 0.0, 0
     try:
         with torch.no_grad():

@@ -272,7 +272,6 @@ def test_oracle_attention_is_each_querys_top_entries():
     assert_close(everything, (scores.softmax(-1) @ value.repeat_interleave(2, 1)).transpose(1, 2), 1e-5, "full")
 
 
-
 def test_windowed_oracle_always_sees_each_querys_last_positions():
     """With `window`, each query sees the sinks, its own last `window` positions and its top other entries."""
     torch.manual_seed(3)
@@ -293,6 +292,7 @@ def test_windowed_oracle_always_sees_each_querys_last_positions():
             ref = scores[top].softmax(-1) @ value[0, g, top]
             assert_close(out[0, t, h], ref, 1e-5, f"head {h} query {t}")
             assert len(set(top.tolist())) == 8
+
 
 def test_per_head_budgets_pad_and_count_what_is_held(model):
     """Per-head budgets: each KV head keeps its own number of entries (the others padded, never attended), the

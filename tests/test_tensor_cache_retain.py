@@ -325,7 +325,7 @@ def test_carry_span_is_per_forward_carry_for_forwards_of_that_length():
     for a, b in zip(states[8, 6][1], states[None, 6][1], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(states[8, 6][0], states[None, 6][0])
-    decoded = [layer_state for layer_state in zip(states[8, 27][1], states[None, 27][1], strict=True)]
+    decoded = zip(states[8, 27][1], states[None, 27][1], strict=True)
     assert any(not torch.equal(a, b) for a, b in decoded)  # one token per forward: the rules differ
 
 

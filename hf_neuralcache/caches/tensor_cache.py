@@ -712,7 +712,7 @@ class TensorCache(NeuralCache):
                 "cache_config['carry'] of cache_implementation='tensor_cache' applies with 'retain' only; "
                 "set retain (retained pairs per KV head) or remove carry."
             )
-        if carry_span != 64 and not carry:
+        if carry_span != self.options["carry_span"].default and not carry:
             raise ValueError(
                 "cache_config['carry_span'] of cache_implementation='tensor_cache' is the number of queries 'carry' "
                 f"is given for: it applies with carry only; got carry_span={carry_span} and carry={carry}. Set "
