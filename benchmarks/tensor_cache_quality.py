@@ -37,7 +37,8 @@ and retained tokens it is their rule at that granularity; `--decode-from N` feed
 N on, as `generate` decodes) and averages the NLL of the tokens at positions >= `--score-from`. "bytes" is what the
 cache holds at the end (`memory_bytes()`; for the full KV cache the keys and values of every token). Prints each row
 as it finishes, then a table with the bytes as a share of 4 sinks + window 1024 and the share of the NLL gap between
-4 sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes.
+4 sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes (below it,
+the rows within 30% of 4 + 1024's bytes, ranked) and the rows as JSON beside it (`--replot JSON` redraws both).
 
 Texts (`--text`): `sherlock` and `pride` (the novels after their Gutenberg header), `paws` (the `sentence1` column
 of `paws_wiki_dev.tsv`, each distinct sentence once in file order, joined with newlines: unrelated Wikipedia
@@ -297,7 +298,11 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     import matplotlib.pyplot as plt
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(11, 6))
+    # top: every row against its bytes, its legend to the right; below: the rows within the goal's byte cap, ranked
+    # (the top chart crowds them into one corner)
+    fig = plt.figure(figsize=(13, 13))
+    ax = fig.add_axes((0.07, 0.55, 0.52, 0.41))
+    ranked = fig.add_axes((0.45, 0.04, 0.52, 0.43))
     families = {  # label pattern -> (family, marker); families of several rows are drawn as a line
         r"^4 sinks \+ window": ("4 sinks + window (64, 128, 256, 1024)", "o"),
         r"^tensor_cache W\d+ learned$": ("tensor_cache learned (W = 64, 128, 256)", "*"),
@@ -330,6 +335,9 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     if reference is not None:  # the issue's goal: within 0.005 of 4 + 1024's NLL at <= 30% of its bytes
         ax.axhline(reference[0] + 0.005, color="grey", linestyle="--", linewidth=0.8, label=f"{REFERENCE} + 0.005")
         ax.axvline(0.3 * reference[1], color="grey", linestyle=":", linewidth=0.8, label=f"30% of {REFERENCE}'s bytes")
+        rank_rows(ranked, results, reference)
+    else:
+        ranked.set_visible(False)
     if off:
         ax.set_ylim(top=top)
         ax.text(0.01, 0.01, "off the chart: " + ", ".join(off), transform=ax.transAxes, fontsize=7, va="bottom")
@@ -339,9 +347,29 @@ def plot(results, path: str, title: str, score_from: int) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
     fig.savefig(path, dpi=130)
     print(f"saved {path}")
+
+
+def rank_rows(ax, results, reference: tuple[float, int], cap: float = 0.3, slack: float = 0.01) -> None:
+    """The rows holding at most `cap` (+ `slack`) of the reference's bytes, best NLL at the top, beside the reference
+    and the goal (its NLL + 0.005); bounds (oracle rows) grey, `tensor_cache` rows blue, other caches orange."""
+    right = reference[0] + 0.08  # rows worse than this are left out (the window alone, untrained modes)
+    within = [(nll, label, held) for label, nll, held, _ in results if held <= (cap + slack) * reference[1]]
+    rows = sorted([row for row in within if row[0] <= right] + [(reference[0], REFERENCE, reference[1])], reverse=True)
+    for y, (nll, label, _) in enumerate(rows):
+        color = "grey" if "oracle" in label else "tab:blue" if label.startswith("tensor_cache") else "tab:orange"
+        color = "black" if label == REFERENCE else color
+        ax.plot([nll], [y], marker="o", color=color, markersize=6)
+        ax.annotate(f"{nll:.4f}", (nll, y), fontsize=6, xytext=(4, -2), textcoords="offset points")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{label} ({held / reference[1]:.1%})" for _, label, held in rows], fontsize=6)
+    ax.axvline(reference[0] + 0.005, color="grey", linestyle="--", linewidth=0.8)
+    low = min(nll for nll, _, _ in rows)
+    ax.set_xlim(low - 0.005, max(reference[0] + 0.01, rows[0][0]) + 0.01)
+    ax.set_xlabel(f"NLL (dashed: {REFERENCE} + 0.005; rows above {right:.3f} left out)")
+    ax.set_title(f"rows within {cap:.0%} of {REFERENCE}'s bytes (share in brackets); grey: bounds", fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def main(argv=None) -> None:
@@ -365,8 +393,17 @@ def main(argv=None) -> None:
                              "every retain row with its window and carry again, ranked by it")  # fmt: skip
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
                         help="tiny: a random 2-layer model on the text's bytes (smoke test)")  # fmt: skip
-    parser.add_argument("--plot", default="benchmarks/out/tensor_cache_quality.png", help="PNG path ('' for none)")
+    parser.add_argument("--plot", default="benchmarks/out/tensor_cache_quality.png",
+                        help="PNG path ('' for none); the rows are saved beside it as JSON (same name, .json)")
+    parser.add_argument("--replot", metavar="JSON", help="print the table and draw the PNG of a saved run; run nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+        results = [(row["label"], row["nll"], row["bytes"], row["seconds"]) for row in saved["rows"]]
+        print("\n".join(table(results)), flush=True)
+        if args.plot:
+            plot(results, args.plot, saved["title"], saved["score_from"])
+        return
 
     if args.model == "tiny":
         model, tokenizer = tiny_model("llama", attn_implementation="neuralcache"), None
@@ -393,6 +430,11 @@ def main(argv=None) -> None:
     print()
     print("\n".join(table(results)), flush=True)
     if args.plot:
+        rows = [dict(zip(("label", "nll", "bytes", "seconds"), result, strict=True)) for result in results]
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.plot).with_suffix(".json").write_text(
+            json.dumps({"title": title, "score_from": args.score_from, "rows": rows}, indent=1), encoding="utf-8"
+        )
         plot(results, args.plot, title, args.score_from)
 
 

@@ -25,7 +25,7 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
     params.save_pretrained(tmp_path / "w16")
     w256 = hf_neuralcache.TensorCacheParams.initial(tiny_model("llama"), window=256, sink_tokens=4, features=4)
     w256.save_pretrained(tmp_path / "w256")
-    only = "full,4 sinks + window 64,4 sinks + window 256,TOVA,H2O,SnapKV,training_free,learned"
+    only = "full,4 sinks + window 64,4 sinks + window 256,TOVA,H2O,SnapKV,window 256 + oracle,training_free,learned"
     bench.main(["--model", "tiny", "--text", "paws", "--tokens", "320", "--score-from", "64", "--chunk", "32",
                 "--only", only, "--learned", f"16={tmp_path / 'w16'}", "--learned", f"256={tmp_path / 'w256'}",
                 "--plot", str(tmp_path / "q.png")])  # fmt: skip
@@ -36,7 +36,8 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
         "full KV", "4 sinks + window 64", "4 sinks + window 256", "TOVA @260", "TOVA last query @260", "H2O @260",
         "SnapKV @260", "TOVA @260 + moment memory", "TOVA @272", "TOVA @272 + moment memory", "TOVA @288",
         "TOVA @305", "TOVA carry 0.5 @302", "TOVA oracle @272 (a bound, not a cache)",
-        "TOVA oracle @302 (a bound, not a cache)",  # no fitted layer budgets: they are for SmolLM2's 30 layers
+        "TOVA oracle @302 (a bound, not a cache)", "window 256 + oracle @276 (a bound, not a cache)",
+        "window 256 + oracle @308 (a bound, not a cache)",  # no fitted layer budgets: they are for SmolLM2's 30 layers
         "tensor_cache W64 training_free",
         "tensor_cache W128 training_free", "tensor_cache W256 training_free", "tensor_cache W16 learned",
         "tensor_cache W256 learned", "TOVA @260 + learned memory (W256 fit)",  # only a W + sinks = 260 fit has it
@@ -44,6 +45,12 @@ def test_smoke_tiny_model(bench, tmp_path, capsys):
     ]  # fmt: skip
     full = rows[0].split(" | ")
     assert full[-2] == "+1.00"  # the full KV cache wins back the whole gap (320 tokens: 4 + 256 evicts)
+    assert (tmp_path / "q.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "q.json").read_text())  # the rows, to redraw without running them again
+    assert [row["label"] for row in saved["rows"]] == labels
+    (tmp_path / "q.png").unlink()
+    bench.main(["--replot", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:] == rows
     assert (tmp_path / "q.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="fitted for window 16, not 32"):
         bench.main(["--model", "tiny", "--learned", f"32={tmp_path / 'w16'}", "--plot", ""])
