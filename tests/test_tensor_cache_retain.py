@@ -122,6 +122,33 @@ def test_select_keeps_the_best_scored_and_writes_the_rest_oldest_first(carry, sp
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("span", [None, 4])
+def test_padding_queries_neither_score_nor_decay_the_pool(span):
+    """A left-padded row's padding queries count for nothing: the choice and the carried scores are those of the
+    same forward without them (with `carry_span`, the decay counts real queries only)."""
+    torch.manual_seed(1)
+    batch, hkv, group, size, m, dim, queries, pad = 1, 2, 3, 4, 2, 8, 5, 2
+    pools = [RetainedTokens(size, 0.5, carry_span=span) for _ in range(2)]
+    stored = [torch.randn(batch, hkv, size, dim), torch.randn(batch, hkv, size, dim),
+              torch.tensor([3, 7, 1, 5]).expand(batch, hkv, size).clone(), torch.rand(batch, hkv, size)]  # fmt: skip
+    for pool in pools:
+        pool.init(stored[0], stored[1])
+        pool.set_tensors([t.clone() for t in stored])
+    keys, values = torch.randn(batch, hkv, m, dim), torch.randn(batch, hkv, m, dim)
+    positions, valid = torch.tensor([10, 11]), torch.ones(batch, m)
+    logits = torch.randn(batch, hkv, group, queries, size + m) * 3
+    lse = (logits.logsumexp(-1) + 0.5).reshape(batch, hkv * group, queries)  # the window's and memory's share too
+    visible = torch.ones(batch, queries, size + m, dtype=torch.bool)
+    real = torch.arange(queries) >= pad
+    padded = pools[0].weights(logits, visible, lse, real.expand(batch, queries))
+    all_real = torch.ones(batch, queries - pad, dtype=torch.bool)
+    alone = pools[1].weights(logits[..., pad:, :], visible[:, pad:], lse[..., pad:], all_real)
+    out = [pool.select(*w, keys, values, positions, valid)[:3] for pool, w in zip(pools, (padded, alone), strict=True)]
+    for a, b in zip(out[0] + tuple(pools[0].tensors()), out[1] + tuple(pools[1].tensors()), strict=True):
+        assert_close(a.float(), b.float(), 1e-6, "padded vs without the padding queries")
+    assert not torch.equal(pools[0].scores, stored[3])  # the forward did change the scores
+
+
 def test_the_memory_gets_exactly_the_evicted_pairs_the_pool_did_not_keep():
     model = _model("qwen2")
     ids = _ids(2, 40, seed=3)
