@@ -39,6 +39,8 @@ cache holds at the end (`memory_bytes()`; for the full KV cache the keys and val
 as it finishes, then a table with the bytes as a share of 4 sinks + window 1024 and the share of the NLL gap between
 4 sinks + window 256 and the full KV cache that each row wins back, and saves a PNG of NLL against bytes (below it,
 the rows within 30% of 4 + 1024's bytes, ranked) and the rows as JSON beside it (`--replot JSON` redraws both).
+`--only A,B` runs the rows whose label contains A or B; `--label LABEL` (repeatable) runs the row with exactly that
+label, for labels with commas.
 
 Texts (`--text`): `sherlock` and `pride` (the novels after their Gutenberg header), `paws` (the `sentence1` column
 of `paws_wiki_dev.tsv`, each distinct sentence once in file order, joined with newlines: unrelated Wikipedia
@@ -233,6 +235,19 @@ def make_cache(model, kind: str | None, config: dict):
     return hf_neuralcache.create_cache(kind, model.config, **config)
 
 
+def select_rows(rows: list, only: str = "", labels: list[str] = ()) -> list:
+    """The rows to run: every row if neither is given, else those whose label has one of the comma-separated
+    substrings `only` or is one of `labels` (each must name a row)."""
+    known = {row[0] for row in rows}
+    missing = [label for label in labels if label not in known]
+    if missing:
+        raise SystemExit(f"--label {missing[0]!r} names no row; the rows are: {sorted(known)}")
+    if not only and not labels:
+        return rows
+    parts = [part for part in only.split(",") if part]
+    return [row for row in rows if row[0] in labels or any(part in row[0] for part in parts)]
+
+
 def spans(length: int, chunk: int, decode_from: int | None = None) -> list[tuple[int, int]]:
     """`(begin, end)` of each forward: chunks of `chunk` tokens, and from `decode_from` on one token per forward (as
     `generate` decodes; the chunks stop there)."""
@@ -386,6 +401,9 @@ def main(argv=None) -> None:
                              "to the end); `--decode-from 1024` decodes every scored token")  # fmt: skip
     parser.add_argument("--all", action="store_true", help="also every training-free variant (memory x decay)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the rows whose label has one")
+    parser.add_argument("--label", action="append", default=[],
+                        help="run the row with exactly this label (repeatable; for labels with commas, which --only "
+                             "splits on)")  # fmt: skip
     parser.add_argument("--learned", action="append", default=[], metavar="W=DIR",
                         help="a fitted TensorCacheParams folder and its window (repeatable; DIR[,DIR] also taken)")
     parser.add_argument("--retention", action="append", default=[], metavar="DIR",
@@ -412,8 +430,7 @@ def main(argv=None) -> None:
     ids = text_ids(tokenizer, args.text, args.tokens, model.config.vocab_size, args.offset)
     rows = ROWS + fitted_rows(model) + (VARIANTS if args.all else []) + learned_rows(model, args.learned)
     rows += retention_rows(model, rows, args.retention)
-    if args.only:
-        rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
+    rows = select_rows(rows, args.only, args.label)
     name = "SmolLM2-135M fp32" if args.model == "smollm2" else "tiny random llama (smoke test)"
     start = f" from token {args.offset}" if args.offset else ""
     title = (

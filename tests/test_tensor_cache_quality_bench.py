@@ -106,6 +106,17 @@ def test_retention_rows_repeat_the_retain_rows_of_the_scores_window_and_carry(be
         bench.retention_rows(tiny_model("llama", seed=1), rows, [str(tmp_path / "ret")])
 
 
+def test_rows_are_chosen_by_substring_or_by_exact_label(bench):
+    rows = [("TOVA @305", "eviction", {}), ("TOVA carry 0.5 @302", "eviction", {}), ("x, fitted retention", "t", {})]
+    assert bench.select_rows(rows) == rows
+    assert [row[0] for row in bench.select_rows(rows, "TOVA")] == ["TOVA @305", "TOVA carry 0.5 @302"]
+    assert [row[0] for row in bench.select_rows(rows, "", ["x, fitted retention"])] == ["x, fitted retention"]
+    assert [row[0] for row in bench.select_rows(rows, "@305", ["x, fitted retention"])] == [
+        "TOVA @305", "x, fitted retention"]  # fmt: skip
+    with pytest.raises(SystemExit, match="names no row"):
+        bench.select_rows(rows, "", ["x"])
+
+
 def test_decode_from_feeds_one_token_per_forward(bench):
     """`--decode-from N`: chunks up to N, then one token per forward; for caches whose chunked prefill equals
     token-by-token decoding the NLL is the same, and for retained tokens the choice follows the forwards."""
