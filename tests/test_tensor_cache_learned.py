@@ -229,8 +229,11 @@ def test_fit_student_path_equals_the_cache():
 def test_sequential_fit_is_deterministic_and_lowers_the_layer_error():
     model = tiny_model("llama")
     ids = _ids(1, 200, seed=4)[0]
+    weights = {name: weight.detach().clone() for name, weight in model.named_parameters()}
     kwargs = dict(window=8, sink_tokens=2, features=4, segment_tokens=96, steps=12, progress=False)
     params = hf_neuralcache.fit_tensor_cache(model, None, [ids], **kwargs)
+    for name, weight in model.named_parameters():  # the model is untouched: weights, no `.grad`, still trainable
+        assert torch.equal(weight, weights[name]) and weight.grad is None and weight.requires_grad, name
     again = hf_neuralcache.fit_tensor_cache(model, None, [ids], **kwargs)
     assert params.fit["objective"] == "output"
     for name, tensor in params.tensors.items():

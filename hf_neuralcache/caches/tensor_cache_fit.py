@@ -491,6 +491,10 @@ def fit_tensor_cache(
     segments = text_segments(tokenizer, texts, segment_tokens, max_segments)
     was_training = model.training
     model.eval()
+    # frozen: the loss reaches the memory through the layer, and nothing may leave a `.grad` on the model's weights
+    trainable = [(weight, weight.requires_grad) for weight in model.parameters()]
+    for weight, _ in trainable:
+        weight.requires_grad_(False)
     params = TensorCacheParams.initial(model, window, sink_tokens, features, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     report = {}
@@ -518,6 +522,8 @@ def fit_tensor_cache(
     finally:
         _CONTEXT.clear()
         model.train(was_training)
+        for weight, flag in trainable:
+            weight.requires_grad_(flag)
     params.fit = {
         "objective": objective,
         "segments": len(segments),
