@@ -1,5 +1,6 @@
 """tensor_cache mode="learned": the reference equations, chunked == token-by-token, params save/load and refusals,
-the model folder's generation config, rollback, assisted decoding, beams, and the fit on a tiny model."""
+the model folder's generation config, rollback, assisted decoding, beams and reorder, constant memory, the fit on a
+tiny model (the model left untouched) and the `tensor-cache fit` command."""
 
 from __future__ import annotations
 
@@ -268,3 +269,88 @@ def test_a_layer_whose_memory_does_not_help_is_switched_off(monkeypatch):
     for i, stats in params.fit["layers"].items():
         assert stats["disabled"] and stats["fitted_mse"] > stats["window_mse"]
         assert torch.all(params.tensors[f"layers.{i}.write_log"] == fit.DISABLED_WRITE_LOG)
+
+
+def _word_model_dir(folder):
+    """A tiny random llama saved with a word-level tokenizer of 200 words (ids < its 256-token vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(200)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+def test_cli_fit_saves_params_and_the_model_folder_uses_them(tmp_path, capsys):
+    """`hf-neuralcache tensor-cache fit --model DIR --text FILE --out DIR --into-model`: the params load and match
+    the model; the model folder's generation config makes a plain `generate` use them; bad flags are one error."""
+    from hf_neuralcache.cli import main
+
+    model_dir = _word_model_dir(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    text = tmp_path / "text.txt"  # 4,096 tokens make one segment (the CLI's segment length)
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 200, (4200,), generator=generator)))
+    flags = ["--window", "8", "--sink-tokens", "2", "--features", "4", "--steps", "2", "--segments", "1"]
+    out = tmp_path / "params"
+    argv = ["tensor-cache", "fit", "--model", str(model_dir), "--text", str(text), "--out", str(out), *flags]
+    assert main([*argv, "--into-model"]) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed and "fitted 2 layers in" in printed
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    params = hf_neuralcache.TensorCacheParams.from_pretrained(out)
+    params.check(model=model, window=8, sink_tokens=2)
+    assert (params.window, params.sink_tokens, params.features, params.fit["steps"]) == (8, 2, 4, 2)
+    saved = hf_neuralcache.TensorCacheParams.from_pretrained(model_dir / "tensor_cache")
+    for name, tensor in params.tensors.items():
+        assert torch.equal(saved.tensors[name], tensor), name
+    generated = model.generate(_ids(1, 20), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = generated[CACHE_KWARG]
+    assert isinstance(cache, TensorCache) and cache.mode == "learned" and cache.window == 8
+    assert main(["tensor-cache", "fit", "--model", str(model_dir), "--text", str(text), *flags]) == 2
+    assert "expected --out DIR and/or --into-model" in capsys.readouterr().err
+    assert main(["tensor-cache", "fit", "--text", str(text), "--into-model", *flags]) == 2
+    assert "give it with --model DIR" in capsys.readouterr().err
+
+
+def test_reorder_moves_window_and_memory():
+    """Beam search's reorder in the learned mode: the reordered cache continues exactly as a cache fed the reordered
+    rows from the start (logits, window and memory)."""
+    model = _model("qwen2")
+    params = _params(model, window=6)
+    ids = _ids(3, 24)
+    beam_idx = torch.tensor([2, 0, 0])
+    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
+    reordered = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
+    with torch.no_grad():
+        model(ids[:, :18], **{CACHE_KWARG: cache})
+        cache.reorder_cache(beam_idx)
+        got = model(ids[beam_idx, 18:], **{CACHE_KWARG: cache}).logits
+        model(ids[beam_idx, :18], **{CACHE_KWARG: reordered})
+        ref = model(ids[beam_idx, 18:], **{CACHE_KWARG: reordered}).logits
+    assert_close(got, ref, 1e-5, "reordered")
+    for a, b in zip(_states(cache), _states(reordered), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert_close(x, y, 1e-6, "reordered state")
+    assert float(cache.layers[0].state.mass.abs().sum()) > 0  # 24 tokens through a window of 6: the memory was written
+
+
+def test_memory_is_constant_once_the_window_is_full():
+    """The learned state is `[2F, Dv]` values and `[2F]` mass per KV head whatever the length: the bytes held stop
+    growing once the window is full."""
+    model = _model("llama")
+    params = _params(model, window=16, sink_tokens=4, features=4)
+    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
+    sizes = []
+    with torch.no_grad():
+        for chunk in _ids(1, 200).split(10, dim=1):
+            model(chunk, **{CACHE_KWARG: cache})
+            sizes.append(cache.memory_bytes())
+    heads, dim = 2, 16
+    window = (4 + 16) * heads * dim * 2 * 4 + (4 + 16) * 8  # keys + values in fp32, the position table
+    memory = heads * (2 * 4 * dim + 2 * 4) * 4  # values [2F, Dv] and mass [2F], F = 4, fp32
+    assert cache.layers[0].state_bytes() == memory
+    assert cache.memory_bytes_per_layer() == [window + memory] * 2
+    assert sizes[2:] == [2 * (window + memory)] * (len(sizes) - 2)
