@@ -204,12 +204,20 @@ def test_assisted_decoding_equals_greedy(name):
     assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, **kwargs), greedy)
 
 
-def test_reorder_moves_window_and_memory():
+@pytest.mark.parametrize("mode", ["training_free", "learned"])
+def test_reorder_moves_window_and_memory(mode):
+    """Beam search's reorder: the reordered cache continues exactly as a cache fed the reordered rows from the start
+    (logits, window and memory)."""
     model = _model("qwen2")
+    config = {"window": 6, "sink_tokens": 2}
+    if mode == "learned":
+        from test_tensor_cache_learned import _config, _params
+
+        config = _config(_params(model, window=6))
     ids = _ids(3, 24)
     beam_idx = torch.tensor([2, 0, 0])
-    cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=6, sink_tokens=2)
-    reordered = hf_neuralcache.create_cache("tensor_cache", model.config, window=6, sink_tokens=2)
+    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
+    reordered = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     with torch.no_grad():
         model(ids[:, :18], **{CACHE_KWARG: cache})
         cache.reorder_cache(beam_idx)
@@ -217,6 +225,11 @@ def test_reorder_moves_window_and_memory():
         model(ids[beam_idx, :18], **{CACHE_KWARG: reordered})
         ref = model(ids[beam_idx, 18:], **{CACHE_KWARG: reordered}).logits
     assert_close(got, ref, 1e-5, "reordered")
+    for a, b in zip(cache.layers, reordered.layers, strict=True):
+        for x, y in zip([a.ring.keys, a.ring.values, *a.state], [b.ring.keys, b.ring.values, *b.state], strict=True):
+            if x is not None:
+                assert_close(x, y, 1e-6, "reordered state")
+    assert float(cache.layers[0].state[0].abs().sum()) > 0  # 24 tokens through a window of 6: the memory was written
 
 
 def test_beam_search_and_sampling():
@@ -235,9 +248,15 @@ def test_beam_search_and_sampling():
     assert sampled.shape == (6, 22)
 
 
-def test_memory_is_constant_once_the_window_is_full():
+@pytest.mark.parametrize("mode", ["training_free", "learned"])
+def test_memory_is_constant_once_the_window_is_full(mode):
     model = _model()
-    cache = hf_neuralcache.create_cache("tensor_cache", model.config, window=16, sink_tokens=4)
+    config = {"window": 16, "sink_tokens": 4}
+    if mode == "learned":
+        from test_tensor_cache_learned import _config, _params
+
+        config = _config(_params(model, window=16, sink_tokens=4, features=4))
+    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **config)
     sizes = []
     with torch.no_grad():
         for chunk in _ids(1, 200).split(10, dim=1):
@@ -246,6 +265,8 @@ def test_memory_is_constant_once_the_window_is_full():
     heads, dim = 2, 16
     window = (4 + 16) * heads * dim * 2 * 4 + (4 + 16) * 8  # keys + values in fp32, the position table
     memory = heads * (1 + dim + dim + dim * dim) * 4  # count, key sum, value sum, value-key sums
+    if mode == "learned":
+        memory = heads * (2 * 4 * dim + 2 * 4) * 4  # values [2F, Dv] and mass [2F], F = 4
     assert cache.memory_bytes_per_layer() == [window + memory] * 2
     assert sizes[2:] == [2 * (window + memory)] * (len(sizes) - 2)
     assert cache.layers[0].state_bytes() == memory

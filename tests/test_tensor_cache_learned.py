@@ -1,6 +1,6 @@
 """tensor_cache mode="learned": the reference equations, chunked == token-by-token, params save/load and refusals,
-the model folder's generation config, rollback, assisted decoding, beams and reorder, constant memory, the fit on a
-tiny model (the model left untouched) and the `tensor-cache fit` command."""
+the model folder's generation config, rollback, assisted decoding, beams, the fit on a tiny model (the model left
+untouched) and the `tensor-cache fit` command. Reorder and constant memory: tests/test_tensor_cache.py."""
 
 from __future__ import annotations
 
@@ -313,44 +313,3 @@ def test_cli_fit_saves_params_and_the_model_folder_uses_them(tmp_path, capsys):
     assert "expected --out DIR and/or --into-model" in capsys.readouterr().err
     assert main(["tensor-cache", "fit", "--text", str(text), "--into-model", *flags]) == 2
     assert "give it with --model DIR" in capsys.readouterr().err
-
-
-def test_reorder_moves_window_and_memory():
-    """Beam search's reorder in the learned mode: the reordered cache continues exactly as a cache fed the reordered
-    rows from the start (logits, window and memory)."""
-    model = _model("qwen2")
-    params = _params(model, window=6)
-    ids = _ids(3, 24)
-    beam_idx = torch.tensor([2, 0, 0])
-    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
-    reordered = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
-    with torch.no_grad():
-        model(ids[:, :18], **{CACHE_KWARG: cache})
-        cache.reorder_cache(beam_idx)
-        got = model(ids[beam_idx, 18:], **{CACHE_KWARG: cache}).logits
-        model(ids[beam_idx, :18], **{CACHE_KWARG: reordered})
-        ref = model(ids[beam_idx, 18:], **{CACHE_KWARG: reordered}).logits
-    assert_close(got, ref, 1e-5, "reordered")
-    for a, b in zip(_states(cache), _states(reordered), strict=True):
-        for x, y in zip(a, b, strict=True):
-            assert_close(x, y, 1e-6, "reordered state")
-    assert float(cache.layers[0].state.mass.abs().sum()) > 0  # 24 tokens through a window of 6: the memory was written
-
-
-def test_memory_is_constant_once_the_window_is_full():
-    """The learned state is `[2F, Dv]` values and `[2F]` mass per KV head whatever the length: the bytes held stop
-    growing once the window is full."""
-    model = _model("llama")
-    params = _params(model, window=16, sink_tokens=4, features=4)
-    cache = hf_neuralcache.create_cache("tensor_cache", model.config, **_config(params))
-    sizes = []
-    with torch.no_grad():
-        for chunk in _ids(1, 200).split(10, dim=1):
-            model(chunk, **{CACHE_KWARG: cache})
-            sizes.append(cache.memory_bytes())
-    heads, dim = 2, 16
-    window = (4 + 16) * heads * dim * 2 * 4 + (4 + 16) * 8  # keys + values in fp32, the position table
-    memory = heads * (2 * 4 * dim + 2 * 4) * 4  # values [2F, Dv] and mass [2F], F = 4, fp32
-    assert cache.layers[0].state_bytes() == memory
-    assert cache.memory_bytes_per_layer() == [window + memory] * 2
-    assert sizes[2:] == [2 * (window + memory)] * (len(sizes) - 2)
