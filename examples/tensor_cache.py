@@ -22,6 +22,7 @@ a few minutes; a real fit takes three segments and 80 steps per layer).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -46,19 +47,16 @@ def fitted_memory(model, tokenizer, args) -> dict:
     """The `cache_config` of the learned run: `--learned DIR`, or a small memory fitted now (`--learned fit`)."""
     if args.learned != "fit":
         params = hf_neuralcache.TensorCacheParams.from_pretrained(args.learned)
-    elif args.tiny:  # random ids: this shows the steps, not a useful memory
-        ids = torch.randint(3, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(1))
-        params = hf_neuralcache.fit_tensor_cache(
-            model, None, [ids], window=args.window, sink_tokens=args.sink_tokens, features=4, segment_tokens=256,
-            steps=20, progress=False,
-        )  # fmt: skip
     else:
-        with open(args.text, encoding="utf-8-sig") as f:
-            text = f.read()
-        params = hf_neuralcache.fit_tensor_cache(
-            model, tokenizer, [text], window=args.window, sink_tokens=args.sink_tokens, max_segments=1, steps=20
-        )
-    if args.learned == "fit":
+        shape = dict(window=args.window, sink_tokens=args.sink_tokens, steps=20)
+        if args.tiny:  # random ids: this shows the steps, not a useful memory
+            ids = torch.randint(3, model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(1))
+            params = hf_neuralcache.fit_tensor_cache(
+                model, None, [ids], features=4, segment_tokens=256, progress=False, **shape
+            )
+        else:
+            text = Path(args.text).read_text(encoding="utf-8-sig")
+            params = hf_neuralcache.fit_tensor_cache(model, tokenizer, [text], max_segments=1, **shape)
         print(f"fitted a learned memory for {len(params.layer_indices)} layers in {params.fit['seconds']:.0f} s")
     # the memory was fitted for one window and number of sinks: use them (a mismatch is refused)
     return {"mode": "learned", "params": params, "window": params.window, "sink_tokens": params.sink_tokens}
